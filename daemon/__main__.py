@@ -1,0 +1,3 @@
+from wattkeeper.cli import main
+
+main()

@@ -1,0 +1,453 @@
+"""The admin CLI. Heavy modules are imported inside commands so ``--help`` is instant.
+
+Data goes to stdout (a table on a terminal, ``-o json`` for machines), diagnostics to
+stderr; exit 0 ok, 1 error, 2 usage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from wattkeeper import __version__
+
+app = typer.Typer(
+    help="Keep a GPU inference facility inside its power budget at the best tokens per joule.",
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+    add_completion=False,
+)
+budget_app = typer.Typer(help="Show or set the facility power budget.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
+simulate_app = typer.Typer(help="Ask the calibrated simulator what-if questions.",
+                           no_args_is_help=True)
+app.add_typer(budget_app, name="budget")
+app.add_typer(db_app, name="db")
+app.add_typer(simulate_app, name="simulate")
+
+
+class Output(str, Enum):
+    table = "table"
+    json = "json"
+
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file (default: $WATTKEEPER_CONFIG).",
+                 show_default=False),
+]
+DbOpt = Annotated[
+    str | None,
+    typer.Option("--db", help="Database URL (sqlite:///PATH or postgresql+psycopg://...).",
+                 show_default=False),
+]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _config(path: Path | None) -> Any:
+    from wattkeeper.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+
+
+def _store(cfg: Any, db: str | None) -> Any:
+    from wattkeeper.runtime import open_store
+    from wattkeeper.store.db import StoreError
+
+    try:
+        return open_store(cfg, db)
+    except StoreError as exc:
+        fail(str(exc))
+
+
+def _actor() -> str:
+    try:
+        user = os.getlogin()
+    except OSError:
+        import getpass
+
+        user = getpass.getuser()
+    return f"cli:{user}"
+
+
+def _emit_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _parse_power(value: str, option: str) -> float:
+    from wattkeeper.units import parse_power_w
+
+    try:
+        return parse_power_w(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+def _parse_duration(value: str, option: str) -> float:
+    from wattkeeper.units import parse_duration_s
+
+    try:
+        return parse_duration_s(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"wattkeeper {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                         help="More log output (-vv for debug).")] = 0,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version.")] = False,
+) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# -- run ------------------------------------------------------------------------------------
+@app.command()
+def run(
+    simulate: Annotated[str | None, typer.Option(
+        "--simulate", metavar="NODESxGPUS",
+        help="Simulated facility instead of NVML, e.g. 4x8.", show_default=False)] = None,
+    budget: Annotated[str | None, typer.Option(
+        help="Facility power budget to set before starting (W, kW, MW).",
+        show_default=False)] = None,
+    duration: Annotated[str | None, typer.Option(
+        help="Stop after this long (e.g. 90s, 10m); default: until Ctrl-C.",
+        show_default=False)] = None,
+    fast: Annotated[bool, typer.Option(
+        "--fast", help="Simulated clock, as fast as the CPU allows (needs --simulate "
+        "and --duration).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated facility.")] = 0,
+    metrics_listen: Annotated[str | None, typer.Option(
+        "--metrics-listen", metavar="HOST:PORT",
+        help="Serve Prometheus /metrics here (default 127.0.0.1:9847; config metrics.listen).",
+        show_default=False)] = None,
+    no_metrics: Annotated[bool, typer.Option("--no-metrics", help="Serve no /metrics.")] = False,
+    output: OutputOpt = Output.table,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run agent and controller in one process (SQLite by default)."""
+    budget_w = _parse_power(budget, "--budget") if budget is not None else None
+    duration_s = _parse_duration(duration, "--duration") if duration is not None else None
+    if fast and (simulate is None or duration_s is None):
+        raise typer.BadParameter("--fast runs on a simulated clock: it needs --simulate and "
+                                 "--duration", param_hint="--fast")
+    spec = None
+    if simulate is not None:
+        from wattkeeper.simulator.facility import FacilitySpec
+
+        try:
+            spec = FacilitySpec.parse(simulate, seed=seed)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--simulate") from None
+    from wattkeeper.config import parse_listen
+
+    if metrics_listen is not None:
+        try:
+            parse_listen(metrics_listen)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--metrics-listen") from None
+    cfg = _config(config)
+    store = _store(cfg, db)
+
+    from wattkeeper.clock import SimClock, WallClock
+    from wattkeeper.runtime import SetupError, build_local, build_simulated
+    from wattkeeper.store.db import StoreError
+
+    if fast:
+        assert duration_s is not None
+        clock: SimClock | WallClock = SimClock(time.time() - duration_s)
+    else:
+        clock = WallClock()
+    try:
+        rt = build_simulated(cfg, store, spec, clock) if spec else build_local(cfg, store)
+    except SetupError as exc:
+        fail(str(exc))
+    if budget_w is not None:
+        store.set_budget(budget_w, "cli:run", clock.now())
+    try:
+        if fast:
+            _run_fast(rt, duration_s or 0.0, output)
+        else:
+            _run_live(rt, duration_s, output, None if no_metrics else (
+                metrics_listen or (cfg.metrics.listen if cfg.metrics.enabled else None)))
+    except StoreError as exc:
+        fail(str(exc))
+    finally:
+        rt.shutdown()
+
+
+def _run_fast(rt: Any, duration_s: float, output: Output) -> None:
+    from wattkeeper.runtime import run_fast
+
+    if output is Output.json or not sys.stderr.isatty():
+        result = run_fast(rt, duration_s)
+    else:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("simulating", total=1.0)
+            result = run_fast(rt, duration_s, lambda x: bar.update(task, completed=x))
+    if output is Output.json:
+        _emit_json(result)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from wattkeeper.units import format_power
+
+    t = Table(title=f"simulated run: {result['nodes']} nodes x "
+              f"{result['gpus'] // result['nodes']} {result['gpu_kind']}, {duration_s:.0f} s")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    t.add_row("budget", format_power(result["budget_w"]))
+    t.add_row(f"max 1-s power after {result['settle_s']:.0f} s", format_power(result["max_power_w"]))
+    t.add_row("mean power", format_power(result["mean_power_w"]))
+    t.add_row("seconds over budget", str(result["over_budget_s"]))
+    t.add_row("tokens generated", f"{result['tokens']:,}")
+    t.add_row("tokens/s", f"{result['tokens_per_s']:,.0f}")
+    t.add_row("energy", f"{result['energy_j'] / 3.6e6:.2f} kWh")
+    t.add_row("tokens per joule", f"{result['tokens_per_joule']:.3f}")
+    Console().print(t)
+
+
+def _run_live(rt: Any, duration_s: float | None, output: Output, listen: str | None) -> None:
+    import signal
+    import threading
+
+    from wattkeeper.runtime import run_realtime
+    from wattkeeper.summary import facility_summary
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server = None
+    if listen:
+        from wattkeeper.config import parse_listen
+        from wattkeeper.exporter import serve
+
+        host, port = parse_listen(listen)
+        try:
+            server = serve(rt, host, port)
+        except OSError as exc:
+            fail(f"cannot serve /metrics on {listen}: {exc.strerror or exc}")
+        typer.echo(f"metrics on http://{listen}/metrics", err=True)
+
+    def snapshot() -> dict:
+        return facility_summary(rt.store.snapshot(rt.clock.now()))
+
+    try:
+        if output is Output.json:
+            run_realtime(rt, duration_s, stop=stop)
+            _emit_json(snapshot())
+            return
+        from rich.live import Live
+
+        with Live(_live_table(snapshot()), refresh_per_second=2, transient=False) as live:
+            run_realtime(rt, duration_s, lambda: live.update(_live_table(snapshot())), stop=stop)
+    except KeyboardInterrupt:
+        stop.set()
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def _live_table(s: dict) -> Any:
+    from rich.table import Table
+
+    from wattkeeper.units import format_power
+
+    budget = s["budget_w"]
+    used = s["budget_used_ratio"]
+    title = (f"facility {format_power(s['facility_power_w'])} of {format_power(budget)}"
+             + (f" ({used:.0%})" if used is not None else "")
+             + f" | {s['tokens_per_s'] or 0:,.0f} tok/s | "
+             + (f"{s['tokens_per_joule']:.3f} tok/J" if s["tokens_per_joule"] else "- tok/J"))
+    t = Table(title=title)
+    for col in ("node", "GPUs", "power", "GPU power", "non-GPU", "tok/s", "tok/J", "age"):
+        t.add_column(col, justify="left" if col == "node" else "right")
+    for n in s["nodes"]:
+        t.add_row(
+            n["name"], str(n["gpus"]), format_power(n["power_w"]), format_power(n["gpu_power_w"]),
+            format_power(n["non_gpu_power_w"]),
+            "-" if n["tokens_per_s"] is None else f"{n['tokens_per_s']:,.0f}",
+            "-" if n["tokens_per_joule"] is None else f"{n['tokens_per_joule']:.3f}",
+            "-" if n["sample_age_s"] is None else f"{n['sample_age_s']:.0f}s",
+        )
+    return t
+
+
+# -- status -----------------------------------------------------------------------------------
+@app.command()
+def status(
+    gpus: Annotated[bool, typer.Option("--gpus", help="One row per GPU too.")] = False,
+    output: OutputOpt = Output.table,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Facility power against budget, tokens/s and tokens/J, per node (and per GPU)."""
+    from wattkeeper.store.db import StoreError
+    from wattkeeper.summary import facility_summary
+
+    cfg = _config(config)
+    store = _store(cfg, db)
+    try:
+        s = facility_summary(store.snapshot(time.time(), window_s=cfg.store.retention_s),
+                             with_gpus=gpus)
+    except StoreError as exc:
+        fail(str(exc))
+    if output is Output.json:
+        _emit_json(s)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from wattkeeper.units import format_power
+
+    console = Console()
+    console.print(_live_table(s))
+    age = s["newest_sample_age_s"]
+    console.print(f"newest sample: {'none' if age is None else f'{age:.0f} s ago'}")
+    if gpus:
+        t = Table(title="GPUs")
+        for col in ("node", "idx", "name", "power", "limit", "target", "range", "SM MHz",
+                    "throttle", "age"):
+            t.add_column(col)
+        for n in s["nodes"]:
+            for g in n["gpu_list"]:
+                t.add_row(
+                    n["name"], str(g["index"]), g["name"], format_power(g["power_w"]),
+                    format_power(g["power_limit_w"]), format_power(g["target_power_limit_w"]),
+                    f"{g['power_min_w']:.0f}-{g['power_max_w']:.0f} W",
+                    "-" if g["sm_clock_mhz"] is None else f"{g['sm_clock_mhz']:.0f}",
+                    ",".join(g["throttle_reasons"]) or "-",
+                    "-" if g["sample_age_s"] is None else f"{g['sample_age_s']:.0f}s",
+                )
+        console.print(t)
+
+
+# -- budget ------------------------------------------------------------------------------------
+@budget_app.command("set")
+def budget_set(
+    value: Annotated[str, typer.Argument(help="Power with a unit: W, kW or MW (e.g. 18kW).")],
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Set the facility budget; the running controller picks it up on its next tick."""
+    watts = _parse_power(value, "VALUE")
+    cfg = _config(config)
+    store = _store(cfg, db)
+    from wattkeeper.store.db import StoreError
+    from wattkeeper.units import format_power
+
+    try:
+        previous = store.set_budget(watts, _actor(), time.time())
+    except StoreError as exc:
+        fail(str(exc))
+    typer.echo(f"facility budget: {format_power(watts)} (was {format_power(previous)})")
+
+
+@budget_app.command("show")
+def budget_show(output: OutputOpt = Output.table, db: DbOpt = None,
+                config: ConfigOpt = None) -> None:
+    """Show the facility budget, who set it and when."""
+    cfg = _config(config)
+    store = _store(cfg, db)
+    from wattkeeper.units import format_power
+
+    row = store.get_budget()
+    data = {"format_version": 1, "scope": "facility", "budget_w": row.limit_w if row else None,
+            "updated_at": row.updated_at if row else None,
+            "updated_by": row.updated_by if row else None}
+    if output is Output.json:
+        _emit_json(data)
+    elif row is None:
+        typer.echo("no facility budget set (wattkeeper budget set 18kW)")
+    else:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.updated_at))
+        typer.echo(f"facility budget: {format_power(row.limit_w)} (set by {row.updated_by} "
+                   f"at {when})")
+
+
+# -- db -----------------------------------------------------------------------------------------
+@db_app.command("upgrade")
+def db_upgrade(db: DbOpt = None, config: ConfigOpt = None,
+               revision: Annotated[str, typer.Option(help="Target revision.")] = "head") -> None:
+    """Apply migrations up to head (creates the schema on an empty database)."""
+    from wattkeeper.store.db import StoreError, current_revision, describe_url, make_engine, upgrade
+
+    cfg = _config(config)
+    url = db or cfg.store.resolved_url()
+    try:
+        engine = make_engine(url)
+        before = current_revision(engine)
+        upgrade(engine, revision)
+        after = current_revision(engine)
+    except StoreError as exc:
+        fail(str(exc))
+    typer.echo(f"{describe_url(url)}: schema {before or 'empty'} -> {after}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision, or 'base' for empty.")],
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Roll migrations back (``base`` drops every wattkeeper table)."""
+    from wattkeeper.store.db import StoreError, current_revision, describe_url, downgrade, make_engine
+
+    cfg = _config(config)
+    url = db or cfg.store.resolved_url()
+    try:
+        engine = make_engine(url)
+        downgrade(engine, revision)
+        after = current_revision(engine)
+    except StoreError as exc:
+        fail(str(exc))
+    typer.echo(f"{describe_url(url)}: schema now {after or 'empty'}")
+
+
+@db_app.command("current")
+def db_current(db: DbOpt = None, config: ConfigOpt = None) -> None:
+    """Print the schema revision of the database and the one this version needs."""
+    from wattkeeper.store.db import StoreError, current_revision, head_revision, make_engine
+
+    cfg = _config(config)
+    try:
+        current = current_revision(make_engine(db or cfg.store.resolved_url()))
+    except StoreError as exc:
+        fail(str(exc))
+    typer.echo(f"current: {current or 'empty'}  head: {head_revision()}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

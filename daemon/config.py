@@ -1,0 +1,174 @@
+"""Configuration: one TOML file plus environment overrides, validated once at start.
+
+A wrong key or value stops the daemon before it touches anything, with a message
+that names the key and what was expected. Environment variables override the file:
+``WATTKEEPER_<SECTION>__<KEY>`` (for example ``WATTKEEPER_STORE__URL``), which is how
+systemd drop-ins and containers usually pass settings.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from wattkeeper.paths import default_db_url
+from wattkeeper.units import parse_duration_s, parse_power_w
+
+ENV_PREFIX = "WATTKEEPER_"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9847"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and what was expected."""
+
+
+def _power(value: Any) -> Any:
+    return parse_power_w(value) if isinstance(value, str) else value
+
+
+def _duration(value: Any) -> Any:
+    return parse_duration_s(value) if isinstance(value, str) else value
+
+
+PowerW = Annotated[float, BeforeValidator(_power), Field(gt=0)]
+DurationS = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreConfig(_Section):
+    url: str | None = None
+    """SQLAlchemy URL; None means SQLite in the state directory."""
+    migrate_on_start: bool = False
+    retention_s: DurationS = 3600.0
+    """How long raw samples stay in the store; long-term history belongs to Prometheus."""
+
+    def resolved_url(self) -> str:
+        return self.url or default_db_url()
+
+
+class EndpointConfig(_Section):
+    url: str
+    kind: Literal["auto", "vllm", "sglang", "tgi", "triton", "nim", "llamacpp"] = "auto"
+    gpus: list[int] = Field(default_factory=list)
+    """GPU indices that serve this endpoint; empty means all GPUs of the node."""
+    timeout_s: DurationS = 2.0
+
+
+class HostPowerConfig(_Section):
+    idle_w: PowerW = 1200.0
+    """Non-GPU power of an idle node (CPUs, memory, fans, NICs, PSU losses)."""
+    per_cpu_util_w: float = Field(default=800.0, ge=0)
+    use_rapl: bool = True
+
+
+class AgentConfig(_Section):
+    node: str = Field(default_factory=socket.gethostname)
+    interval_s: DurationS = 1.0
+    restore_on_exit: bool = True
+    fallback_power_limit_ratio: float = Field(default=0.6, gt=0, le=1)
+    """Cap (as a share of the default limit) applied when the controller's lease expires."""
+    endpoints: list[EndpointConfig] = Field(default_factory=list)
+    host: HostPowerConfig = HostPowerConfig()
+
+
+class ControllerConfig(_Section):
+    interval_s: DurationS = 5.0
+    lease_s: DurationS = 30.0
+    stale_after_s: DurationS = 10.0
+    """Samples older than this do not count as fresh; without fresh samples caps never relax."""
+    margin_ratio: float = Field(default=0.02, ge=0, lt=0.5)
+    """Share of the budget kept in reserve for load swings between control periods."""
+
+
+class MetricsConfig(_Section):
+    listen: str = DEFAULT_METRICS_LISTEN
+    enabled: bool = True
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+
+class Config(_Section):
+    store: StoreConfig = StoreConfig()
+    agent: AgentConfig = AgentConfig()
+    controller: ControllerConfig = ControllerConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 as [::1]:PORT), refusing anything else with the expected form."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not (0 < int(port) < 65536) or not host:
+        raise ValueError(f"invalid listen address {value!r}: expected HOST:PORT, e.g. 127.0.0.1:9847")
+    return host.strip("[]"), int(port)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Nest WATTKEEPER_SECTION__KEY variables into a dict shaped like the TOML file."""
+    tree: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: {msg} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the file (or $WATTKEEPER_CONFIG), apply environment overrides, validate."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("WATTKEEPER_CONFIG")
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path:
+        p = Path(path)
+        origin = str(p)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    overrides = _env_overrides(environ)
+    if overrides:
+        origin += " + environment"
+    try:
+        return Config.model_validate(_merge(data, overrides))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from None

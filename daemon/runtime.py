@@ -1,0 +1,241 @@
+"""Wiring: one process with agents and controller, on a real or a simulated clock.
+
+``--fast`` and real time build the very same Runtime; only the driver differs: a loop
+that sets a simulated clock, or APScheduler on the wall clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from wattkeeper.agent import Agent, TokenEndpoint
+from wattkeeper.clock import SimClock, WallClock
+from wattkeeper.config import Config
+from wattkeeper.controller import Controller
+from wattkeeper.policies.plan import PlanSettings
+from wattkeeper.store.db import check_schema, make_engine
+from wattkeeper.store.repository import Store
+
+log = logging.getLogger(__name__)
+
+PRUNE_EVERY_S = 60.0
+
+
+class SetupError(Exception):
+    """The run cannot start (no GPUs, bad option); the message says what to do instead."""
+
+
+@dataclass
+class Runtime:
+    cfg: Config
+    store: Store
+    clock: SimClock | WallClock
+    agents: list[Agent]
+    controller: Controller
+    facility: Any = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _last_prune: float = float("-inf")
+
+    def tick_agents(self) -> None:
+        with self.lock:
+            now = self.clock.now()
+            for agent in self.agents:
+                agent.tick(now)
+
+    def tick_controller(self) -> None:
+        now = self.clock.now()
+        self.controller.tick(now)
+        if now - self._last_prune >= PRUNE_EVERY_S:
+            self._last_prune = now
+            self.store.prune(now - self.cfg.store.retention_s)
+
+    def shutdown(self) -> None:
+        with self.lock:
+            now = self.clock.now()
+            for agent in self.agents:
+                agent.shutdown(now)
+                agent.backend.close()
+        self.store.engine.dispose()
+
+
+def open_store(cfg: Config, url: str | None = None) -> Store:
+    """Engine for the configured store, refusing a schema that is not at head."""
+    engine = make_engine(url or cfg.store.resolved_url())
+    check_schema(engine, migrate=cfg.store.migrate_on_start)
+    return Store(engine)
+
+
+def plan_settings(cfg: Config) -> PlanSettings:
+    host = cfg.agent.host
+    return PlanSettings(
+        margin_ratio=cfg.controller.margin_ratio,
+        stale_after_s=cfg.controller.stale_after_s,
+        default_node_overhead_w=host.idle_w + host.per_cpu_util_w,
+    )
+
+
+def build_simulated(cfg: Config, store: Store, spec: Any, clock: SimClock | WallClock) -> Runtime:
+    from wattkeeper.collectors.sim_gpu import SimGpuBackend
+    from wattkeeper.simulator.facility import SimFacility
+    from wattkeeper.simulator.server import SimVllmServer
+    from wattkeeper.simulator.sim_host import SimHost
+
+    facility = SimFacility(spec, start_ts=clock.now())
+    agents = []
+    for node in range(spec.nodes):
+        server = SimVllmServer(facility, node, clock.now)
+        agents.append(
+            Agent(
+                f"sim-node-{node}",
+                SimGpuBackend(facility, node, clock.now),
+                store,
+                host=SimHost(facility, node),
+                endpoints=[TokenEndpoint(server.url, "vllm", server.render)],
+                fallback_power_limit_ratio=cfg.agent.fallback_power_limit_ratio,
+                restore_on_exit=cfg.agent.restore_on_exit,
+            )
+        )
+    controller = Controller(store, plan_settings(cfg), cfg.controller.lease_s)
+    return Runtime(cfg, store, clock, agents, controller, facility=facility)
+
+
+def build_local(cfg: Config, store: Store) -> Runtime:
+    """The real node: NVML GPUs, the psutil host collector, configured token endpoints."""
+    from wattkeeper.collectors.gpu import BackendUnavailableError
+    from wattkeeper.collectors.host import HostCollector, HostPowerModel
+    from wattkeeper.collectors.nvml import NvmlBackend
+    from wattkeeper.collectors.tokens import fetch_page
+
+    try:
+        backend = NvmlBackend()
+    except BackendUnavailableError as exc:
+        raise SetupError(str(exc)) from None
+    host_cfg = cfg.agent.host
+    host = HostCollector(HostPowerModel(host_cfg.idle_w, host_cfg.per_cpu_util_w),
+                         use_rapl=host_cfg.use_rapl)
+
+    def reader(url: str, timeout_s: float) -> Callable[[], str]:
+        return lambda: fetch_page(url, timeout_s=timeout_s)
+
+    endpoints = [TokenEndpoint(e.url, e.kind, reader(e.url, e.timeout_s)) for e in cfg.agent.endpoints]
+    agent = Agent(cfg.agent.node, backend, store, host=host, endpoints=endpoints,
+                  fallback_power_limit_ratio=cfg.agent.fallback_power_limit_ratio,
+                  restore_on_exit=cfg.agent.restore_on_exit)
+    controller = Controller(store, plan_settings(cfg), cfg.controller.lease_s)
+    return Runtime(cfg, store, WallClock(), [agent], controller)
+
+
+def run_fast(rt: Runtime, duration_s: float, progress: Callable[[float], None] | None = None) -> dict:
+    """Drive agents and controller on the simulated clock; return the ground-truth summary."""
+    clock = rt.clock
+    assert isinstance(clock, SimClock)
+    start = clock.now()
+    a = rt.cfg.agent.interval_s
+    c = rt.cfg.controller.interval_s
+    next_controller = start
+    steps = int(round(duration_s / a))
+    for k in range(steps + 1):
+        t = start + k * a
+        clock.set(t)
+        rt.facility.advance_to(t)
+        rt.tick_agents()
+        if t >= next_controller - 1e-9:
+            rt.tick_controller()
+            next_controller += c
+        if progress is not None:
+            progress((k * a) / duration_s)
+    return summarize(rt, duration_s)
+
+
+def summarize(rt: Runtime, duration_s: float) -> dict:
+    f = rt.facility
+    budget = rt.store.get_budget()
+    budget_w = budget.limit_w if budget else None
+    settle_s = int(round(rt.cfg.controller.interval_s))
+    seconds = f.stats.second_power_w
+    after = seconds[settle_s:]
+    max_w = max(after) if after else None
+    over = sum(1 for p in after if budget_w is not None and p > budget_w)
+    over_settle = sum(1 for p in seconds[:settle_s] if budget_w is not None and p > budget_w)
+    energy = f.stats.energy_j
+    tokens = f.stats.generated_tokens
+    elapsed = len(seconds)
+    return {
+        "budget_w": budget_w,
+        "duration_s": float(duration_s),
+        "settle_s": float(settle_s),
+        "max_power_w": round(max_w, 1) if max_w is not None else None,
+        "mean_power_w": round(energy / elapsed, 1) if elapsed else None,
+        "over_budget_s": over,
+        "over_budget_s_during_settle": over_settle,
+        "tokens": int(tokens),
+        "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
+        "energy_j": round(energy, 1),
+        "tokens_per_joule": round(tokens / energy, 4) if energy else None,
+        "nodes": f.spec.nodes,
+        "gpus": f.n_gpus,
+        "gpu_kind": f.spec.gpu_kind,
+        "model": f.spec.model,
+        "seed": f.spec.seed,
+        "clock": "simulated",
+    }
+
+
+def run_realtime(
+    rt: Runtime,
+    duration_s: float | None,
+    on_refresh: Callable[[], None] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """APScheduler drives the same ticks on the wall clock until ``duration_s`` or ``stop``."""
+    from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from wattkeeper.sdnotify import notify
+
+    stop = stop or threading.Event()
+    healthy = threading.Event()
+
+    def agents_job() -> None:
+        try:
+            rt.tick_agents()
+            healthy.set()
+        except Exception:
+            log.exception("agent tick failed")
+
+    def controller_job() -> None:
+        try:
+            rt.tick_controller()
+        except Exception:
+            log.exception("controller tick failed")
+
+    sched = BackgroundScheduler(
+        timezone="UTC",
+        executors={"default": ThreadPoolExecutor(2)},
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5},
+    )
+    sched.add_job(agents_job, "interval", seconds=rt.cfg.agent.interval_s, id="agents")
+    sched.add_job(controller_job, "interval", seconds=rt.cfg.controller.interval_s, id="controller")
+    agents_job()
+    controller_job()
+    sched.start()
+    notify("READY=1")
+    started = time.monotonic()
+    try:
+        while not stop.is_set():
+            if duration_s is not None and time.monotonic() - started >= duration_s:
+                break
+            if healthy.is_set():
+                notify("WATCHDOG=1")
+                healthy.clear()
+            if on_refresh is not None:
+                on_refresh()
+            stop.wait(1.0)
+    finally:
+        notify("STOPPING=1")
+        sched.shutdown(wait=True)

@@ -1,0 +1,1 @@
+"""The store: the bus between agents and controller (observed samples, desired targets)."""

@@ -1,0 +1,147 @@
+"""Engines, per-dialect settings, schema checks and migrations, all in one place.
+
+SQLite gets WAL, foreign keys and a busy timeout so the agent and controller threads
+of one process (and the CLI beside them) do not trip over each other; PostgreSQL gets a
+connect timeout so a database that is down is an error within seconds, not a hang.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import wattkeeper.migrations as _migrations
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+
+class StoreError(Exception):
+    """The store cannot be used: unreachable, bad URL, or a schema that is not at head."""
+
+
+class SchemaOutdatedError(StoreError):
+    """The database schema is older (or newer) than this version of wattkeeper expects."""
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def make_engine(url: str, *, create_dirs: bool = True) -> Engine:
+    """An engine for ``url``; refuses a malformed URL or an unknown driver by name."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StoreError(
+            f"invalid database URL {url!r}: expected sqlite:///PATH or "
+            "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        db = parsed.database
+        if db and db != ":memory:" and create_dirs:
+            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"timeout": 10, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return create_engine(
+            parsed,
+            pool_pre_ping=True,
+            connect_args={"connect_timeout": 5, "options": "-c statement_timeout=30000"},
+        )
+    raise StoreError(f"unsupported database {backend!r} in {url!r}: use sqlite or postgresql")
+
+
+def describe_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def alembic_config(engine: Engine | None = None) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(_migrations.__file__).parent))
+    if engine is not None:
+        cfg.attributes["engine"] = engine
+    return cfg
+
+
+def head_revision() -> str:
+    heads = ScriptDirectory.from_config(alembic_config()).get_heads()
+    return heads[0]
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The schema revision the database is at; a clear StoreError when it cannot be reached."""
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as exc:
+        raise StoreError(
+            f"cannot reach the database {describe_url(str(engine.url))}: {_first_line(exc)}"
+        ) from None
+
+
+def _first_line(exc: SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    current_revision(engine)  # reachability check with a clean message
+    command.upgrade(alembic_config(engine), revision)
+
+
+def downgrade(engine: Engine, revision: str = "base") -> None:
+    current_revision(engine)
+    command.downgrade(alembic_config(engine), revision)
+
+
+def check_schema(engine: Engine, *, migrate: bool = False) -> None:
+    """Refuse to run on a schema that is not at head, naming the command that fixes it."""
+    current = current_revision(engine)
+    head = head_revision()
+    if current == head:
+        return
+    if migrate:
+        upgrade(engine)
+        return
+    where = describe_url(str(engine.url))
+    if current is None:
+        raise SchemaOutdatedError(
+            f"the database {where} has no wattkeeper schema: run `wattkeeper db upgrade"
+            f" --db {where}` (or set store.migrate_on_start = true)"
+        )
+    raise SchemaOutdatedError(
+        f"the database {where} is at schema {current}, this wattkeeper needs {head}: "
+        f"run `wattkeeper db upgrade --db {where}` (or set store.migrate_on_start = true)"
+    )
+
+
+__all__ = [
+    "NullPool",
+    "SchemaOutdatedError",
+    "StoreError",
+    "check_schema",
+    "current_revision",
+    "downgrade",
+    "head_revision",
+    "make_engine",
+    "upgrade",
+]

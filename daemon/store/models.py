@@ -1,0 +1,144 @@
+"""SQLAlchemy models. Times are Unix seconds (float) so a simulated clock and a real one
+store the same way and Prometheus-style arithmetic needs no conversion."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Node(Base):
+    __tablename__ = "nodes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    registered_at: Mapped[float] = mapped_column(Float)
+    last_seen_at: Mapped[float] = mapped_column(Float)
+    drained: Mapped[bool] = mapped_column(Boolean, default=False)
+    backend: Mapped[str] = mapped_column(String(32))
+
+
+class Gpu(Base):
+    __tablename__ = "gpus"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(96), unique=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(128))
+    pci_bus_id: Mapped[str] = mapped_column(String(32))
+    memory_total_bytes: Mapped[int] = mapped_column(BigInteger)
+    power_min_w: Mapped[float] = mapped_column(Float)
+    power_max_w: Mapped[float] = mapped_column(Float)
+    power_default_w: Mapped[float] = mapped_column(Float)
+    max_sm_clock_mhz: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    original_power_limit_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class GpuSampleRow(Base):
+    __tablename__ = "gpu_samples"
+    __table_args__ = (Index("ix_gpu_samples_gpu_ts", "gpu_id", "ts"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    gpu_id: Mapped[int] = mapped_column(ForeignKey("gpus.id", ondelete="CASCADE"))
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    power_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    power_instant_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    energy_j: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sm_clock_mhz: Mapped[float | None] = mapped_column(Float, nullable=True)
+    mem_clock_mhz: Mapped[float | None] = mapped_column(Float, nullable=True)
+    utilization_gpu_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    temperature_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    power_limit_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    throttle_reasons: Mapped[str] = mapped_column(String(255), default="")
+
+
+class HostSampleRow(Base):
+    __tablename__ = "host_samples"
+    __table_args__ = (Index("ix_host_samples_node_ts", "node_id", "ts"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    cpu_util_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    non_gpu_power_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    power_source: Mapped[str] = mapped_column(String(16), default="model")
+
+
+class TokenSampleRow(Base):
+    __tablename__ = "token_samples"
+    __table_args__ = (Index("ix_token_samples_node_ts", "node_id", "ts"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    endpoint: Mapped[str] = mapped_column(String(512))
+    model: Mapped[str] = mapped_column(String(255))
+    up: Mapped[bool] = mapped_column(Boolean, default=True)
+    prompt_tokens_total: Mapped[float | None] = mapped_column(Float, nullable=True)
+    generation_tokens_total: Mapped[float | None] = mapped_column(Float, nullable=True)
+    generation_tokens_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Reset-aware rate since the agent's previous scrape, so readers need no counter history."""
+    requests_running: Mapped[float | None] = mapped_column(Float, nullable=True)
+    requests_waiting: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+
+
+class Budget(Base):
+    __tablename__ = "budgets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(255), unique=True)
+    """'facility' today; room/PDU/rack/node scopes join it as the budget tree grows."""
+    limit_w: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    updated_by: Mapped[str] = mapped_column(String(255))
+
+
+class Target(Base):
+    __tablename__ = "targets"
+    __table_args__ = (UniqueConstraint("gpu_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    gpu_id: Mapped[int] = mapped_column(ForeignKey("gpus.id", ondelete="CASCADE"))
+    power_limit_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sm_clock_min_mhz: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sm_clock_max_mhz: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    issued_at: Mapped[float] = mapped_column(Float)
+    lease_expires_at: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str] = mapped_column(String(1024), default="")
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    actor: Mapped[str] = mapped_column(String(255))
+    """Who or what caused it: 'cli:root', 'controller', 'agent:node-1'."""
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(255))
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)

@@ -1,0 +1,91 @@
+"""The controller's decision: ``plan(snapshot, settings) -> Plan``, pure and deterministic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wattkeeper.policies.allocator import GpuState, allocate
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    margin_ratio: float = 0.02
+    stale_after_s: float = 10.0
+    default_node_overhead_w: float = 2000.0
+    """Non-GPU power assumed for a node that has not reported any (conservative)."""
+
+
+@dataclass(frozen=True)
+class PlanGpu:
+    uuid: str
+    node: str
+    min_w: float
+    max_w: float
+    power_w: float | None
+    limit_w: float | None
+    target_w: float | None
+    sample_age_s: float | None
+    power_capped: bool
+
+
+@dataclass(frozen=True)
+class PlanNode:
+    name: str
+    non_gpu_power_w: float | None
+    sample_age_s: float | None
+
+
+@dataclass(frozen=True)
+class PlanTarget:
+    uuid: str
+    power_limit_w: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    targets: tuple[PlanTarget, ...]
+    budget_w: float
+    gpu_budget_w: float
+    non_gpu_power_w: float
+    feasible: bool
+    stale_gpus: int
+    explanation: str
+
+
+def plan(nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float, s: PlanSettings) -> Plan:
+    """Per-GPU power limits that keep facility power under ``budget_w``.
+
+    Stale GPUs (no sample younger than ``stale_after_s``) keep their current target and
+    count at that target: a controller that cannot see a GPU does not relax its cap.
+    """
+    non_gpu = 0.0
+    for n in nodes:
+        fresh = n.sample_age_s is not None and n.sample_age_s <= s.stale_after_s
+        non_gpu += n.non_gpu_power_w if fresh and n.non_gpu_power_w is not None else (
+            s.default_node_overhead_w)
+    usable = budget_w * (1 - s.margin_ratio) - non_gpu
+    stale = [g for g in gpus if g.sample_age_s is None or g.sample_age_s > s.stale_after_s]
+    fresh_gpus = [g for g in gpus if g not in stale]
+    targets: list[PlanTarget] = []
+    for g in stale:
+        held = g.target_w if g.target_w is not None else g.limit_w if g.limit_w is not None else g.max_w
+        held = min(max(held, g.min_w), g.max_w)
+        usable -= held
+        if g.target_w is not None or g.limit_w is not None:
+            targets.append(PlanTarget(g.uuid, held, "no fresh sample: cap held, not relaxed"))
+        else:
+            targets.append(PlanTarget(g.uuid, g.min_w, "never sampled: held at the floor"))
+            usable -= g.min_w - held
+    result = allocate(
+        [GpuState(g.uuid, g.min_w, g.max_w, g.power_w, g.limit_w, g.power_capped) for g in fresh_gpus],
+        usable,
+    )
+    targets.extend(PlanTarget(a.uuid, a.limit_w, a.reason) for a in result.allocations)
+    explanation = (
+        f"budget {budget_w:.0f} W, non-GPU {non_gpu:.0f} W, margin {s.margin_ratio:.0%}: "
+        f"{result.summary}"
+    )
+    if stale:
+        explanation += f"; {len(stale)} GPU(s) without fresh samples held at their cap"
+    return Plan(tuple(targets), budget_w, usable, non_gpu, result.feasible, len(stale), explanation)

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from pg import PgServer, find_bindir
+
+_counter = itertools.count()
+
+
+def _missing(what: str) -> None:
+    """Skip locally when a real dependency is absent; in CI that is a failure, not a skip."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI (.ci/run installs it)")
+    pytest.skip(f"{what} not installed (.ci/run installs it)")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    bindir = find_bindir()
+    if bindir is None:
+        _missing("PostgreSQL server (Debian package postgresql)")
+    server = PgServer(bindir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    return pg_server.create_database(f"wk_{os.getpid()}_{next(_counter)}")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'wattkeeper.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request) -> str:
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path, monkeypatch) -> None:
+    """No test may touch the user's real state directory or config."""
+    monkeypatch.setenv("WATTKEEPER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("WATTKEEPER_CONFIG", raising=False)
+    for name in list(os.environ):
+        if name.startswith("WATTKEEPER_") and "__" in name:
+            monkeypatch.delenv(name)

@@ -1,7 +1,7 @@
 """Token sources: read inference servers' metrics pages as token counters, load and latency.
 
 One module per server kind registers itself in ``registry``; importing this
-package imports them all, in the order that defines ``KINDS``. Everything the
+package imports them all. ``KINDS`` lists them in detection order. Everything the
 agent and the CLI need is re-exported here.
 """
 

@@ -20,6 +20,7 @@ output safe to consume:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -162,7 +163,7 @@ def build_histogram(
     if any(math.isnan(value) for _, value in pairs):
         errors.append(f"{what}: NaN bucket count; histogram dropped")
         return None
-    if any(later < earlier for (_, earlier), (_, later) in zip(pairs, pairs[1:], strict=False)):
+    if any(later < earlier for (_, earlier), (_, later) in itertools.pairwise(pairs)):
         errors.append(f"{what}: cumulative bucket counts decrease; histogram dropped")
         return None
     has_inf = bool(pairs) and math.isinf(pairs[-1][0])

@@ -35,7 +35,9 @@ def detect_kind(text: str, *, source: str | None = None) -> str:
         if kind is None:
             raise TokenSourceError(_unknown_page_message())
     except TokenSourceError as exc:
-        raise exc.with_source(source) if source else exc
+        if source is None:
+            raise
+        raise exc.with_source(source) from exc.__cause__
     return kind
 
 
@@ -63,4 +65,6 @@ def parse_page(text: str, kind: str = "auto", *, source: str | None = None) -> T
             )
         return token_source.extract(page)
     except TokenSourceError as exc:
-        raise exc.with_source(source) if source else exc
+        if source is None:
+            raise
+        raise exc.with_source(source) from exc.__cause__

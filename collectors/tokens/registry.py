@@ -51,7 +51,9 @@ class TokenSource:
         """Whether the page carries this kind's metric names at all."""
         if any(page.has(name) for name in self.signature_names):
             return True
-        return any(name.startswith(self.prefixes) for name in page.names()) if self.prefixes else False
+        if not self.prefixes:
+            return False
+        return any(name.startswith(self.prefixes) for name in page.names())
 
     def derive(self, page: MetricIndex, errors: list[str], notes: list[str]) -> FieldValues:
         """Fields computed from several metrics; they win over the plain metric map."""
@@ -167,8 +169,8 @@ def get_source(kind: str) -> TokenSource:
 
 
 def registered_kinds() -> tuple[str, ...]:
-    """Kinds in registration order (the order of imports in ``__init__``)."""
-    return tuple(_SOURCES)
+    """Kinds in detection order: the order in which ``auto`` tries them."""
+    return tuple(source.kind for source in sources_by_priority())
 
 
 def sources_by_priority() -> list[TokenSource]:

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+
+from wattkeeper.policies.allocator import GpuState, allocate, water_fill
+from wattkeeper.policies.plan import PlanGpu, PlanNode, PlanSettings, plan
+
+
+def h100(uuid, power=None, limit=700.0, capped=False):
+    return GpuState(uuid, 200.0, 700.0, power, limit, capped)
+
+
+def test_water_fill_hits_the_total_within_bounds():
+    lower = np.array([200.0, 200, 200])
+    upper = np.array([700.0, 300, 700])
+    out = water_fill(lower, upper, 1000.0)
+    assert out.sum() == pytest.approx(1000.0)
+    assert out[1] == pytest.approx(300.0)
+    assert out[0] == pytest.approx(out[2])
+
+
+def test_sum_of_limits_never_exceeds_the_gpu_budget():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        gpus = [h100(f"g{i}", power=float(rng.uniform(100, 700)),
+                     capped=bool(rng.integers(0, 2))) for i in range(16)]
+        budget = float(rng.uniform(3300, 11000))
+        res = allocate(gpus, budget)
+        limits = [a.limit_w for a in res.allocations]
+        assert sum(limits) <= budget + 1e-6
+        assert all(200.0 <= x <= 700.0 for x in limits)
+
+
+def test_light_gpus_keep_headroom_and_give_the_rest_to_capped_ones():
+    gpus = [h100("light", power=250.0, limit=400.0), h100("busy", power=399.0, limit=400.0,
+                                                         capped=True)]
+    res = {a.uuid: a.limit_w for a in allocate(gpus, 1000.0).allocations}
+    assert res["light"] == pytest.approx(250 * 1.1 + 25, abs=1)
+    assert res["busy"] == pytest.approx(1000 - res["light"], abs=1)
+
+
+def test_budget_below_floor_holds_everyone_at_the_floor():
+    res = allocate([h100("a"), h100("b")], 300.0)
+    assert not res.feasible
+    assert [a.limit_w for a in res.allocations] == [200.0, 200.0]
+    assert "drain" in res.summary
+
+
+def test_plan_counts_non_gpu_power_and_margin():
+    nodes = [PlanNode("n0", 2000.0, 1.0)]
+    gpus = [PlanGpu(f"g{i}", "n0", 200, 700, None, None, None, None, False) for i in range(4)]
+    p = plan(nodes, gpus, 4000.0, PlanSettings(margin_ratio=0.05, stale_after_s=10))
+    # never-sampled GPUs are held at the floor
+    assert all(t.power_limit_w == 200 for t in p.targets)
+    gpus = [PlanGpu(f"g{i}", "n0", 200, 700, 650, 700, None, 1.0, True) for i in range(4)]
+    p = plan(nodes, gpus, 4000.0, PlanSettings(margin_ratio=0.05, stale_after_s=10))
+    assert sum(t.power_limit_w for t in p.targets) <= 4000 * 0.95 - 2000 + 1e-6
+    assert p.non_gpu_power_w == 2000.0
+
+
+def test_stale_gpus_are_not_relaxed():
+    nodes = [PlanNode("n0", 1000.0, 1.0)]
+    gpus = [
+        PlanGpu("stale", "n0", 200, 700, 300, 300, 300.0, 60.0, True),
+        PlanGpu("fresh", "n0", 200, 700, 300, 300, 300.0, 1.0, True),
+    ]
+    p = plan(nodes, gpus, 10_000.0, PlanSettings(stale_after_s=10))
+    t = {x.uuid: x for x in p.targets}
+    assert t["stale"].power_limit_w == 300.0
+    assert "not relaxed" in t["stale"].reason
+    assert t["fresh"].power_limit_w == 700.0
+    assert p.stale_gpus == 1
+
+
+def test_unknown_node_power_is_assumed_conservatively():
+    gpus = [PlanGpu("g", "n0", 200, 700, 650, 700, None, 1.0, True)]
+    p = plan([PlanNode("n0", None, None)], gpus, 3000.0,
+             PlanSettings(margin_ratio=0.0, default_node_overhead_w=2500.0))
+    assert p.non_gpu_power_w == 2500.0
+    assert p.targets[0].power_limit_w == 500.0

@@ -1,0 +1,165 @@
+"""The whole loop on one host, through the CLI, on SQLite and on a real PostgreSQL."""
+
+import json
+
+import pytest
+from sqlalchemy import create_engine, func, select, text
+from typer.testing import CliRunner
+
+from wattkeeper.cli import app
+from wattkeeper.store.models import AuditEntry, GpuSampleRow, Target
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def upgraded(url):
+    r = cli("db", "upgrade", "--db", url)
+    assert r.exit_code == 0, r.output
+    return url
+
+
+def fast_run(url, budget, duration="3m", *extra):
+    r = cli("run", "--simulate", "2x8", "--budget", budget, "--duration", duration, "--fast",
+            "-o", "json", "--db", url, *extra)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_capped_run_stays_under_budget_and_status_reports_it(db_url):
+    url = upgraded(db_url)
+    uncapped = fast_run(upgraded_copy(db_url), "1MW")
+    budget = 0.7 * uncapped["max_power_w"]
+    res = fast_run(url, f"{budget:.0f}W")
+    assert uncapped["over_budget_s"] == 0
+    assert uncapped["max_power_w"] > budget, "the scenario must need capping"
+    assert res["budget_w"] == pytest.approx(round(budget))
+    assert res["over_budget_s"] == 0
+    assert res["max_power_w"] <= res["budget_w"]
+    assert res["tokens"] > 0 and res["energy_j"] > 0
+    assert res["tokens_per_joule"] == pytest.approx(res["tokens"] / res["energy_j"], rel=1e-3)
+    assert res["tokens"] < uncapped["tokens"]
+    assert res["energy_j"] < uncapped["energy_j"]
+
+    st = cli("status", "--db", url, "-o", "json", "--gpus")
+    assert st.exit_code == 0, st.output
+    s = json.loads(st.stdout)
+    assert s["budget_w"] == res["budget_w"]
+    assert [n["name"] for n in s["nodes"]] == ["sim-node-0", "sim-node-1"]
+    assert all(n["gpus"] == 8 and len(n["gpu_list"]) == 8 for n in s["nodes"])
+    assert 0 < s["facility_power_w"] <= res["budget_w"]
+    assert s["tokens_per_s"] > 0 and s["tokens_per_joule"] > 0
+    assert s["newest_sample_age_s"] is not None and s["newest_sample_age_s"] < 30
+    limits = [g["power_limit_w"] for n in s["nodes"] for g in n["gpu_list"]]
+    assert all(200 <= lim < 700 for lim in limits)
+
+    engine = create_engine(url)
+    with engine.connect() as c:
+        assert c.scalar(select(func.count()).select_from(GpuSampleRow)) > 0
+        assert c.scalar(select(func.count()).select_from(Target)) == 16
+        actions = set(c.scalars(select(AuditEntry.action)))
+    assert {"budget.set", "target.set", "power_limit.set", "gpu.restore"} <= actions
+
+
+_copies = {}
+
+
+def upgraded_copy(db_url):
+    """A second database of the same kind, for the uncapped reference run."""
+    if db_url.startswith("sqlite"):
+        return upgraded(db_url.replace("wattkeeper.db", "reference.db"))
+    engine = create_engine(db_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    name = db_url.rsplit("/", 1)[1] + "_ref"
+    with engine.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    return upgraded(db_url.rsplit("/", 1)[0] + "/" + name)
+
+
+def test_budget_set_and_show(db_url):
+    url = upgraded(db_url)
+    assert "no facility budget" in cli("budget", "show", "--db", url).stdout
+    r = cli("budget", "set", "18kW", "--db", url)
+    assert r.exit_code == 0 and "18.0 kW" in r.stdout
+    shown = json.loads(cli("budget", "show", "--db", url, "-o", "json").stdout)
+    assert shown["budget_w"] == 18000.0
+    assert shown["updated_by"].startswith("cli:")
+    cli("budget", "set", "1.5MW", "--db", url)
+    assert json.loads(cli("budget", "show", "--db", url, "-o", "json").stdout)["budget_w"] == 1.5e6
+
+
+@pytest.mark.parametrize("bad", ["18 kilowatts", "-5kW", "0"])
+def test_malformed_budget_changes_nothing(sqlite_url, bad):
+    url = upgraded(sqlite_url)
+    cli("budget", "set", "10kW", "--db", url)
+    r = runner.invoke(app, ["budget", "set", bad, "--db", url])
+    assert r.exit_code == 2
+    assert "invalid power" in r.output
+    assert json.loads(cli("budget", "show", "--db", url, "-o", "json").stdout)["budget_w"] == 1e4
+    r = runner.invoke(app, ["run", "--simulate", "1x2", "--budget", bad, "--duration", "10s",
+                            "--fast", "--db", url])
+    assert r.exit_code == 2 and "invalid power" in r.output
+    engine = create_engine(url)
+    with engine.connect() as c:
+        assert c.scalar(select(func.count()).select_from(GpuSampleRow)) == 0
+
+
+def test_unknown_config_key_stops_before_anything_is_written(tmp_path, sqlite_url):
+    url = upgraded(sqlite_url)
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[controler]\ninterval_s = 5\n")
+    r = runner.invoke(app, ["run", "--simulate", "1x2", "--budget", "5kW", "--duration", "10s",
+                            "--fast", "--db", url, "--config", str(cfg)])
+    assert r.exit_code == 2
+    assert "controler: unknown key" in r.output
+    assert "no facility budget" in cli("budget", "show", "--db", url).stdout
+
+
+@pytest.mark.parametrize("cmd", [["status"], ["budget", "set", "5kW"], ["db", "upgrade"],
+                                 ["run", "--simulate", "1x2", "--duration", "5s", "--fast"]])
+def test_unreachable_database_is_a_clear_error(cmd):
+    url = "postgresql+psycopg://nobody@127.0.0.1:9/nowhere"
+    r = runner.invoke(app, [*cmd, "--db", url])
+    assert r.exit_code == 1, r.output
+    assert "cannot reach the database" in r.output or "database" in r.output
+    assert "127.0.0.1:9" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_malformed_database_url():
+    r = runner.invoke(app, ["status", "--db", "mysql-ish:/x"])
+    assert r.exit_code == 1
+    assert "invalid database URL" in r.output or "unsupported database" in r.output
+
+
+def test_daemon_refuses_an_unmigrated_database_and_names_the_command(sqlite_url):
+    r = runner.invoke(app, ["run", "--simulate", "1x2", "--duration", "5s", "--fast", "--db",
+                            sqlite_url])
+    assert r.exit_code == 1
+    assert "wattkeeper db upgrade" in r.output
+
+
+def test_migrate_on_start(tmp_path, sqlite_url, monkeypatch):
+    monkeypatch.setenv("WATTKEEPER_STORE__MIGRATE_ON_START", "true")
+    r = runner.invoke(app, ["run", "--simulate", "1x2", "--budget", "2kW", "--duration", "20s",
+                            "--fast", "-o", "json", "--db", sqlite_url])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["tokens"] > 0
+
+
+def test_plain_run_without_a_driver_suggests_simulate(sqlite_url, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # what a machine without NVML looks like
+    url = upgraded(sqlite_url)
+    r = runner.invoke(app, ["run", "--duration", "1s", "--db", url])
+    assert r.exit_code == 1
+    assert "--simulate" in r.output
+
+
+def test_default_database_lives_in_the_state_dir(tmp_path):
+    r = cli("db", "upgrade")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "state" / "wattkeeper.db").exists()

@@ -57,7 +57,9 @@ class SimGpuBackend:
         try:
             return self._index[uuid]
         except KeyError:
-            raise GpuNotFoundError(f"no GPU with UUID {uuid} on simulated node {self.node}") from None
+            raise GpuNotFoundError(
+                f"no GPU with UUID {uuid} on simulated node {self.node}"
+            ) from None
 
     def gpus(self) -> list[GpuInfo]:
         return list(self._infos)
@@ -97,7 +99,11 @@ class SimGpuBackend:
         if uuid not in self._originals:
             i = self._idx(uuid)
             f = self.facility
-            lock = None if np.isnan(f.clock_lock[i]) else (int(f.clock_lock_min[i]), int(f.clock_lock[i]))
+            lock = (
+                None
+                if np.isnan(f.clock_lock[i])
+                else (int(f.clock_lock_min[i]), int(f.clock_lock[i]))
+            )
             self._originals[uuid] = OriginalSettings(float(f.limit_requested[i]), lock)
 
     def set_power_limit(self, uuid: str, watts: float) -> None:
@@ -136,7 +142,9 @@ class SimGpuBackend:
             self.facility.clock_lock_min[i] = np.nan
             self.facility.clock_lock[i] = np.nan
         else:
-            self.facility.clock_lock_min[i], self.facility.clock_lock[i] = original.locked_sm_clocks_mhz
+            self.facility.clock_lock_min[i], self.facility.clock_lock[i] = (
+                original.locked_sm_clocks_mhz
+            )
 
     def close(self) -> None:
         """Nothing to release: the facility outlives its views."""

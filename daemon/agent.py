@@ -188,8 +188,11 @@ class Agent:
             if current is not None and abs(current - want) < LIMIT_TOLERANCE_W:
                 continue
             moves.append((uuid, want, why))
-        moves.sort(key=lambda m: m[1] - (samples[m[0]].power_limit_requested_w or 0)
-                   if m[0] in samples else 0)
+        moves.sort(
+            key=lambda m: (
+                m[1] - (samples[m[0]].power_limit_requested_w or 0) if m[0] in samples else 0
+            )
+        )
         for uuid, want, why in moves:
             before = samples[uuid].power_limit_requested_w if uuid in samples else None
             try:
@@ -199,12 +202,22 @@ class Agent:
             except GpuError as exc:
                 self.state.errors += 1
                 log.error("cannot set power limit of %s to %.0f W: %s", uuid, want, exc)
-                self.store.audit(self.actor, "power_limit.failed", uuid,
-                                 {"power_limit_w": want, "error": str(exc)}, now)
+                self.store.audit(
+                    self.actor,
+                    "power_limit.failed",
+                    uuid,
+                    {"power_limit_w": want, "error": str(exc)},
+                    now,
+                )
                 continue
             self.state.actuations += 1
-            self.store.audit(self.actor, "power_limit.set", uuid,
-                             {"power_limit_w": want, "previous_w": before, "reason": why}, now)
+            self.store.audit(
+                self.actor,
+                "power_limit.set",
+                uuid,
+                {"power_limit_w": want, "previous_w": before, "reason": why},
+                now,
+            )
 
     def shutdown(self, now: float) -> None:
         """On a clean stop, put back what each GPU had before the agent touched it."""
@@ -219,5 +232,6 @@ class Agent:
             except GpuError as exc:
                 log.error("cannot restore %s: %s", uuid, exc)
                 continue
-            self.store.audit(self.actor, "gpu.restore", uuid,
-                             {"power_limit_w": original.power_limit_w}, now)
+            self.store.audit(
+                self.actor, "gpu.restore", uuid, {"power_limit_w": original.power_limit_w}, now
+            )

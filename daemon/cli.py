@@ -27,8 +27,9 @@ app = typer.Typer(
 )
 budget_app = typer.Typer(help="Show or set the facility power budget.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
-simulate_app = typer.Typer(help="Ask the calibrated simulator what-if questions.",
-                           no_args_is_help=True)
+simulate_app = typer.Typer(
+    help="Ask the calibrated simulator what-if questions.", no_args_is_help=True
+)
 app.add_typer(budget_app, name="budget")
 app.add_typer(db_app, name="db")
 app.add_typer(simulate_app, name="simulate")
@@ -41,13 +42,17 @@ class Output(str, Enum):
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="TOML config file (default: $WATTKEEPER_CONFIG).",
-                 show_default=False),
+    typer.Option(
+        "--config", "-c", help="TOML config file (default: $WATTKEEPER_CONFIG).", show_default=False
+    ),
 ]
 DbOpt = Annotated[
     str | None,
-    typer.Option("--db", help="Database URL (sqlite:///PATH or postgresql+psycopg://...).",
-                 show_default=False),
+    typer.Option(
+        "--db",
+        help="Database URL (sqlite:///PATH or postgresql+psycopg://...).",
+        show_default=False,
+    ),
 ]
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
 
@@ -116,36 +121,60 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
-                                         help="More log output (-vv for debug).")] = 0,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version.")] = False,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")
+    ] = 0,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
 ) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 # -- run ------------------------------------------------------------------------------------
 @app.command()
 def run(
-    simulate: Annotated[str | None, typer.Option(
-        "--simulate", metavar="NODESxGPUS",
-        help="Simulated facility instead of NVML, e.g. 4x8.", show_default=False)] = None,
-    budget: Annotated[str | None, typer.Option(
-        help="Facility power budget to set before starting (W, kW, MW).",
-        show_default=False)] = None,
-    duration: Annotated[str | None, typer.Option(
-        help="Stop after this long (e.g. 90s, 10m); default: until Ctrl-C.",
-        show_default=False)] = None,
-    fast: Annotated[bool, typer.Option(
-        "--fast", help="Simulated clock, as fast as the CPU allows (needs --simulate "
-        "and --duration).")] = False,
+    simulate: Annotated[
+        str | None,
+        typer.Option(
+            "--simulate",
+            metavar="NODESxGPUS",
+            help="Simulated facility instead of NVML, e.g. 4x8.",
+            show_default=False,
+        ),
+    ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Facility power budget to set before starting (W, kW, MW).", show_default=False
+        ),
+    ] = None,
+    duration: Annotated[
+        str | None,
+        typer.Option(
+            help="Stop after this long (e.g. 90s, 10m); default: until Ctrl-C.", show_default=False
+        ),
+    ] = None,
+    fast: Annotated[
+        bool,
+        typer.Option(
+            "--fast",
+            help="Simulated clock, as fast as the CPU allows (needs --simulate and --duration).",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the simulated facility.")] = 0,
-    metrics_listen: Annotated[str | None, typer.Option(
-        "--metrics-listen", metavar="HOST:PORT",
-        help="Serve Prometheus /metrics here (default 127.0.0.1:9847; config metrics.listen).",
-        show_default=False)] = None,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-listen",
+            metavar="HOST:PORT",
+            help="Serve Prometheus /metrics here (default 127.0.0.1:9847; config metrics.listen).",
+            show_default=False,
+        ),
+    ] = None,
     no_metrics: Annotated[bool, typer.Option("--no-metrics", help="Serve no /metrics.")] = False,
     output: OutputOpt = Output.table,
     db: DbOpt = None,
@@ -155,8 +184,10 @@ def run(
     budget_w = _parse_power(budget, "--budget") if budget is not None else None
     duration_s = _parse_duration(duration, "--duration") if duration is not None else None
     if fast and (simulate is None or duration_s is None):
-        raise typer.BadParameter("--fast runs on a simulated clock: it needs --simulate and "
-                                 "--duration", param_hint="--fast")
+        raise typer.BadParameter(
+            "--fast runs on a simulated clock: it needs --simulate and --duration",
+            param_hint="--fast",
+        )
     spec = None
     if simulate is not None:
         from wattkeeper.simulator.facility import FacilitySpec
@@ -194,8 +225,14 @@ def run(
         if fast:
             _run_fast(rt, duration_s or 0.0, output)
         else:
-            _run_live(rt, duration_s, output, None if no_metrics else (
-                metrics_listen or (cfg.metrics.listen if cfg.metrics.enabled else None)))
+            _run_live(
+                rt,
+                duration_s,
+                output,
+                None
+                if no_metrics
+                else (metrics_listen or (cfg.metrics.listen if cfg.metrics.enabled else None)),
+            )
     except StoreError as exc:
         fail(str(exc))
     finally:
@@ -221,12 +258,16 @@ def _run_fast(rt: Any, duration_s: float, output: Output) -> None:
 
     from wattkeeper.units import format_power
 
-    t = Table(title=f"simulated run: {result['nodes']} nodes x "
-              f"{result['gpus'] // result['nodes']} {result['gpu_kind']}, {duration_s:.0f} s")
+    t = Table(
+        title=f"simulated run: {result['nodes']} nodes x "
+        f"{result['gpus'] // result['nodes']} {result['gpu_kind']}, {duration_s:.0f} s"
+    )
     t.add_column("measure")
     t.add_column("value", justify="right")
     t.add_row("budget", format_power(result["budget_w"]))
-    t.add_row(f"max 1-s power after {result['settle_s']:.0f} s", format_power(result["max_power_w"]))
+    t.add_row(
+        f"max 1-s power after {result['settle_s']:.0f} s", format_power(result["max_power_w"])
+    )
     t.add_row("mean power", format_power(result["mean_power_w"]))
     t.add_row("seconds over budget", str(result["over_budget_s"]))
     t.add_row("tokens generated", f"{result['tokens']:,}")
@@ -283,16 +324,21 @@ def _live_table(s: dict) -> Any:
 
     budget = s["budget_w"]
     used = s["budget_used_ratio"]
-    title = (f"facility {format_power(s['facility_power_w'])} of {format_power(budget)}"
-             + (f" ({used:.0%})" if used is not None else "")
-             + f" | {s['tokens_per_s'] or 0:,.0f} tok/s | "
-             + (f"{s['tokens_per_joule']:.3f} tok/J" if s["tokens_per_joule"] else "- tok/J"))
+    title = (
+        f"facility {format_power(s['facility_power_w'])} of {format_power(budget)}"
+        + (f" ({used:.0%})" if used is not None else "")
+        + f" | {s['tokens_per_s'] or 0:,.0f} tok/s | "
+        + (f"{s['tokens_per_joule']:.3f} tok/J" if s["tokens_per_joule"] else "- tok/J")
+    )
     t = Table(title=title)
     for col in ("node", "GPUs", "power", "GPU power", "non-GPU", "tok/s", "tok/J", "age"):
         t.add_column(col, justify="left" if col == "node" else "right")
     for n in s["nodes"]:
         t.add_row(
-            n["name"], str(n["gpus"]), format_power(n["power_w"]), format_power(n["gpu_power_w"]),
+            n["name"],
+            str(n["gpus"]),
+            format_power(n["power_w"]),
+            format_power(n["gpu_power_w"]),
             format_power(n["non_gpu_power_w"]),
             "-" if n["tokens_per_s"] is None else f"{n['tokens_per_s']:,.0f}",
             "-" if n["tokens_per_joule"] is None else f"{n['tokens_per_joule']:.3f}",
@@ -316,8 +362,9 @@ def status(
     cfg = _config(config)
     store = _store(cfg, db)
     try:
-        s = facility_summary(store.snapshot(time.time(), window_s=cfg.store.retention_s),
-                             with_gpus=gpus)
+        s = facility_summary(
+            store.snapshot(time.time(), window_s=cfg.store.retention_s), with_gpus=gpus
+        )
     except StoreError as exc:
         fail(str(exc))
     if output is Output.json:
@@ -334,14 +381,28 @@ def status(
     console.print(f"newest sample: {'none' if age is None else f'{age:.0f} s ago'}")
     if gpus:
         t = Table(title="GPUs")
-        for col in ("node", "idx", "name", "power", "limit", "target", "range", "SM MHz",
-                    "throttle", "age"):
+        for col in (
+            "node",
+            "idx",
+            "name",
+            "power",
+            "limit",
+            "target",
+            "range",
+            "SM MHz",
+            "throttle",
+            "age",
+        ):
             t.add_column(col)
         for n in s["nodes"]:
             for g in n["gpu_list"]:
                 t.add_row(
-                    n["name"], str(g["index"]), g["name"], format_power(g["power_w"]),
-                    format_power(g["power_limit_w"]), format_power(g["target_power_limit_w"]),
+                    n["name"],
+                    str(g["index"]),
+                    g["name"],
+                    format_power(g["power_w"]),
+                    format_power(g["power_limit_w"]),
+                    format_power(g["target_power_limit_w"]),
                     f"{g['power_min_w']:.0f}-{g['power_max_w']:.0f} W",
                     "-" if g["sm_clock_mhz"] is None else f"{g['sm_clock_mhz']:.0f}",
                     ",".join(g["throttle_reasons"]) or "-",
@@ -351,7 +412,7 @@ def status(
 
 
 # -- budget ------------------------------------------------------------------------------------
-@budget_app.command("set")
+@budget_app.command("set", context_settings={"ignore_unknown_options": True})
 def budget_set(
     value: Annotated[str, typer.Argument(help="Power with a unit: W, kW or MW (e.g. 18kW).")],
     db: DbOpt = None,
@@ -372,31 +433,40 @@ def budget_set(
 
 
 @budget_app.command("show")
-def budget_show(output: OutputOpt = Output.table, db: DbOpt = None,
-                config: ConfigOpt = None) -> None:
+def budget_show(
+    output: OutputOpt = Output.table, db: DbOpt = None, config: ConfigOpt = None
+) -> None:
     """Show the facility budget, who set it and when."""
     cfg = _config(config)
     store = _store(cfg, db)
     from wattkeeper.units import format_power
 
     row = store.get_budget()
-    data = {"format_version": 1, "scope": "facility", "budget_w": row.limit_w if row else None,
-            "updated_at": row.updated_at if row else None,
-            "updated_by": row.updated_by if row else None}
+    data = {
+        "format_version": 1,
+        "scope": "facility",
+        "budget_w": row.limit_w if row else None,
+        "updated_at": row.updated_at if row else None,
+        "updated_by": row.updated_by if row else None,
+    }
     if output is Output.json:
         _emit_json(data)
     elif row is None:
         typer.echo("no facility budget set (wattkeeper budget set 18kW)")
     else:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.updated_at))
-        typer.echo(f"facility budget: {format_power(row.limit_w)} (set by {row.updated_by} "
-                   f"at {when})")
+        typer.echo(
+            f"facility budget: {format_power(row.limit_w)} (set by {row.updated_by} at {when})"
+        )
 
 
 # -- db -----------------------------------------------------------------------------------------
 @db_app.command("upgrade")
-def db_upgrade(db: DbOpt = None, config: ConfigOpt = None,
-               revision: Annotated[str, typer.Option(help="Target revision.")] = "head") -> None:
+def db_upgrade(
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
     """Apply migrations up to head (creates the schema on an empty database)."""
     from wattkeeper.store.db import StoreError, current_revision, describe_url, make_engine, upgrade
 
@@ -419,7 +489,13 @@ def db_downgrade(
     config: ConfigOpt = None,
 ) -> None:
     """Roll migrations back (``base`` drops every wattkeeper table)."""
-    from wattkeeper.store.db import StoreError, current_revision, describe_url, downgrade, make_engine
+    from wattkeeper.store.db import (
+        StoreError,
+        current_revision,
+        describe_url,
+        downgrade,
+        make_engine,
+    )
 
     cfg = _config(config)
     url = db or cfg.store.resolved_url()

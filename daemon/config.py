@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
 from wattkeeper.paths import default_db_url
 from wattkeeper.units import parse_duration_s, parse_power_w
 
@@ -86,6 +87,8 @@ class ControllerConfig(_Section):
     """Samples older than this do not count as fresh; without fresh samples caps never relax."""
     margin_ratio: float = Field(default=0.02, ge=0, lt=0.5)
     """Share of the budget kept in reserve for load swings between control periods."""
+    non_gpu_w_per_gpu_w: float = Field(default=0.2, ge=0, le=2)
+    """Rise of non-GPU power (fans, PSU losses) per watt of added GPU power."""
 
 
 class MetricsConfig(_Section):
@@ -110,7 +113,9 @@ def parse_listen(value: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 as [::1]:PORT), refusing anything else with the expected form."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not (0 < int(port) < 65536) or not host:
-        raise ValueError(f"invalid listen address {value!r}: expected HOST:PORT, e.g. 127.0.0.1:9847")
+        raise ValueError(
+            f"invalid listen address {value!r}: expected HOST:PORT, e.g. 127.0.0.1:9847"
+        )
     return host.strip("[]"), int(port)
 
 

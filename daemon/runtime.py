@@ -76,6 +76,7 @@ def plan_settings(cfg: Config) -> PlanSettings:
         margin_ratio=cfg.controller.margin_ratio,
         stale_after_s=cfg.controller.stale_after_s,
         default_node_overhead_w=host.idle_w + host.per_cpu_util_w,
+        non_gpu_w_per_gpu_w=cfg.controller.non_gpu_w_per_gpu_w,
     )
 
 
@@ -116,21 +117,32 @@ def build_local(cfg: Config, store: Store) -> Runtime:
     except BackendUnavailableError as exc:
         raise SetupError(str(exc)) from None
     host_cfg = cfg.agent.host
-    host = HostCollector(HostPowerModel(host_cfg.idle_w, host_cfg.per_cpu_util_w),
-                         use_rapl=host_cfg.use_rapl)
+    host = HostCollector(
+        HostPowerModel(host_cfg.idle_w, host_cfg.per_cpu_util_w), use_rapl=host_cfg.use_rapl
+    )
 
     def reader(url: str, timeout_s: float) -> Callable[[], str]:
         return lambda: fetch_page(url, timeout_s=timeout_s)
 
-    endpoints = [TokenEndpoint(e.url, e.kind, reader(e.url, e.timeout_s)) for e in cfg.agent.endpoints]
-    agent = Agent(cfg.agent.node, backend, store, host=host, endpoints=endpoints,
-                  fallback_power_limit_ratio=cfg.agent.fallback_power_limit_ratio,
-                  restore_on_exit=cfg.agent.restore_on_exit)
+    endpoints = [
+        TokenEndpoint(e.url, e.kind, reader(e.url, e.timeout_s)) for e in cfg.agent.endpoints
+    ]
+    agent = Agent(
+        cfg.agent.node,
+        backend,
+        store,
+        host=host,
+        endpoints=endpoints,
+        fallback_power_limit_ratio=cfg.agent.fallback_power_limit_ratio,
+        restore_on_exit=cfg.agent.restore_on_exit,
+    )
     controller = Controller(store, plan_settings(cfg), cfg.controller.lease_s)
     return Runtime(cfg, store, WallClock(), [agent], controller)
 
 
-def run_fast(rt: Runtime, duration_s: float, progress: Callable[[float], None] | None = None) -> dict:
+def run_fast(
+    rt: Runtime, duration_s: float, progress: Callable[[float], None] | None = None
+) -> dict:
     """Drive agents and controller on the simulated clock; return the ground-truth summary."""
     clock = rt.clock
     assert isinstance(clock, SimClock)

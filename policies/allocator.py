@@ -84,13 +84,21 @@ def allocate(gpus: list[GpuState], gpu_budget_w: float) -> AllocationResult:
     floor_sum = float(mins.sum())
     if gpu_budget_w < floor_sum:
         allocs = tuple(
-            Allocation(g.uuid, g.min_w, f"budget for GPUs {gpu_budget_w:.0f} W is below the "
-                       f"sum of hardware floors {floor_sum:.0f} W: held at the floor")
+            Allocation(
+                g.uuid,
+                g.min_w,
+                f"budget for GPUs {gpu_budget_w:.0f} W is below the "
+                f"sum of hardware floors {floor_sum:.0f} W: held at the floor",
+            )
             for g in gpus
         )
-        return AllocationResult(allocs, gpu_budget_w, False,
-                                f"infeasible: GPU budget {gpu_budget_w:.0f} W < floors "
-                                f"{floor_sum:.0f} W; draining nodes is the remaining lever")
+        return AllocationResult(
+            allocs,
+            gpu_budget_w,
+            False,
+            f"infeasible: GPU budget {gpu_budget_w:.0f} W < floors "
+            f"{floor_sum:.0f} W; draining nodes is the remaining lever",
+        )
     first = water_fill(mins, demand, gpu_budget_w)
     left = gpu_budget_w - float(first.sum())
     limits = water_fill(first, maxs, float(first.sum()) + left) if left > 1e-6 else first
@@ -105,5 +113,6 @@ def allocate(gpus: list[GpuState], gpu_budget_w: float) -> AllocationResult:
         else:
             why = f"demand {d:.0f} W held to equal share {lim:.0f} W"
         allocs.append(Allocation(g.uuid, float(np.floor(lim)), why))
-    return AllocationResult(tuple(allocs), gpu_budget_w, True,
-                            f"{len(gpus)} GPUs share {gpu_budget_w:.0f} W")
+    return AllocationResult(
+        tuple(allocs), gpu_budget_w, True, f"{len(gpus)} GPUs share {gpu_budget_w:.0f} W"
+    )

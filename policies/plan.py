@@ -13,6 +13,9 @@ class PlanSettings:
     stale_after_s: float = 10.0
     default_node_overhead_w: float = 2000.0
     """Non-GPU power assumed for a node that has not reported any (conservative)."""
+    non_gpu_w_per_gpu_w: float = 0.2
+    """How much non-GPU power rises per watt of added GPU power: fans follow the heat and
+    power supplies lose a share of what they deliver (assumption, configurable)."""
 
 
 @dataclass(frozen=True)
@@ -62,14 +65,33 @@ def plan(nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float, s: PlanSet
     non_gpu = 0.0
     for n in nodes:
         fresh = n.sample_age_s is not None and n.sample_age_s <= s.stale_after_s
-        non_gpu += n.non_gpu_power_w if fresh and n.non_gpu_power_w is not None else (
-            s.default_node_overhead_w)
+        non_gpu += (
+            n.non_gpu_power_w
+            if fresh and n.non_gpu_power_w is not None
+            else (s.default_node_overhead_w)
+        )
     usable = budget_w * (1 - s.margin_ratio) - non_gpu
+    drawn = sum(
+        g.power_w
+        for g in gpus
+        if g.power_w is not None
+        and g.sample_age_s is not None
+        and g.sample_age_s <= s.stale_after_s
+    )
+    if usable > drawn:
+        # Raising GPU power raises non-GPU power too: G + H0 + k (G - G0) <= B'.
+        usable = drawn + (usable - drawn) / (1 + s.non_gpu_w_per_gpu_w)
     stale = [g for g in gpus if g.sample_age_s is None or g.sample_age_s > s.stale_after_s]
     fresh_gpus = [g for g in gpus if g not in stale]
     targets: list[PlanTarget] = []
     for g in stale:
-        held = g.target_w if g.target_w is not None else g.limit_w if g.limit_w is not None else g.max_w
+        held = (
+            g.target_w
+            if g.target_w is not None
+            else g.limit_w
+            if g.limit_w is not None
+            else g.max_w
+        )
         held = min(max(held, g.min_w), g.max_w)
         usable -= held
         if g.target_w is not None or g.limit_w is not None:
@@ -78,7 +100,10 @@ def plan(nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float, s: PlanSet
             targets.append(PlanTarget(g.uuid, g.min_w, "never sampled: held at the floor"))
             usable -= g.min_w - held
     result = allocate(
-        [GpuState(g.uuid, g.min_w, g.max_w, g.power_w, g.limit_w, g.power_capped) for g in fresh_gpus],
+        [
+            GpuState(g.uuid, g.min_w, g.max_w, g.power_w, g.limit_w, g.power_capped)
+            for g in fresh_gpus
+        ],
         usable,
     )
     targets.extend(PlanTarget(a.uuid, a.limit_w, a.reason) for a in result.allocations)

@@ -44,9 +44,7 @@ class FacilitySpec:
         """'4x8' means 4 nodes of 8 GPUs."""
         m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
         if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-            raise ValueError(
-                f"invalid --simulate {text!r}: expected NODESxGPUS, for example 4x8"
-            )
+            raise ValueError(f"invalid --simulate {text!r}: expected NODESxGPUS, for example 4x8")
         return cls(nodes=int(m.group(1)), gpus_per_node=int(m.group(2)), **kw)  # type: ignore[arg-type]
 
 
@@ -150,8 +148,12 @@ class SimFacility:
         gpu_batch = rep_batch[self.replica_of]
         pf = np.where(gpu_batch > 0, self.spec.prefill_fraction, 0.0)
         first = physics.operating_point(
-            self.kind, self.model, batch=gpu_batch, prefill_fraction=pf,
-            clock_cap_mhz=self.clock_effective_cap, power_limit_w=self.limit_effective,
+            self.kind,
+            self.model,
+            batch=gpu_batch,
+            prefill_fraction=pf,
+            clock_cap_mhz=self.clock_effective_cap,
+            power_limit_w=self.limit_effective,
         )
         clock = np.asarray(first.effective_clock_mhz, dtype=float)
         if self.model.tensor_parallel > 1:
@@ -159,8 +161,12 @@ class SimFacility:
             group_min = np.full(self.n_replicas, np.inf)
             np.minimum.at(group_min, self.replica_of, clock)
             op = physics.operating_point(
-                self.kind, self.model, batch=gpu_batch, prefill_fraction=pf,
-                clock_cap_mhz=group_min[self.replica_of], power_limit_w=self.limit_effective,
+                self.kind,
+                self.model,
+                batch=gpu_batch,
+                prefill_fraction=pf,
+                clock_cap_mhz=group_min[self.replica_of],
+                power_limit_w=self.limit_effective,
             )
             op_capped = np.asarray(first.power_capped, dtype=bool)
         else:
@@ -174,8 +180,10 @@ class SimFacility:
         tp = self.model.tensor_parallel
         self.replica_decode_tps = np.asarray(op.decode_tokens_per_s, dtype=float)[::tp]
         self.replica_prefill_tps = np.asarray(op.prefill_tokens_per_s, dtype=float)[::tp]
-        util = np.minimum(1.0, gpu_batch / 64.0)
-        load = np.bincount(self.node_of, weights=util, minlength=self.spec.nodes) / self.spec.gpus_per_node
+        # Fans and CPUs follow the heat the GPUs make: load is GPU power over its maximum.
+        load = np.bincount(self.node_of, weights=power, minlength=self.spec.nodes) / (
+            self.spec.gpus_per_node * self.kind.power_max_w
+        )
         self.host_power = np.where(self.node_alive, physics.host_power_w(self.host, load), 0.0)
         self._window[self._window_pos] = power
         self._window_pos = (self._window_pos + 1) % self._window.shape[0]

@@ -14,10 +14,11 @@ The model (F = effective SM clock / max SM clock, B = running sequences):
 - Power: ``P = P_idle + P_mem + D·F^alpha``. In decode ``D = d_base + d_span·u(B)`` where
   ``u(B)`` is the compute share of a step at full clock, so power rises with batch the
   way the ML.ENERGY rows do. In prefill ``D`` is a per-GPU constant (compute-bound).
-- A power limit lowers F until P fits: ``F = ((L - P_idle - P_mem)/D)^(1/alpha)``, never
-  below the minimum clock. If even the minimum clock does not fit (a memory-bound phase
-  at a very low limit), the GPU stalls part of the time at idle power: without that
-  the simulated GPU would break a limit inside the range NVML allows.
+- A power limit L lowers F until P fits: ``F = ((r·L - P_idle - P_mem)/D)^(1/alpha)``
+  (r: the controller's set point, just under the limit), never below the minimum
+  clock. If even the minimum clock does not fit (a memory-bound phase at a very low
+  limit), the GPU stalls part of the time at idle power: without that the simulated
+  GPU would break a limit inside the range NVML allows.
 - Prefill throughput is proportional to F.
 - A mean batch below one means the replica is idle part of the time (continuous in B).
 
@@ -59,7 +60,7 @@ at other limits and on the A100."""
 DECODE_COMPUTE_SHARE = 0.36
 """Share of the decode per-sequence slope that is compute (``s_c``) rather than KV-cache
 reads (``s_kv``), at full clock. ASSUMPTION (0.032 of 0.089 ms for Llama-3.1-8B); the
-ML.ENERGY fit barely depends on it (max row error 4.0% at 0.30, 3.7% at 0.50). It sets
+ML.ENERGY fit barely depends on it (8B worst row 4.0% at 0.30, 3.7% at 0.50). It sets
 how much decode slows with the clock: at 0.36, 8B at batch 16 loses ~4% at 60% clock."""
 
 LIMIT_TIME_CONSTANT_S = 1.0 / 3.0
@@ -125,9 +126,7 @@ class GpuKind:
 
     def supported_sm_clocks_mhz(self) -> tuple[int, ...]:
         """Clocks a lock may name, in NVML's order (descending)."""
-        return tuple(
-            range(self.max_sm_clock_mhz, self.min_sm_clock_mhz - 1, -self.clock_step_mhz)
-        )
+        return tuple(range(self.max_sm_clock_mhz, self.min_sm_clock_mhz - 1, -self.clock_step_mhz))
 
     @property
     def min_clock_fraction(self) -> float:
@@ -181,8 +180,8 @@ A100_SXM = GpuKind(
     alpha=POWER_ALPHA,
     limit_time_constant_s=LIMIT_TIME_CONSTANT_S,
     clock_time_constant_s=CLOCK_TIME_CONSTANT_S,
-    decode_memory_w=round(150.0 * _A100_MEMORY_SCALE),  # 91 W, ASSUMPTION (see scale)
-    prefill_memory_w=round(100.0 * _A100_MEMORY_SCALE),  # 61 W, ASSUMPTION
+    decode_memory_w=float(round(150.0 * _A100_MEMORY_SCALE)),  # 91 W, ASSUMPTION (see scale)
+    prefill_memory_w=float(round(100.0 * _A100_MEMORY_SCALE)),  # 61 W, ASSUMPTION
     # 400 - 63 - 61: prefill at full clock reaches the 400 W TDP (Splitwise prefill 400 W).
     prefill_dynamic_w=276.0,
     # ASSUMPTION: the knee sits at the same fraction of max clock as on the H100.
@@ -316,9 +315,7 @@ MODELS: Mapping[str, ModelProfile] = MappingProxyType(
             "llama-70b",
             "meta-llama/Llama-3.1-70B-Instruct",
             4,
-            MappingProxyType(
-                {"h100": _LLAMA_70B_H100, "a100": _a100_from_h100(_LLAMA_70B_H100)}
-            ),
+            MappingProxyType({"h100": _LLAMA_70B_H100, "a100": _a100_from_h100(_LLAMA_70B_H100)}),
         ),
         # H100 only: FP8 tensor cores are Hopper's, and there is no A100 measurement.
         "llama-405b-fp8": ModelProfile(
@@ -356,8 +353,10 @@ class OperatingPoint:
     """Mean time between a sequence's tokens, prefill interruptions included; inf where
     nothing decodes (batch 0 or prefill_fraction 1)."""
     power_capped: BoolOrArray
-    """The power limit, not a clock lock or the max clock, sets the clock (in any phase
-    the replica spends time in)."""
+    """The power limit, not a clock lock or the max clock, sets the clock for at least
+    half of the busy time (what a sampled SwPowerCap clock event reason would mostly show)."""
+    capped_share: FloatOrArray = 0.0
+    """Share of the busy time in which the power limit sets the clock (0 when idle)."""
 
     @property
     def tokens_per_s(self) -> FloatOrArray:
@@ -485,14 +484,15 @@ def _assemble(
     clock = np.where(
         working, ((1.0 - pf) * fd + pf * fp) * kind.max_sm_clock_mhz, kind.min_sm_clock_mhz
     )
-    capped = working & (((pf < 1.0) & decode.capped) | ((pf > 0.0) & prefill.capped))
+    capped_share = np.where(working, (1.0 - pf) * decode.capped + pf * prefill.capped, 0.0)
     return OperatingPoint(
         decode_tokens_per_s=_scalar_or_array(np.asarray(decode_tps, dtype=float)),
         prefill_tokens_per_s=_scalar_or_array(np.asarray(prefill_tps, dtype=float)),
         power_w=_scalar_or_array(np.asarray(power, dtype=float)),
         effective_clock_mhz=_scalar_or_array(np.asarray(clock, dtype=float)),
         tpot_s=_scalar_or_array(np.asarray(tpot, dtype=float)),
-        power_capped=_scalar_or_array(np.asarray(capped, dtype=bool)),
+        power_capped=_scalar_or_array(np.asarray(working & (capped_share >= 0.5), dtype=bool)),
+        capped_share=_scalar_or_array(np.asarray(capped_share, dtype=float)),
     )
 
 
@@ -594,6 +594,9 @@ class HostKind:
     name: str
     idle_w: float
     max_w: float
+    """Nameplate: the datasheet's system maximum less the GPUs' maximum."""
+    serving_w: float
+    """What the rest of the node draws when its GPUs run flat out on inference."""
 
 
 HOST_KINDS: Mapping[str, HostKind] = MappingProxyType(
@@ -601,22 +604,28 @@ HOST_KINDS: Mapping[str, HostKind] = MappingProxyType(
         # NVIDIA DGX H100 datasheet: ~10.2 kW max system power, with 8 H100 SXM at 700 W
         # (5.6 kW), leaving 4.6 kW for the rest at full load. Idle 1.2 kW: ASSUMPTION
         # (2 CPUs, 2 TB DDR5, 4 NVSwitches, 10 NICs and fans at low load).
-        "dgx-h100": HostKind("dgx-h100", idle_w=1200.0, max_w=10200.0 - 8 * 700.0),
+        # Serving 2.4 kW: ASSUMPTION. The 10.2 kW nameplate sizes the power supplies; in
+        # inference the CPUs are lightly loaded (~2 x 200 W), 4 NVSwitches ~100 W each,
+        # 10 NICs ~25 W each, fans ~600 W at full GPU heat, DRAM ~200 W, PSU losses ~8%.
+        "dgx-h100": HostKind(
+            "dgx-h100", idle_w=1200.0, max_w=10200.0 - 8 * 700.0, serving_w=2400.0
+        ),
         # NVIDIA DGX A100 datasheet: 6.5 kW max system power, with 8 A100 SXM4 at 400 W
         # (3.2 kW), leaving 3.3 kW. Idle 0.9 kW: ASSUMPTION (same reasoning, smaller parts).
-        "dgx-a100": HostKind("dgx-a100", idle_w=900.0, max_w=6500.0 - 8 * 400.0),
+        # Serving 1.8 kW: ASSUMPTION, by the same reasoning with smaller parts.
+        "dgx-a100": HostKind("dgx-a100", idle_w=900.0, max_w=6500.0 - 8 * 400.0, serving_w=1800.0),
     }
 )
 
 
 def host_power_w(host: HostKind, load_ratio: ArrayLike) -> FloatOrArray:
-    """Non-GPU node power, linear from idle to max in the node's load (0..1, clipped).
+    """Non-GPU node power, linear from idle to ``serving_w`` in the node's load (0..1, clipped).
 
     ASSUMPTION: linear; fans and CPUs follow the GPUs' load, which is what the caller
     should pass (e.g. the node's GPU power over its GPUs' maximum).
     """
     load = np.clip(np.asarray(load_ratio, dtype=float), 0.0, 1.0)
-    return _scalar_or_array(np.asarray(host.idle_w + (host.max_w - host.idle_w) * load))
+    return _scalar_or_array(np.asarray(host.idle_w + (host.serving_w - host.idle_w) * load))
 
 
 def clock_fraction(kind: GpuKind, clock_mhz: ArrayLike) -> FloatOrArray:

@@ -36,21 +36,41 @@ class SimVllmServer:
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} {kind}")
             for engine, value in values:
-                lines.append(f'{name}{{engine="{engine}",model_name="{model}"}} {value!r}')
+                lines.append(f'{name}{{engine="{engine}",model_name="{model}"}} {float(value)!r}')
 
         reps = self.replicas()
         alive = bool(f.node_alive[self.node])
         running = [(e, float(round(f.batch[r])) if alive else 0.0) for e, r in enumerate(reps)]
-        family("vllm:num_requests_running", "gauge",
-               "Number of requests in model execution batches.", running)
-        family("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
-               [(e, 0.0) for e, _ in enumerate(reps)])
-        family("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
-               [(e, min(1.0, f.batch[r] / 512.0)) for e, r in enumerate(reps)])
-        family("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
-               [(e, float(int(f.replica_prompt[r]))) for e, r in enumerate(reps)])
-        family("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
-               [(e, float(int(f.replica_generated[r]))) for e, r in enumerate(reps)])
+        family(
+            "vllm:num_requests_running",
+            "gauge",
+            "Number of requests in model execution batches.",
+            running,
+        )
+        family(
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Number of requests waiting to be processed.",
+            [(e, 0.0) for e, _ in enumerate(reps)],
+        )
+        family(
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            [(e, min(1.0, f.batch[r] / 512.0)) for e, r in enumerate(reps)],
+        )
+        family(
+            "vllm:prompt_tokens_total",
+            "counter",
+            "Number of prefill tokens processed.",
+            [(e, float(int(f.replica_prompt[r]))) for e, r in enumerate(reps)],
+        )
+        family(
+            "vllm:generation_tokens_total",
+            "counter",
+            "Number of generation tokens processed.",
+            [(e, float(int(f.replica_generated[r]))) for e, r in enumerate(reps)],
+        )
         lines.append("# HELP vllm:request_success_total Count of successfully processed requests.")
         lines.append("# TYPE vllm:request_success_total counter")
         for e, r in enumerate(reps):

@@ -88,9 +88,7 @@ def point(
         pf = 0.0 if phase == "decode" else 1.0
     if batch < 0:
         raise ValueError(f"batch must be >= 0, got {batch}")
-    if clock_mhz is not None and not (
-        kind.min_sm_clock_mhz <= clock_mhz <= kind.max_sm_clock_mhz
-    ):
+    if clock_mhz is not None and not (kind.min_sm_clock_mhz <= clock_mhz <= kind.max_sm_clock_mhz):
         raise ValueError(
             f"clock {clock_mhz} MHz is outside the {label}'s supported range "
             f"{kind.min_sm_clock_mhz}-{kind.max_sm_clock_mhz} MHz"
@@ -108,8 +106,12 @@ def point(
             )
 
     op = physics.operating_point(
-        kind, prof, batch=batch, prefill_fraction=pf,
-        clock_cap_mhz=clock_mhz, power_limit_w=power_limit_w,
+        kind,
+        prof,
+        batch=batch,
+        prefill_fraction=pf,
+        clock_cap_mhz=clock_mhz,
+        power_limit_w=power_limit_w,
     )
     decode_tps = float(op.decode_tokens_per_s)
     prefill_tps = float(op.prefill_tokens_per_s)
@@ -135,6 +137,7 @@ def point(
         "effective_clock_mhz": float(op.effective_clock_mhz),
         "tpot_s": None if phase == "prefill" else _finite_or_none(float(op.tpot_s)),
         "power_capped": bool(op.power_capped),
+        "capped_share": float(op.capped_share),
         "effective_power_limit_w": (
             power_limit_w if power_limit_w is not None else kind.power_default_w
         ),

@@ -5,7 +5,6 @@ import os
 from collections.abc import Iterator
 
 import pytest
-
 from pg import PgServer, find_bindir
 
 _counter = itertools.count()

@@ -21,8 +21,10 @@ def test_water_fill_hits_the_total_within_bounds():
 def test_sum_of_limits_never_exceeds_the_gpu_budget():
     rng = np.random.default_rng(1)
     for _ in range(50):
-        gpus = [h100(f"g{i}", power=float(rng.uniform(100, 700)),
-                     capped=bool(rng.integers(0, 2))) for i in range(16)]
+        gpus = [
+            h100(f"g{i}", power=float(rng.uniform(100, 700)), capped=bool(rng.integers(0, 2)))
+            for i in range(16)
+        ]
         budget = float(rng.uniform(3300, 11000))
         res = allocate(gpus, budget)
         limits = [a.limit_w for a in res.allocations]
@@ -31,8 +33,10 @@ def test_sum_of_limits_never_exceeds_the_gpu_budget():
 
 
 def test_light_gpus_keep_headroom_and_give_the_rest_to_capped_ones():
-    gpus = [h100("light", power=250.0, limit=400.0), h100("busy", power=399.0, limit=400.0,
-                                                         capped=True)]
+    gpus = [
+        h100("light", power=250.0, limit=400.0),
+        h100("busy", power=399.0, limit=400.0, capped=True),
+    ]
     res = {a.uuid: a.limit_w for a in allocate(gpus, 1000.0).allocations}
     assert res["light"] == pytest.approx(250 * 1.1 + 25, abs=1)
     assert res["busy"] == pytest.approx(1000 - res["light"], abs=1)
@@ -73,7 +77,11 @@ def test_stale_gpus_are_not_relaxed():
 
 def test_unknown_node_power_is_assumed_conservatively():
     gpus = [PlanGpu("g", "n0", 200, 700, 650, 700, None, 1.0, True)]
-    p = plan([PlanNode("n0", None, None)], gpus, 3000.0,
-             PlanSettings(margin_ratio=0.0, default_node_overhead_w=2500.0))
+    p = plan(
+        [PlanNode("n0", None, None)],
+        gpus,
+        3000.0,
+        PlanSettings(margin_ratio=0.0, default_node_overhead_w=2500.0),
+    )
     assert p.non_gpu_power_w == 2500.0
     assert p.targets[0].power_limit_w == 500.0

@@ -53,7 +53,7 @@ def test_unknown_environment_key_is_refused():
 
 
 def test_config_path_from_environment(tmp_path):
-    p = write(tmp_path, "[agent]\nnode = \"gpu-17\"\n")
+    p = write(tmp_path, '[agent]\nnode = "gpu-17"\n')
     assert load_config(None, environ={"WATTKEEPER_CONFIG": str(p)}).agent.node == "gpu-17"
 
 

@@ -23,8 +23,21 @@ def upgraded(url):
 
 
 def fast_run(url, budget, duration="3m", *extra):
-    r = cli("run", "--simulate", "2x8", "--budget", budget, "--duration", duration, "--fast",
-            "-o", "json", "--db", url, *extra)
+    r = cli(
+        "run",
+        "--simulate",
+        "2x8",
+        "--budget",
+        budget,
+        "--duration",
+        duration,
+        "--fast",
+        "-o",
+        "json",
+        "--db",
+        url,
+        *extra,
+    )
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 
@@ -98,8 +111,10 @@ def test_malformed_budget_changes_nothing(sqlite_url, bad):
     assert r.exit_code == 2
     assert "invalid power" in r.output
     assert json.loads(cli("budget", "show", "--db", url, "-o", "json").stdout)["budget_w"] == 1e4
-    r = runner.invoke(app, ["run", "--simulate", "1x2", "--budget", bad, "--duration", "10s",
-                            "--fast", "--db", url])
+    r = runner.invoke(
+        app,
+        ["run", "--simulate", "1x2", "--budget", bad, "--duration", "10s", "--fast", "--db", url],
+    )
     assert r.exit_code == 2 and "invalid power" in r.output
     engine = create_engine(url)
     with engine.connect() as c:
@@ -110,15 +125,37 @@ def test_unknown_config_key_stops_before_anything_is_written(tmp_path, sqlite_ur
     url = upgraded(sqlite_url)
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[controler]\ninterval_s = 5\n")
-    r = runner.invoke(app, ["run", "--simulate", "1x2", "--budget", "5kW", "--duration", "10s",
-                            "--fast", "--db", url, "--config", str(cfg)])
+    r = runner.invoke(
+        app,
+        [
+            "run",
+            "--simulate",
+            "1x2",
+            "--budget",
+            "5kW",
+            "--duration",
+            "10s",
+            "--fast",
+            "--db",
+            url,
+            "--config",
+            str(cfg),
+        ],
+    )
     assert r.exit_code == 2
     assert "controler: unknown key" in r.output
     assert "no facility budget" in cli("budget", "show", "--db", url).stdout
 
 
-@pytest.mark.parametrize("cmd", [["status"], ["budget", "set", "5kW"], ["db", "upgrade"],
-                                 ["run", "--simulate", "1x2", "--duration", "5s", "--fast"]])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["status"],
+        ["budget", "set", "5kW"],
+        ["db", "upgrade"],
+        ["run", "--simulate", "1x2", "--duration", "5s", "--fast"],
+    ],
+)
 def test_unreachable_database_is_a_clear_error(cmd):
     url = "postgresql+psycopg://nobody@127.0.0.1:9/nowhere"
     r = runner.invoke(app, [*cmd, "--db", url])
@@ -135,16 +172,32 @@ def test_malformed_database_url():
 
 
 def test_daemon_refuses_an_unmigrated_database_and_names_the_command(sqlite_url):
-    r = runner.invoke(app, ["run", "--simulate", "1x2", "--duration", "5s", "--fast", "--db",
-                            sqlite_url])
+    r = runner.invoke(
+        app, ["run", "--simulate", "1x2", "--duration", "5s", "--fast", "--db", sqlite_url]
+    )
     assert r.exit_code == 1
     assert "wattkeeper db upgrade" in r.output
 
 
 def test_migrate_on_start(tmp_path, sqlite_url, monkeypatch):
     monkeypatch.setenv("WATTKEEPER_STORE__MIGRATE_ON_START", "true")
-    r = runner.invoke(app, ["run", "--simulate", "1x2", "--budget", "2kW", "--duration", "20s",
-                            "--fast", "-o", "json", "--db", sqlite_url])
+    r = runner.invoke(
+        app,
+        [
+            "run",
+            "--simulate",
+            "1x2",
+            "--budget",
+            "2kW",
+            "--duration",
+            "20s",
+            "--fast",
+            "-o",
+            "json",
+            "--db",
+            sqlite_url,
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["tokens"] > 0
 

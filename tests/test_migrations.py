@@ -16,8 +16,16 @@ from wattkeeper.store.db import (
 )
 from wattkeeper.store.models import Base
 
-TABLES = {"nodes", "gpus", "gpu_samples", "host_samples", "token_samples", "budgets", "targets",
-          "audit_log"}
+TABLES = {
+    "nodes",
+    "gpus",
+    "gpu_samples",
+    "host_samples",
+    "token_samples",
+    "budgets",
+    "targets",
+    "audit_log",
+}
 
 
 def test_up_down_up(db_url):

@@ -8,6 +8,7 @@ import sys
 import pynvml
 import pytest
 from nvml_fake import install_fake_pynvml
+
 from wattkeeper.collectors.gpu import (
     BackendUnavailableError,
     GpuBackend,

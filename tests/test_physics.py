@@ -184,6 +184,17 @@ def test_idle_and_fractional_batch():
     assert math.isinf(op(batch=8, prefill_fraction=1.0).tpot_s)
 
 
+def test_power_capped_means_the_limit_sets_the_clock_most_of_the_time():
+    """At the default limit prefill (700 W demand) is capped, small-batch decode is not."""
+    assert op(batch=64, prefill_fraction=1.0).power_capped
+    mostly_decode = op(batch=64, prefill_fraction=0.12)
+    assert not mostly_decode.power_capped
+    assert mostly_decode.capped_share == pytest.approx(0.12)
+    assert op(batch=512, prefill_fraction=0.12).power_capped
+    locked = op(batch=512, clock_cap_mhz=1200)
+    assert not locked.power_capped and locked.capped_share == 0
+
+
 def test_tpot_is_batch_over_throughput_and_stretched_by_prefill():
     d = op(batch=64)
     assert d.tpot_s == pytest.approx(64 / d.decode_tokens_per_s)
@@ -202,13 +213,27 @@ def test_vectorised_equals_scalar():
     limit = rng.uniform(150, 750, n)
     limit[6] = np.nan
     for kind, model in KINDS_MODELS:
-        v = op(kind, model, batch=batch, prefill_fraction=pf, clock_cap_mhz=clock,
-               power_limit_w=limit)
+        v = op(
+            kind, model, batch=batch, prefill_fraction=pf, clock_cap_mhz=clock, power_limit_w=limit
+        )
         for i in range(n):
-            s = op(kind, model, batch=float(batch[i]), prefill_fraction=float(pf[i]),
-                   clock_cap_mhz=float(clock[i]), power_limit_w=float(limit[i]))
-            for name in ("decode_tokens_per_s", "prefill_tokens_per_s", "power_w",
-                         "effective_clock_mhz", "tpot_s", "power_capped"):
+            s = op(
+                kind,
+                model,
+                batch=float(batch[i]),
+                prefill_fraction=float(pf[i]),
+                clock_cap_mhz=float(clock[i]),
+                power_limit_w=float(limit[i]),
+            )
+            for name in (
+                "decode_tokens_per_s",
+                "prefill_tokens_per_s",
+                "power_w",
+                "effective_clock_mhz",
+                "tpot_s",
+                "power_capped",
+                "capped_share",
+            ):
                 assert getattr(s, name) == pytest.approx(getattr(v, name)[i]), (kind.name, i, name)
             assert np.ndim(s.power_w) == 0
 
@@ -263,9 +288,11 @@ def test_host_power():
     h = physics.HOST_KINDS["dgx-h100"]
     assert h.max_w == pytest.approx(10200 - 8 * 700)
     assert physics.host_power_w(h, 0.0) == h.idle_w
-    assert physics.host_power_w(h, 1.0) == h.max_w
-    np.testing.assert_allclose(physics.host_power_w(h, np.array([-1, 0.5, 2])),
-                               [h.idle_w, (h.idle_w + h.max_w) / 2, h.max_w])
+    assert physics.host_power_w(h, 1.0) == h.serving_w
+    np.testing.assert_allclose(
+        physics.host_power_w(h, np.array([-1, 0.5, 2])),
+        [h.idle_w, (h.idle_w + h.serving_w) / 2, h.serving_w],
+    )
     a = physics.HOST_KINDS["dgx-a100"]
     assert a.idle_w < a.max_w == pytest.approx(6500 - 8 * 400)
 

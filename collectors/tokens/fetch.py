@@ -113,9 +113,7 @@ def _read_file(path_text: str, max_bytes: int) -> str:
             # read one byte past the cap rather than trusting st_size: /proc files say 0
             body = handle.read(max_bytes + 1)
     except OSError as exc:
-        raise TokenSourceError(
-            f"cannot read file: {exc.strerror or exc}", path_text
-        ) from exc
+        raise TokenSourceError(f"cannot read file: {exc.strerror or exc}", path_text) from exc
     if len(body) > max_bytes:
         raise TokenSourceError(f"page too big: file exceeds max_bytes={max_bytes}", path_text)
     return _decode(body, "utf-8", path_text)

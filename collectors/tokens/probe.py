@@ -25,9 +25,7 @@ def probe(
 ) -> dict[str, Any]:
     """``{"source", "kind", "series": [TokenSeries.to_json()...], "errors", "notes"}``."""
     try:
-        reading = read_source(
-            source, kind, timeout_s=timeout_s, max_bytes=max_bytes, client=client
-        )
+        reading = read_source(source, kind, timeout_s=timeout_s, max_bytes=max_bytes, client=client)
     except TokenSourceError as exc:
         return {"source": source, "kind": None, "series": [], "errors": [str(exc)], "notes": []}
     return {

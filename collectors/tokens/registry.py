@@ -104,9 +104,7 @@ class TokenSource:
         if missing and keys:
             notes.append("not on this page: " + ", ".join(missing))
         if not keys:
-            notes.append(
-                f"no {self.kind} token, load or latency metric on this page, so no series"
-            )
+            notes.append(f"no {self.kind} token, load or latency metric on this page, so no series")
         series = tuple(self._series(key, fields) for key in sorted(keys))
         return TokenReading(kind=self.kind, series=series, errors=tuple(errors), notes=tuple(notes))
 

@@ -17,7 +17,7 @@ does the grouping and aggregation once, the same way for all of them:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .exposition import MetricIndex, PageSample, build_histogram
@@ -122,8 +122,14 @@ def scalar_by_series(
     """One value per series; ``None`` (with an error) where the page's value is unusable."""
     ignore = set(identifying) | {key for key, _ in reference.match}
     grouped: dict[SeriesKey, dict[SeriesKey, float]] = {}
+    seen: set[SeriesKey] = set()
+    duplicated: set[SeriesKey] = set()
     for sample in samples:
         key = series_key(sample.labels, identifying)
+        full = tuple(sorted(sample.labels.items()))
+        if full in seen:
+            duplicated.add(key)
+        seen.add(full)
         breakdown, _replica = _breakdown(sample.labels, ignore)
         per_key = grouped.setdefault(key, {})
         previous = per_key.get(breakdown)
@@ -133,6 +139,10 @@ def scalar_by_series(
     for key, parts in grouped.items():
         values = list(parts.values())
         where = f"{reference.describe()}{_render_key(key)}"
+        if key in duplicated:
+            errors.append(f"{where}: the same series appears twice; {field_name} dropped")
+            result[key] = None
+            continue
         if any(math.isnan(value) or math.isinf(value) for value in values):
             errors.append(f"{where}: not a finite number; {field_name} dropped")
             result[key] = None
@@ -234,5 +244,5 @@ def _render_key(key: SeriesKey) -> str:
     return "{" + ",".join(f'{name}="{value}"' for name, value in key) + "}"
 
 
+# field name -> series -> value; what extraction fills and what ``derive`` hooks return
 FieldValues = dict[str, dict[SeriesKey, "float | Histogram | None"]]
-Derive = Callable[[MetricIndex, list[str], list[str]], FieldValues]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
 from wattkeeper.collectors.gpu import GpuInfo, GpuSample
 from wattkeeper.store.db import StoreError, describe_url
 from wattkeeper.store.models import (
@@ -329,7 +330,7 @@ class Store:
                 budget = s.scalar(select(Budget.limit_w).where(Budget.scope == FACILITY))
                 newest_gpu = (
                     select(GpuSampleRow.gpu_id, func.max(GpuSampleRow.ts).label("ts"))
-                    .where(GpuSampleRow.ts >= since)
+                    .where(GpuSampleRow.ts >= since, GpuSampleRow.ts <= now)
                     .group_by(GpuSampleRow.gpu_id)
                     .subquery()
                 )
@@ -368,7 +369,7 @@ class Store:
                     )
                 newest_host = (
                     select(HostSampleRow.node_id, func.max(HostSampleRow.ts).label("ts"))
-                    .where(HostSampleRow.ts >= since)
+                    .where(HostSampleRow.ts >= since, HostSampleRow.ts <= now)
                     .group_by(HostSampleRow.node_id)
                     .subquery()
                 )
@@ -383,7 +384,7 @@ class Store:
                 ).all()
                 newest_tok = (
                     select(TokenSampleRow.node_id, func.max(TokenSampleRow.ts).label("ts"))
-                    .where(TokenSampleRow.ts >= since)
+                    .where(TokenSampleRow.ts >= since, TokenSampleRow.ts <= now)
                     .group_by(TokenSampleRow.node_id)
                     .subquery()
                 )

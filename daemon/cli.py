@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import time
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -35,7 +35,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(simulate_app, name="simulate")
 
 
-class Output(str, Enum):
+class Output(StrEnum):
     table = "table"
     json = "json"
 

@@ -150,7 +150,7 @@ def run_fast(
     a = rt.cfg.agent.interval_s
     c = rt.cfg.controller.interval_s
     next_controller = start
-    steps = int(round(duration_s / a))
+    steps = round(duration_s / a)
     for k in range(steps + 1):
         t = start + k * a
         clock.set(t)
@@ -168,7 +168,7 @@ def summarize(rt: Runtime, duration_s: float) -> dict:
     f = rt.facility
     budget = rt.store.get_budget()
     budget_w = budget.limit_w if budget else None
-    settle_s = int(round(rt.cfg.controller.interval_s))
+    settle_s = round(rt.cfg.controller.interval_s)
     seconds = f.stats.second_power_w
     after = seconds[settle_s:]
     max_w = max(after) if after else None

@@ -1,4 +1,4 @@
-"""Parsing of the power and duration values that operators type on the command line and in config."""
+"""Parsing of the power and duration values operators type on the command line and in config."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ class SimFacility:
         self.clock_effective_cap = np.full(n, float(k.max_sm_clock_mhz))
         self.energy_j = rng.uniform(1e6, 5e7, n)  # counters start at an arbitrary value
         self.power_true = np.full(n, k.idle_w)
-        self._window = np.full((int(round(1.0 / STEP_S)), n), k.idle_w)
+        self._window = np.full((round(1.0 / STEP_S), n), k.idle_w)
         self._window_pos = 0
         self.clock_mhz = np.full(n, float(k.max_sm_clock_mhz))
         self.power_capped = np.zeros(n, dtype=bool)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -174,41 +174,51 @@ class Store:
         host: tuple[float | None, float | None, str] | None = None,
         tokens: Iterable[TokenRow] = (),
     ) -> None:
-        """One transaction per agent tick: all of the node's readings land together."""
+        """One transaction per agent tick: all of the node's readings land together.
+
+        Core bulk inserts, not ORM objects: this is the hot path of every agent tick.
+        """
+        gpu_rows = [
+            {
+                "gpu_id": gpu_ids[g.uuid],
+                "ts": g.timestamp,
+                "power_w": g.power_w,
+                "power_instant_w": g.power_instant_w,
+                "energy_j": g.energy_j,
+                "sm_clock_mhz": g.sm_clock_mhz,
+                "mem_clock_mhz": g.mem_clock_mhz,
+                "utilization_gpu_ratio": g.utilization_gpu_ratio,
+                "temperature_c": g.temperature_c,
+                "power_limit_w": g.power_limit_w,
+                "throttle_reasons": ",".join(g.throttle_reasons),
+            }
+            for g in gpu_samples
+        ]
         try:
-            with self.session() as s, s.begin():
-                node = s.scalar(select(Node).where(Node.name == node_name))
-                if node is None:
+            with self.engine.begin() as conn:
+                node_id = conn.scalar(select(Node.id).where(Node.name == node_name))
+                if node_id is None:
                     raise StoreError(f"node {node_name!r} is not registered")
-                node.last_seen_at = now
-                s.add_all(
-                    GpuSampleRow(
-                        gpu_id=gpu_ids[g.uuid],
-                        ts=g.timestamp,
-                        power_w=g.power_w,
-                        power_instant_w=g.power_instant_w,
-                        energy_j=g.energy_j,
-                        sm_clock_mhz=g.sm_clock_mhz,
-                        mem_clock_mhz=g.mem_clock_mhz,
-                        utilization_gpu_ratio=g.utilization_gpu_ratio,
-                        temperature_c=g.temperature_c,
-                        power_limit_w=g.power_limit_w,
-                        throttle_reasons=",".join(g.throttle_reasons),
-                    )
-                    for g in gpu_samples
-                )
+                conn.execute(update(Node).where(Node.id == node_id).values(last_seen_at=now))
+                if gpu_rows:
+                    conn.execute(insert(GpuSampleRow), gpu_rows)
                 if host is not None:
                     cpu, power, source = host
-                    s.add(
-                        HostSampleRow(
-                            node_id=node.id,
-                            ts=now,
-                            cpu_util_ratio=cpu,
-                            non_gpu_power_w=power,
-                            power_source=source,
-                        )
+                    conn.execute(
+                        insert(HostSampleRow),
+                        [
+                            {
+                                "node_id": node_id,
+                                "ts": now,
+                                "cpu_util_ratio": cpu,
+                                "non_gpu_power_w": power,
+                                "power_source": source,
+                            }
+                        ],
                     )
-                s.add_all(TokenSampleRow(node_id=node.id, ts=now, **t.__dict__) for t in tokens)
+                token_rows = [{"node_id": node_id, "ts": now, **t.__dict__} for t in tokens]
+                if token_rows:
+                    conn.execute(insert(TokenSampleRow), token_rows)
         except OperationalError as exc:
             raise self._guard(exc) from None
 

@@ -306,6 +306,13 @@ def _run_live(rt: Any, duration_s: float | None, output: Output, listen: str | N
             run_realtime(rt, duration_s, stop=stop)
             _emit_json(snapshot())
             return
+        if not sys.stdout.isatty():
+            # Under systemd or a pipe a redrawn table is noise: print it once at the end.
+            run_realtime(rt, duration_s, stop=stop)
+            from rich.console import Console
+
+            Console().print(_live_table(snapshot()))
+            return
         from rich.live import Live
 
         with Live(_live_table(snapshot()), refresh_per_second=2, transient=False) as live:
@@ -519,6 +526,164 @@ def db_current(db: DbOpt = None, config: ConfigOpt = None) -> None:
     except StoreError as exc:
         fail(str(exc))
     typer.echo(f"current: {current or 'empty'}  head: {head_revision()}")
+
+
+# -- probe --------------------------------------------------------------------------------------
+class Kind(StrEnum):
+    auto = "auto"
+    vllm = "vllm"
+    sglang = "sglang"
+    tgi = "tgi"
+    triton = "triton"
+    nim = "nim"
+    llamacpp = "llamacpp"
+
+
+@app.command()
+def probe(
+    source: Annotated[str, typer.Argument(help="A /metrics URL or a file holding such a page.")],
+    kind: Annotated[Kind, typer.Option(help="Server kind, or auto to detect it.")] = Kind.auto,
+    timeout: Annotated[str, typer.Option(help="HTTP timeout.")] = "2s",
+    output: OutputOpt = Output.table,
+) -> None:
+    """Read one inference server page and show what wattkeeper understands of it.
+
+    Exit 0 when the page was understood (even with per-series warnings), 1 when not.
+    """
+    from wattkeeper.collectors.tokens import probe as probe_source
+
+    result = probe_source(source, kind.value, timeout_s=_parse_duration(timeout, "--timeout"))
+    if output is Output.json:
+        _emit_json(result)
+    else:
+        _print_probe(result)
+    if result["kind"] is None:
+        raise typer.Exit(1)
+
+
+def _print_probe(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if result["kind"] is not None:
+        t = Table(title=f"{result['source']}: {result['kind']}")
+        cols = ("model", "prompt tokens", "generated tokens", "running", "waiting", "KV cache")
+        for col in cols:
+            t.add_column(col, justify="left" if col == "model" else "right")
+
+        def num(x: float | None, fmt: str = ",.0f") -> str:
+            return "-" if x is None else format(x, fmt)
+
+        for s in result["series"]:
+            labels = ",".join(f"{k}={v}" for k, v in s.get("labels", {}).items())
+            t.add_row(
+                s["model"] or labels or "-",
+                num(s["prompt_tokens_total"]),
+                num(s["generation_tokens_total"]),
+                num(s["requests_running"]),
+                num(s["requests_waiting"]),
+                num(s.get("kv_cache_usage_ratio"), ".0%"),
+            )
+        console.print(t)
+    err = Console(stderr=True)
+    for note in result["notes"]:
+        err.print(f"note: {note}")
+    for error in result["errors"]:
+        err.print(f"error: {error}")
+
+
+# -- simulate -----------------------------------------------------------------------------------
+class Phase(StrEnum):
+    decode = "decode"
+    prefill = "prefill"
+    mixed = "mixed"
+
+
+@simulate_app.command("point")
+def simulate_point(
+    gpu: Annotated[str, typer.Option(help="GPU kind: h100, a100.")] = "h100",
+    model: Annotated[str, typer.Option(help="Model: llama-8b, llama-70b, llama-405b-fp8.")] = (
+        "llama-8b"
+    ),
+    phase: Annotated[Phase, typer.Option(help="decode, prefill or mixed.")] = Phase.decode,
+    batch: Annotated[int, typer.Option(help="Sequences in flight.")] = 16,
+    clock: Annotated[
+        int | None, typer.Option(help="Locked SM clock, MHz.", show_default=False)
+    ] = None,
+    power_limit: Annotated[
+        str | None, typer.Option(help="Power limit (e.g. 500W).", show_default=False)
+    ] = None,
+    prefill_fraction: Annotated[
+        float | None,
+        typer.Option(help="Share of time in prefill (mixed phase only).", show_default=False),
+    ] = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """One GPU group's steady state: tokens/s, power, effective clock, time per token."""
+    from wattkeeper.simulator.whatif import point
+
+    limit_w = _parse_power(power_limit, "--power-limit") if power_limit is not None else None
+    try:
+        result = point(gpu, model, phase.value, batch, clock, limit_w, prefill_fraction)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    if output is Output.json:
+        _emit_json(result)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{model} on {gpu}, {phase.value}, batch {batch}")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    for key, value in result.items():
+        t.add_row(
+            key,
+            "-" if value is None else (f"{value:,.4g}" if isinstance(value, float) else str(value)),
+        )
+    Console().print(t)
+
+
+@simulate_app.command("calibration")
+def simulate_calibration(output: OutputOpt = Output.table) -> None:
+    """Every published calibration row next to what the simulator gives, with the error."""
+    from wattkeeper.simulator.whatif import calibration
+
+    result = calibration()
+    if output is Output.json:
+        _emit_json(result)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"simulator vs measured ({result.get('source', '')})")
+    for col in (
+        "model",
+        "GPUs",
+        "batch",
+        "tok/s measured",
+        "tok/s sim",
+        "err",
+        "W/GPU measured",
+        "W/GPU sim",
+        "err",
+    ):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in result["rows"]:
+        t.add_row(
+            r["model"],
+            str(r["num_gpus"]),
+            str(r["batch"]),
+            f"{r['measured_tokens_per_s']:,.0f}",
+            f"{r['sim_tokens_per_s']:,.0f}",
+            f"{r['tokens_rel_error']:+.1%}",
+            f"{r['measured_power_w_per_gpu']:.0f}",
+            f"{r['sim_power_w_per_gpu']:.0f}",
+            f"{r['power_rel_error']:+.1%}",
+        )
+    Console().print(t)
+    typer.echo(f"largest relative error: {result['max_abs_rel_error']:.1%}")
 
 
 def main() -> None:

@@ -85,6 +85,8 @@ class ControllerConfig(_Section):
     lease_s: DurationS = 30.0
     stale_after_s: DurationS = 10.0
     """Samples older than this do not count as fresh; without fresh samples caps never relax."""
+    forget_after_s: DurationS = 3600.0
+    """A node silent this long no longer holds budget (taken as gone)."""
     margin_ratio: float = Field(default=0.02, ge=0, lt=0.5)
     """Share of the budget kept in reserve for load swings between control periods."""
     non_gpu_w_per_gpu_w: float = Field(default=0.2, ge=0, le=2)

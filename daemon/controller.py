@@ -20,8 +20,11 @@ class ControllerState:
 
 
 class Controller:
-    def __init__(self, store: Store, settings: PlanSettings, lease_s: float) -> None:
+    def __init__(
+        self, store: Store, settings: PlanSettings, lease_s: float, forget_after_s: float = 3600.0
+    ) -> None:
         self.store = store
+        self.forget_after_s = forget_after_s
         self.settings = settings
         self.lease_s = lease_s
         self.state = ControllerState()
@@ -35,7 +38,7 @@ class Controller:
                 self.state.no_budget_warned = True
             return None
         self.state.no_budget_warned = False
-        result = plan(*planning_inputs(snap), snap.budget_w, self.settings)
+        result = plan(*planning_inputs(snap, self.forget_after_s), snap.budget_w, self.settings)
         self.state.last_plan = result
         specs = [TargetSpec(t.uuid, t.power_limit_w, reason=t.reason) for t in result.targets]
         self.state.targets_changed += self.store.write_targets(specs, now, self.lease_s)
@@ -44,11 +47,21 @@ class Controller:
         return result
 
 
-def planning_inputs(snap: Snapshot) -> tuple[list[PlanNode], list[PlanGpu]]:
+def planning_inputs(
+    snap: Snapshot, forget_after_s: float = float("inf")
+) -> tuple[list[PlanNode], list[PlanGpu]]:
+    """Planner inputs from a snapshot; nodes silent for ``forget_after_s`` no longer count.
+
+    A node that stopped reporting a moment ago still holds its cap and its power is
+    assumed; one silent for longer than ``forget_after_s`` is taken as gone
+    (decommissioned, or a simulation that ended) so it stops holding budget forever.
+    """
     now = snap.ts
+    live = [n for n in snap.nodes if now - n.last_seen_at <= forget_after_s]
+    names = {n.name for n in live}
     nodes = [
         PlanNode(n.name, n.non_gpu_power_w, None if n.host_ts is None else now - n.host_ts)
-        for n in snap.nodes
+        for n in live
     ]
     gpus = [
         PlanGpu(
@@ -63,5 +76,6 @@ def planning_inputs(snap: Snapshot) -> tuple[list[PlanNode], list[PlanGpu]]:
             power_capped="sw_power_cap" in g.throttle_reasons,
         )
         for g in snap.gpus
+        if g.node in names
     ]
     return nodes, gpus

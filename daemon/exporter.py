@@ -2,15 +2,25 @@
 
 Nothing is set on a timer: each scrape reads what the agents sampled last and what the
 store holds now (budget, targets), so a stalled agent shows as an old
-``wattkeeper_last_sample_timestamp_seconds`` rather than as frozen values.
-Names follow Prometheus conventions: base units, ``_total`` counters, 0-1 ratios.
+``*_last_sample_timestamp_seconds`` rather than as frozen values that look fresh.
+Names follow Prometheus conventions: base units (watts, joules, hertz, seconds),
+``_total`` counters, 0-1 ratios, one ``_up`` gauge per source. docs/metrics.md lists
+every family and maps dcgm-exporter's names onto these.
+
+The agent-local part never depends on the database: when the store cannot be read, a
+scrape still returns the GPU, host and token metrics with ``wattkeeper_store_up 0``,
+because an exporter that answers 500 hides exactly the readings an operator needs
+while the database is down.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
@@ -18,261 +28,499 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 
 from wattkeeper import __version__
 from wattkeeper.collectors.gpu import THROTTLE_REASONS
+from wattkeeper.store.db import StoreError
 from wattkeeper.summary import facility_summary
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
+    from wattkeeper.agent import Agent, TokenEndpoint
+    from wattkeeper.collectors.gpu import GpuInfo, GpuSample
+    from wattkeeper.collectors.host import HostSample
+    from wattkeeper.collectors.tokens import TokenReading, TokenSeries
     from wattkeeper.runtime import Runtime
+    from wattkeeper.store.repository import Snapshot
 
 log = logging.getLogger(__name__)
 
 GPU_LABELS = ["node", "gpu", "uuid", "name"]
+TOKEN_LABELS = ["node", "endpoint", "model", "engine"]
+SOURCE_LABELS = ["node", "endpoint"]
+COLLECTOR_LABELS = ["node", "collector", "endpoint"]
+MODEL_LABEL_NAMES = frozenset({"model_name", "model"})
+"""Labels the token parsers take the model from; the rest of a series' labels is its engine."""
+MHZ = 1e6
+STATE_LOCK_TIMEOUT_S = 2.0
+"""How long a scrape waits for a running agent tick before reading its state anyway."""
+
+
+@dataclass(frozen=True)
+class _AgentView:
+    """A consistent copy of one agent's state, taken under the runtime lock.
+
+    Copied rather than read in place because the agent thread mutates these dicts
+    while HTTP threads render them; iterating a dict that changes size raises.
+    """
+
+    node: str
+    backend: str
+    infos: dict[str, GpuInfo]
+    samples: dict[str, GpuSample]
+    has_host: bool
+    host: HostSample | None
+    endpoints: list[TokenEndpoint]
+    readings: dict[str, TokenReading | None]
+    endpoint_last_ok: dict[str, float]
+    collectors: dict[str, tuple[float, bool]]
+    actuations: int
+    errors: int
+
+
+def _view(agent: Agent) -> _AgentView:
+    st = agent.state
+    return _AgentView(
+        node=agent.node,
+        backend=agent.backend.name,
+        infos=dict(agent.infos),
+        samples=dict(st.samples),
+        has_host=agent.host is not None,
+        host=st.host,
+        endpoints=list(agent.endpoints),
+        readings=dict(st.readings),
+        endpoint_last_ok=dict(st.endpoint_last_ok),
+        collectors=dict(st.collectors),
+        actuations=st.actuations,
+        errors=st.errors,
+    )
+
+
+def _engine_label(series: TokenSeries) -> str:
+    """What tells apart series of one model on one endpoint (vLLM engine, Triton version).
+
+    Without it two data-parallel engines of one model would be two samples with the
+    same label set: invalid exposition that Prometheus rejects as duplicates.
+    """
+    rest = sorted((k, v) for k, v in series.labels.items() if k not in MODEL_LABEL_NAMES)
+    if not rest:
+        return ""
+    if len(rest) == 1:
+        return rest[0][1]
+    return ",".join(f"{k}={v}" for k, v in rest)
+
+
+def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels or [])
+
+
+def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+    """``name`` without ``_total``: prometheus_client appends it in the exposition."""
+    return CounterMetricFamily(name, doc, labels=labels)
 
 
 class WattkeeperCollector(Collector):
+    """Renders one Runtime (its agents and its store) at every scrape."""
+
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        # Newest good sample time per (node, source): the agent forgets a GPU or host
+        # reading that failed, but staleness must stay visible as an old timestamp.
+        self._last_ok: dict[tuple[str, str], float] = {}
+        self._last_ok_lock = threading.Lock()
 
     def collect(self) -> Iterator[Metric]:
         yield InfoMetricFamily(
-            "wattkeeper_build", "wattkeeper version.", value={"version": __version__}
+            "wattkeeper_build", "wattkeeper version; always 1.", value={"version": __version__}
         )
-        yield from self._gpus()
-        yield from self._hosts_and_tokens()
-        yield from self._collectors()
-        yield from self._facility()
+        views = self._views()
+        with self._last_ok_lock:
+            yield from self._gpus(views)
+            yield from self._host(views)
+        yield from self._tokens(views)
+        yield from self._agents(views)
+        yield from self._store()
 
-    def _gpus(self) -> Iterator[Metric]:
-        g = {
-            "power": GaugeMetricFamily(
+    def _views(self) -> list[_AgentView]:
+        lock = self.rt.lock
+        got = lock.acquire(timeout=STATE_LOCK_TIMEOUT_S)
+        if not got:
+            log.warning("agent tick holds the state lock; scraping without it")
+        try:
+            return [_view(a) for a in self.rt.agents]
+        finally:
+            if got:
+                lock.release()
+
+    def _remember(self, key: tuple[str, str], ts: float | None) -> float | None:
+        if ts is not None and ts > self._last_ok.get(key, float("-inf")):
+            self._last_ok[key] = ts
+        return self._last_ok.get(key)
+
+    # -- GPUs ----------------------------------------------------------------------------
+    def _gpus(self, views: list[_AgentView]) -> Iterator[Metric]:
+        info = _gauge(
+            "wattkeeper_gpu_info",
+            "Static facts of a GPU as labels; always 1.",
+            [*GPU_LABELS, "pci_bus_id", "backend"],
+        )
+        up = _gauge(
+            "wattkeeper_gpu_up",
+            "1 when the last agent tick read every GPU of the node, else 0.",
+            ["node"],
+        )
+        fam: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "power": _gauge(
                 "wattkeeper_gpu_power_watts",
-                "GPU power, 1-second average as NVML reports it.",
-                labels=GPU_LABELS,
+                "GPU power, the 1-second average NVML reports.",
+                GPU_LABELS,
             ),
-            "instant": GaugeMetricFamily(
-                "wattkeeper_gpu_power_instant_watts", "GPU instantaneous power.", labels=GPU_LABELS
+            "instant": _gauge(
+                "wattkeeper_gpu_power_instant_watts",
+                "GPU instantaneous power (noisy; prefer the average or the energy counter).",
+                GPU_LABELS,
             ),
-            "energy": CounterMetricFamily(
+            "energy": _counter(
                 "wattkeeper_gpu_energy_joules",
-                "GPU energy counter since driver load.",
-                labels=GPU_LABELS,
+                "GPU energy since the driver loaded; rate() of it is average power.",
+                GPU_LABELS,
             ),
-            "sm": GaugeMetricFamily(
-                "wattkeeper_gpu_sm_clock_hertz", "SM clock.", labels=GPU_LABELS
-            ),
-            "mem": GaugeMetricFamily(
-                "wattkeeper_gpu_memory_clock_hertz", "Memory clock.", labels=GPU_LABELS
-            ),
-            "util": GaugeMetricFamily(
+            "sm": _gauge("wattkeeper_gpu_sm_clock_hertz", "SM clock.", GPU_LABELS),
+            "mem": _gauge("wattkeeper_gpu_memory_clock_hertz", "Memory clock.", GPU_LABELS),
+            "util": _gauge(
                 "wattkeeper_gpu_utilization_ratio",
-                "Share of time a kernel was running (0-1).",
-                labels=GPU_LABELS,
+                "Share of the last sample period in which a kernel ran (0-1).",
+                GPU_LABELS,
             ),
-            "temp": GaugeMetricFamily(
-                "wattkeeper_gpu_temperature_celsius", "GPU temperature.", labels=GPU_LABELS
+            "mem_util": _gauge(
+                "wattkeeper_gpu_memory_utilization_ratio",
+                "Share of the last sample period in which device memory was read or written.",
+                GPU_LABELS,
             ),
-            "limit": GaugeMetricFamily(
-                "wattkeeper_gpu_power_limit_watts", "Enforced power limit.", labels=GPU_LABELS
+            "temp": _gauge("wattkeeper_gpu_temperature_celsius", "GPU temperature.", GPU_LABELS),
+            "limit": _gauge(
+                "wattkeeper_gpu_power_limit_watts",
+                "Enforced power limit (the most conservative of all limits in force).",
+                GPU_LABELS,
             ),
-            "lmin": GaugeMetricFamily(
-                "wattkeeper_gpu_power_limit_min_watts",
-                "Lowest power limit the device accepts.",
-                labels=GPU_LABELS,
-            ),
-            "lmax": GaugeMetricFamily(
-                "wattkeeper_gpu_power_limit_max_watts",
-                "Highest power limit the device accepts.",
-                labels=GPU_LABELS,
-            ),
-            "ldef": GaugeMetricFamily(
-                "wattkeeper_gpu_power_limit_default_watts",
-                "Default power limit of the device.",
-                labels=GPU_LABELS,
-            ),
-            "throttle": GaugeMetricFamily(
-                "wattkeeper_gpu_clock_event_reason",
-                "1 when the clock event (throttle) reason is active.",
-                labels=[*GPU_LABELS, "reason"],
-            ),
-            "ts": GaugeMetricFamily(
-                "wattkeeper_gpu_last_sample_timestamp_seconds",
-                "Unix time of the newest sample.",
-                labels=GPU_LABELS,
+            "requested": _gauge(
+                "wattkeeper_gpu_power_limit_requested_watts",
+                "Power management limit set on the device (what the agent asked for).",
+                GPU_LABELS,
             ),
         }
-        for agent in self.rt.agents:
-            for uuid, info in agent.infos.items():
-                labels = [agent.node, str(info.index), uuid, info.name]
-                lim = info.power_limits
-                g["lmin"].add_metric(labels, lim.min_w)
-                g["lmax"].add_metric(labels, lim.max_w)
-                g["ldef"].add_metric(labels, lim.default_w)
-                s = agent.state.samples.get(uuid)
+        lmin = _gauge(
+            "wattkeeper_gpu_power_limit_min_watts",
+            "Lowest power limit the device accepts.",
+            GPU_LABELS,
+        )
+        lmax = _gauge(
+            "wattkeeper_gpu_power_limit_max_watts",
+            "Highest power limit the device accepts.",
+            GPU_LABELS,
+        )
+        ldef = _gauge(
+            "wattkeeper_gpu_power_limit_default_watts",
+            "Default power limit of the device.",
+            GPU_LABELS,
+        )
+        reason_fam = _gauge(
+            "wattkeeper_gpu_clock_event_reason",
+            "1 while the clock event (throttle) reason is active, else 0.",
+            [*GPU_LABELS, "reason"],
+        )
+        ts = _gauge(
+            "wattkeeper_gpu_last_sample_timestamp_seconds",
+            "Unix time of the newest good sample of the GPU.",
+            GPU_LABELS,
+        )
+        known = list(THROTTLE_REASONS.values())
+        for v in views:
+            gpu_ok = v.collectors.get("gpu")
+            if gpu_ok is not None:
+                up.add_metric([v.node], 1.0 if gpu_ok[1] else 0.0)
+            for uuid, gi in v.infos.items():
+                labels = [v.node, str(gi.index), uuid, gi.name]
+                info.add_metric([*labels, gi.pci_bus_id, v.backend], 1.0)
+                lim = gi.power_limits
+                lmin.add_metric(labels, lim.min_w)
+                lmax.add_metric(labels, lim.max_w)
+                ldef.add_metric(labels, lim.default_w)
+                s = v.samples.get(uuid)
+                last = self._remember((v.node, uuid), s.timestamp if s else None)
+                if last is not None:
+                    ts.add_metric(labels, last)
                 if s is None:
                     continue
                 for key, value, scale in (
                     ("power", s.power_w, 1.0),
                     ("instant", s.power_instant_w, 1.0),
                     ("energy", s.energy_j, 1.0),
-                    ("sm", s.sm_clock_mhz, 1e6),
-                    ("mem", s.mem_clock_mhz, 1e6),
+                    ("sm", s.sm_clock_mhz, MHZ),
+                    ("mem", s.mem_clock_mhz, MHZ),
                     ("util", s.utilization_gpu_ratio, 1.0),
+                    ("mem_util", s.utilization_mem_ratio, 1.0),
                     ("temp", s.temperature_c, 1.0),
                     ("limit", s.power_limit_w, 1.0),
+                    ("requested", s.power_limit_requested_w, 1.0),
                 ):
                     if value is not None:
-                        g[key].add_metric(labels, value * scale)
+                        fam[key].add_metric(labels, value * scale)
                 active = set(s.throttle_reasons)
-                for reason in THROTTLE_REASONS.values():
-                    g["throttle"].add_metric([*labels, reason], 1.0 if reason in active else 0.0)
-                g["ts"].add_metric(labels, s.timestamp)
-        yield from g.values()
+                # Known reasons always present (0 or 1) so a reason going away is a 0,
+                # not a vanished series; an unknown bit shows up only while set.
+                for reason in [*known, *sorted(active - set(known))]:
+                    reason_fam.add_metric([*labels, reason], 1.0 if reason in active else 0.0)
+        yield info
+        yield up
+        yield from fam.values()
+        yield from (lmin, lmax, ldef, reason_fam, ts)
 
-    def _hosts_and_tokens(self) -> Iterator[Metric]:
-        host_w = GaugeMetricFamily(
+    # -- host ----------------------------------------------------------------------------
+    def _host(self, views: list[_AgentView]) -> Iterator[Metric]:
+        up = _gauge(
+            "wattkeeper_host_up",
+            "1 when the last agent tick read the host collector, else 0.",
+            ["node"],
+        )
+        ts = _gauge(
+            "wattkeeper_host_last_sample_timestamp_seconds",
+            "Unix time of the newest good host sample.",
+            ["node"],
+        )
+        host_w = _gauge(
             "wattkeeper_node_non_gpu_power_watts",
-            "Node power outside the GPUs (RAPL or the overhead model).",
-            labels=["node", "source"],
+            "Node power outside the GPUs (CPUs, memory, fans, PSU losses).",
+            ["node"],
         )
-        cpu = GaugeMetricFamily(
-            "wattkeeper_node_cpu_utilization_ratio", "Host CPU use (0-1).", labels=["node"]
+        method = _gauge(
+            "wattkeeper_node_non_gpu_power_info",
+            "How the non-GPU power was obtained (method: rapl or model); always 1.",
+            ["node", "method"],
         )
-        ep_labels = ["node", "endpoint", "model"]
-        gen = CounterMetricFamily(
-            "wattkeeper_tokens_generated",
-            "Generated tokens, as the inference server counts them.",
-            labels=ep_labels,
-        )
-        prompt = CounterMetricFamily(
-            "wattkeeper_tokens_prompt",
-            "Prompt (prefill) tokens, as the server counts them.",
-            labels=ep_labels,
-        )
-        running = GaugeMetricFamily(
-            "wattkeeper_requests_running", "Requests being served.", labels=ep_labels
-        )
-        waiting = GaugeMetricFamily(
-            "wattkeeper_requests_waiting", "Requests queued.", labels=ep_labels
-        )
-        up = GaugeMetricFamily(
+        cpu = _gauge("wattkeeper_node_cpu_utilization_ratio", "Host CPU use (0-1).", ["node"])
+        for v in views:
+            if not v.has_host:
+                continue
+            ran = v.collectors.get("host")
+            if ran is not None:
+                up.add_metric([v.node], 1.0 if ran[1] and v.host is not None else 0.0)
+            h = v.host
+            last = self._remember((v.node, "host"), h.timestamp if h else None)
+            if last is not None:
+                ts.add_metric([v.node], last)
+            if h is None:
+                continue
+            if h.non_gpu_power_w is not None:
+                host_w.add_metric([v.node], h.non_gpu_power_w)
+                method.add_metric([v.node, h.power_source], 1.0)
+            if h.cpu_util_ratio is not None:
+                cpu.add_metric([v.node], h.cpu_util_ratio)
+        yield from (up, ts, host_w, method, cpu)
+
+    # -- token sources -------------------------------------------------------------------
+    def _tokens(self, views: list[_AgentView]) -> Iterator[Metric]:
+        up = _gauge(
             "wattkeeper_token_source_up",
-            "1 when the last scrape of the endpoint was understood.",
-            labels=["node", "endpoint", "kind"],
+            "1 when the last read of the inference server's metrics page was understood.",
+            SOURCE_LABELS,
         )
-        last = GaugeMetricFamily(
+        last = _gauge(
             "wattkeeper_token_source_last_sample_timestamp_seconds",
-            "Unix time of the last good scrape of the endpoint.",
-            labels=["node", "endpoint", "kind"],
+            "Unix time of the last good read of the endpoint.",
+            SOURCE_LABELS,
         )
-        for agent in self.rt.agents:
-            h = agent.state.host
-            if h is not None:
-                if h.non_gpu_power_w is not None:
-                    host_w.add_metric([agent.node, h.power_source], h.non_gpu_power_w)
-                if h.cpu_util_ratio is not None:
-                    cpu.add_metric([agent.node], h.cpu_util_ratio)
-            for ep in agent.endpoints:
-                reading = agent.state.readings.get(ep.name)
-                kind = reading.kind if reading else ep.kind
-                up.add_metric([agent.node, ep.name, kind], 1.0 if reading else 0.0)
-                if ep.name in agent.state.endpoint_last_ok:
-                    last.add_metric(
-                        [agent.node, ep.name, kind], agent.state.endpoint_last_ok[ep.name]
-                    )
+        kind = _gauge(
+            "wattkeeper_token_source_info",
+            "Server kind of the endpoint (detected, or as configured); always 1.",
+            [*SOURCE_LABELS, "kind"],
+        )
+        gen = _counter(
+            "wattkeeper_tokens_generated",
+            "Generated (decode) tokens, as the inference server counts them.",
+            TOKEN_LABELS,
+        )
+        prompt = _counter(
+            "wattkeeper_tokens_prompt",
+            "Prompt (prefill) tokens, as the inference server counts them.",
+            TOKEN_LABELS,
+        )
+        finished = _counter(
+            "wattkeeper_requests_finished",
+            "Requests the inference server finished.",
+            TOKEN_LABELS,
+        )
+        running = _gauge("wattkeeper_requests_running", "Requests being served.", TOKEN_LABELS)
+        waiting = _gauge("wattkeeper_requests_waiting", "Requests queued.", TOKEN_LABELS)
+        kv = _gauge(
+            "wattkeeper_kv_cache_usage_ratio",
+            "KV-cache use (0-1); the fullest engine where a series has several.",
+            TOKEN_LABELS,
+        )
+        for v in views:
+            for ep in v.endpoints:
+                if ep.name not in v.readings:
+                    continue  # not read yet: no verdict rather than a false "down"
+                reading = v.readings[ep.name]
+                src = [v.node, ep.name]
+                up.add_metric(src, 1.0 if reading is not None else 0.0)
+                kind.add_metric([*src, reading.kind if reading else ep.kind], 1.0)
+                if ep.name in v.endpoint_last_ok:
+                    last.add_metric(src, v.endpoint_last_ok[ep.name])
                 if reading is None:
                     continue
                 for series in reading.series:
-                    labels = [agent.node, ep.name, series.model]
-                    for fam, value in (
+                    labels = [v.node, ep.name, series.model, _engine_label(series)]
+                    for family, value in (
                         (gen, series.generation_tokens_total),
                         (prompt, series.prompt_tokens_total),
+                        (finished, series.requests_total),
                         (running, series.requests_running),
                         (waiting, series.requests_waiting),
+                        (kv, series.kv_cache_usage_ratio),
                     ):
                         if value is not None:
-                            fam.add_metric(labels, value)
-        yield from (host_w, cpu, gen, prompt, running, waiting, up, last)
+                            family.add_metric(labels, value)
+        yield from (up, last, kind, gen, prompt, finished, running, waiting, kv)
 
-    def _collectors(self) -> Iterator[Metric]:
-        dur = GaugeMetricFamily(
+    # -- the agents themselves -----------------------------------------------------------
+    def _agents(self, views: list[_AgentView]) -> Iterator[Metric]:
+        dur = _gauge(
             "wattkeeper_collector_duration_seconds",
             "How long the collector took on the last agent tick.",
-            labels=["node", "collector"],
+            COLLECTOR_LABELS,
         )
-        ok = GaugeMetricFamily(
+        ok = _gauge(
             "wattkeeper_collector_success",
-            "1 when the collector succeeded on the last agent tick.",
-            labels=["node", "collector"],
+            "1 when the collector succeeded on the last agent tick, else 0.",
+            COLLECTOR_LABELS,
         )
-        for agent in self.rt.agents:
-            for name, (seconds, success) in agent.state.collectors.items():
-                dur.add_metric([agent.node, name], seconds)
-                ok.add_metric([agent.node, name], 1.0 if success else 0.0)
-        yield dur
-        yield ok
+        changes = _counter(
+            "wattkeeper_agent_power_limit_changes",
+            "Power limits the agent applied to GPUs.",
+            ["node"],
+        )
+        errors = _counter(
+            "wattkeeper_agent_errors",
+            "GPU reads and actuations that failed.",
+            ["node"],
+        )
+        for v in views:
+            for name, (seconds, success) in v.collectors.items():
+                if name == "host" and not v.has_host:
+                    continue  # no host collector configured: nothing ran, nothing failed
+                collector, _, endpoint = name.partition(":")
+                labels = [v.node, collector, endpoint]
+                dur.add_metric(labels, seconds)
+                ok.add_metric(labels, 1.0 if success else 0.0)
+            changes.add_metric([v.node], float(v.actuations))
+            errors.add_metric([v.node], float(v.errors))
+        yield from (dur, ok, changes, errors)
 
-    def _facility(self) -> Iterator[Metric]:
-        snap = self.rt.store.snapshot(self.rt.clock.now())
-        s = facility_summary(snap)
-        budget = GaugeMetricFamily(
-            "wattkeeper_facility_budget_watts", "Facility power budget in force."
-        )
-        if s["budget_w"] is not None:
-            budget.add_metric([], s["budget_w"])
-        yield budget
+    # -- the store: budget, targets, facility figures ------------------------------------
+    def _store(self) -> Iterator[Metric]:
+        t0 = time.perf_counter()
+        try:
+            snap: Snapshot | None = self.rt.store.snapshot(self.rt.clock.now())
+        except (StoreError, SQLAlchemyError) as exc:
+            log.warning("scrape without store metrics: %s", str(exc).splitlines()[0])
+            snap = None
         yield GaugeMetricFamily(
-            "wattkeeper_facility_power_watts",
-            "Facility power: every GPU plus every node's non-GPU power.",
-            value=s["facility_power_w"],
+            "wattkeeper_store_up",
+            "1 when this scrape could read the store, else 0.",
+            value=1.0 if snap is not None else 0.0,
         )
-        tpj = GaugeMetricFamily(
-            "wattkeeper_facility_tokens_per_joule", "Generated tokens per joule of facility energy."
+        yield GaugeMetricFamily(
+            "wattkeeper_store_query_duration_seconds",
+            "How long this scrape's read of the store took.",
+            value=time.perf_counter() - t0,
         )
-        if s["tokens_per_joule"] is not None:
-            tpj.add_metric([], s["tokens_per_joule"])
-        yield tpj
-        node_tpj = GaugeMetricFamily(
-            "wattkeeper_node_tokens_per_joule",
-            "Generated tokens per joule of the node's energy.",
-            labels=["node"],
-        )
-        for n in s["nodes"]:
-            if n["tokens_per_joule"] is not None:
-                node_tpj.add_metric([n["name"]], n["tokens_per_joule"])
-        yield node_tpj
-        target = GaugeMetricFamily(
-            "wattkeeper_gpu_target_power_limit_watts",
-            "Power limit the controller wants for the GPU.",
-            labels=["node", "gpu", "uuid"],
-        )
-        lease = GaugeMetricFamily(
-            "wattkeeper_gpu_target_lease_expiry_timestamp_seconds",
-            "Unix time at which the GPU's target lease expires.",
-            labels=["node", "gpu", "uuid"],
-        )
-        for g in snap.gpus:
-            if g.target_power_limit_w is not None:
-                target.add_metric([g.node, str(g.index), g.uuid], g.target_power_limit_w)
-            if g.target_lease_expires_at is not None:
-                lease.add_metric([g.node, str(g.index), g.uuid], g.target_lease_expires_at)
-        yield target
-        yield lease
+        if snap is not None:
+            yield from _facility(snap, facility_summary(snap))
+
+
+def _facility(snap: Snapshot, s: dict) -> Iterator[Metric]:
+    """Figures the controller decides on, from the store, so they match `wattkeeper status`."""
+    budget = _gauge("wattkeeper_facility_budget_watts", "Facility power budget in force.")
+    if s["budget_w"] is not None:
+        budget.add_metric([], s["budget_w"])
+    yield budget
+    yield GaugeMetricFamily(
+        "wattkeeper_facility_power_watts",
+        "Facility power: every GPU plus every node's non-GPU power, newest samples.",
+        value=s["facility_power_w"],
+    )
+    tpj = _gauge(
+        "wattkeeper_facility_tokens_per_joule",
+        "Generated tokens per joule of facility energy (tokens/s over watts).",
+    )
+    if s["tokens_per_joule"] is not None:
+        tpj.add_metric([], s["tokens_per_joule"])
+    yield tpj
+    node_tpj = _gauge(
+        "wattkeeper_node_tokens_per_joule",
+        "Generated tokens per joule of the node's energy (GPUs and host).",
+        ["node"],
+    )
+    drained = _gauge("wattkeeper_node_drained", "1 while the node is drained, else 0.", ["node"])
+    for n in s["nodes"]:
+        drained.add_metric([n["name"]], 1.0 if n["drained"] else 0.0)
+        if n["tokens_per_joule"] is not None:
+            node_tpj.add_metric([n["name"]], n["tokens_per_joule"])
+    yield node_tpj
+    yield drained
+    target = _gauge(
+        "wattkeeper_gpu_target_power_limit_watts",
+        "Power limit the controller wants for the GPU.",
+        GPU_LABELS,
+    )
+    lease = _gauge(
+        "wattkeeper_gpu_target_lease_expiry_timestamp_seconds",
+        "Unix time at which the GPU's target lease expires (then the agent falls back).",
+        GPU_LABELS,
+    )
+    for g in snap.gpus:
+        labels = [g.node, str(g.index), g.uuid, g.name]
+        if g.target_power_limit_w is not None:
+            target.add_metric(labels, g.target_power_limit_w)
+        if g.target_lease_expires_at is not None:
+            lease.add_metric(labels, g.target_lease_expires_at)
+    yield target
+    yield lease
 
 
 def make_registry(rt: Runtime) -> CollectorRegistry:
+    """A registry of its own: no process or platform collectors mixed into our names."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(WattkeeperCollector(rt))
     return registry
 
 
+def _server_class(host: str) -> type[ThreadingHTTPServer]:
+    """An IPv6 listen address ([::1]:9847) needs an AF_INET6 socket; the default is IPv4."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return ThreadingHTTPServer  # let bind() raise the clear OSError
+    family = infos[0][0] if infos else socket.AF_INET
+    if family != socket.AF_INET6:
+        return ThreadingHTTPServer
+
+    class _V6Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    return _V6Server
+
+
 def serve(rt: Runtime, host: str, port: int) -> ThreadingHTTPServer:
-    """Serve /metrics on a daemon thread; OSError when the address is taken."""
+    """Serve /metrics on a daemon thread; OSError when the address is taken.
+
+    The caller stops it with ``shutdown()`` and then ``server_close()`` to free the port.
+    """
     handler = MetricsHandler.factory(make_registry(rt))
-    server = ThreadingHTTPServer((host, port), handler)
+    server = _server_class(host)((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

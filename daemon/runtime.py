@@ -101,7 +101,9 @@ def build_simulated(cfg: Config, store: Store, spec: Any, clock: SimClock | Wall
                 restore_on_exit=cfg.agent.restore_on_exit,
             )
         )
-    controller = Controller(store, plan_settings(cfg), cfg.controller.lease_s)
+    controller = Controller(
+        store, plan_settings(cfg), cfg.controller.lease_s, cfg.controller.forget_after_s
+    )
     return Runtime(cfg, store, clock, agents, controller, facility=facility)
 
 
@@ -136,7 +138,9 @@ def build_local(cfg: Config, store: Store) -> Runtime:
         fallback_power_limit_ratio=cfg.agent.fallback_power_limit_ratio,
         restore_on_exit=cfg.agent.restore_on_exit,
     )
-    controller = Controller(store, plan_settings(cfg), cfg.controller.lease_s)
+    controller = Controller(
+        store, plan_settings(cfg), cfg.controller.lease_s, cfg.controller.forget_after_s
+    )
     return Runtime(cfg, store, WallClock(), [agent], controller)
 
 

@@ -149,6 +149,25 @@ class Store:
                     row.max_sm_clock_mhz = info.max_sm_clock_mhz
                     s.flush()
                     ids[info.uuid] = row.id
+                gone = list(
+                    s.scalars(
+                        select(Gpu.uuid).where(Gpu.node_id == node.id, Gpu.uuid.not_in(list(ids)))
+                    )
+                )
+                if gone:
+                    # A GPU the node no longer enumerates (replaced, or fell off the bus) must
+                    # not hold budget: drop it, its samples and targets, and say so.
+                    s.execute(delete(Gpu).where(Gpu.uuid.in_(gone)))
+                    s.add_all(
+                        AuditEntry(
+                            ts=now,
+                            actor=f"agent:{name}",
+                            action="gpu.removed",
+                            subject=uuid,
+                            detail={"node": name},
+                        )
+                        for uuid in gone
+                    )
                 return ids
         except OperationalError as exc:
             raise self._guard(exc) from None

@@ -1,0 +1,111 @@
+"""Agent and controller behaviour on the simulated facility and a real SQLite store."""
+
+import pytest
+from sqlalchemy import select
+
+from wattkeeper.clock import SimClock
+from wattkeeper.config import load_config
+from wattkeeper.runtime import build_simulated, open_store, run_fast
+from wattkeeper.simulator.facility import FacilitySpec
+from wattkeeper.store.db import make_engine, upgrade
+from wattkeeper.store.models import AuditEntry, Gpu
+
+
+@pytest.fixture
+def rt(sqlite_url):
+    upgrade(make_engine(sqlite_url))
+    cfg = load_config(None, environ={})
+    store = open_store(cfg, sqlite_url)
+    runtime = build_simulated(cfg, store, FacilitySpec(1, 4), SimClock(10_000.0))
+    yield runtime
+    runtime.store.engine.dispose()
+
+
+def limits(rt):
+    return [s.power_limit_requested_w for s in rt.agents[0].state.samples.values()]
+
+
+def step(rt, seconds, controller=True):
+    clock = rt.clock
+    for _ in range(int(seconds)):
+        clock.set(clock.now() + 1)
+        rt.facility.advance_to(clock.now())
+        rt.tick_agents()
+        if controller and int(clock.now()) % 5 == 0:
+            rt.tick_controller()
+
+
+def test_no_budget_means_no_caps(rt):
+    step(rt, 12)
+    assert all(lim == 700 for lim in limits(rt))
+    assert rt.controller.state.last_plan is None
+
+
+def test_budget_applied_on_next_tick_and_written_to_audit(rt):
+    step(rt, 3)
+    rt.store.set_budget(3000.0, "test", rt.clock.now())
+    step(rt, 8)
+    assert all(200 <= lim < 700 for lim in limits(rt))
+    actions = [a.action for a in rt.store.audit_log(200)]
+    assert "budget.set" in actions and "target.set" in actions and "power_limit.set" in actions
+
+
+def test_expired_lease_falls_back_to_the_safe_cap_not_uncapped(rt):
+    rt.store.set_budget(100_000.0, "test", rt.clock.now())  # generous: targets at the max
+    step(rt, 6)
+    assert all(lim == 700 for lim in limits(rt))
+    step(rt, 40, controller=False)  # controller gone: leases (30 s) expire
+    assert all(lim == pytest.approx(0.6 * 700) for lim in limits(rt))
+    reasons = [a.detail.get("reason", "") for a in rt.store.audit_log(50)]
+    assert any("lease expired" in r for r in reasons)
+
+
+def test_clean_stop_restores_what_the_gpus_had(rt):
+    rt.store.set_budget(3000.0, "test", rt.clock.now())
+    step(rt, 11)
+    assert all(lim < 700 for lim in limits(rt))
+    rt.shutdown()
+    assert all(lim == 700 for lim in rt.facility.limit_requested[:4])
+    with rt.store.session() as s:
+        restored = s.scalars(select(AuditEntry).where(AuditEntry.action == "gpu.restore")).all()
+    assert len(restored) == 4
+
+
+def test_stale_node_is_not_relaxed_then_forgotten(rt):
+    rt.store.set_budget(3000.0, "test", rt.clock.now())
+    step(rt, 11)
+    capped = rt.controller.state.last_plan.targets
+    rt.store.set_budget(100_000.0, "test", rt.clock.now())
+    rt.clock.set(rt.clock.now() + 30)  # the agent goes silent
+    plan = rt.controller.tick(rt.clock.now())
+    assert plan.stale_gpus == 4
+    assert [t.power_limit_w for t in plan.targets] == [t.power_limit_w for t in capped]
+    rt.clock.set(rt.clock.now() + 3700)
+    plan = rt.controller.tick(rt.clock.now())
+    assert plan.targets == ()
+
+
+def test_a_gpu_the_node_no_longer_has_is_removed(rt):
+    step(rt, 2)
+    agent = rt.agents[0]
+    infos = agent.backend.gpus()
+    rt.store.register_node(agent.node, "sim", infos[:3], rt.clock.now())
+    with rt.store.session() as s:
+        assert len(s.scalars(select(Gpu)).all()) == 3
+        removed = s.scalars(select(AuditEntry).where(AuditEntry.action == "gpu.removed")).all()
+    assert [r.subject for r in removed] == [infos[3].uuid]
+
+
+def test_fast_run_is_deterministic(sqlite_url, tmp_path):
+    def once(url):
+        upgrade(make_engine(url))
+        cfg = load_config(None, environ={})
+        rt = build_simulated(
+            cfg, open_store(cfg, url), FacilitySpec(1, 4, seed=3), SimClock(50_000.0)
+        )
+        rt.store.set_budget(2500.0, "test", 50_000.0)
+        return run_fast(rt, 60)
+
+    a = once(sqlite_url)
+    b = once(f"sqlite:///{tmp_path / 'other.db'}")
+    assert a == b

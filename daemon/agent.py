@@ -65,6 +65,7 @@ class Agent:
         endpoints: Sequence[TokenEndpoint] = (),
         fallback_power_limit_ratio: float = 0.6,
         restore_on_exit: bool = True,
+        tokens_interval_s: float = 0.0,
     ) -> None:
         self.node = node
         self.backend = backend
@@ -78,6 +79,8 @@ class Agent:
         self.gpu_ids: dict[str, int] = {}
         self.state = AgentState()
         self._rates = CounterRate()
+        self.tokens_interval_s = tokens_interval_s
+        self._tokens_due = float("-inf")
 
     def register(self, now: float) -> None:
         infos = self.backend.gpus()
@@ -89,7 +92,12 @@ class Agent:
             self.register(now)
         samples = self._timed("gpu", self._sample_gpus, lambda r: len(r) == len(self.infos))
         host = self._timed("host", lambda: self._sample_host(now), lambda r: r is not None)
-        tokens = self._read_tokens(now)
+        tokens: list[TokenRow] = []
+        if now >= self._tokens_due:
+            # Servers are scraped less often than GPUs: a page costs milliseconds to parse
+            # and token rates need no finer grain than the control period.
+            self._tokens_due = now + self.tokens_interval_s - 1e-6
+            tokens = self._read_tokens(now)
         self.store.write_samples(
             self.node,
             self.gpu_ids,

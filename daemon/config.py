@@ -73,6 +73,8 @@ class HostPowerConfig(_Section):
 class AgentConfig(_Section):
     node: str = Field(default_factory=socket.gethostname)
     interval_s: DurationS = 1.0
+    tokens_interval_s: DurationS = 5.0
+    """How often the inference servers' pages are read (GPUs are read every interval_s)."""
     restore_on_exit: bool = True
     fallback_power_limit_ratio: float = Field(default=0.6, gt=0, le=1)
     """Cap (as a share of the default limit) applied when the controller's lease expires."""

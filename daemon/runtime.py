@@ -99,6 +99,7 @@ def build_simulated(cfg: Config, store: Store, spec: Any, clock: SimClock | Wall
                 endpoints=[TokenEndpoint(server.url, "vllm", server.render)],
                 fallback_power_limit_ratio=cfg.agent.fallback_power_limit_ratio,
                 restore_on_exit=cfg.agent.restore_on_exit,
+                tokens_interval_s=cfg.agent.tokens_interval_s,
             )
         )
     controller = Controller(
@@ -137,6 +138,7 @@ def build_local(cfg: Config, store: Store) -> Runtime:
         endpoints=endpoints,
         fallback_power_limit_ratio=cfg.agent.fallback_power_limit_ratio,
         restore_on_exit=cfg.agent.restore_on_exit,
+        tokens_interval_s=cfg.agent.tokens_interval_s,
     )
     controller = Controller(
         store, plan_settings(cfg), cfg.controller.lease_s, cfg.controller.forget_after_s

@@ -248,10 +248,10 @@ def test_binding_rack_leaves_the_rest_to_others():
 
 
 def test_low_demand_gpus_keep_their_upper():
-    tree = BudgetTree.from_parents(["f"], [-1], [2000.0])
+    tree = BudgetTree.from_parents(["f"], [-1], [1800.0])
     upper = np.array([250.0, 300.0, 700.0, 700.0])
     res = allocate_tree(tree, np.zeros(4, dtype=int), np.full(4, 200.0), upper)
-    np.testing.assert_allclose(res.limits_w, [250.0, 300.0, 725.0, 725.0])
+    np.testing.assert_allclose(res.limits_w, [250.0, 300.0, 625.0, 625.0])
     np.testing.assert_array_equal(res.limited_by, [-1, -1, 0, 0])
     # the demand-fits case hands out exactly the upper bounds and binds nothing
     res = allocate_tree(tree, np.zeros(4, dtype=int), np.full(4, 200.0), np.full(4, 300.0))
@@ -261,7 +261,7 @@ def test_low_demand_gpus_keep_their_upper():
 
 def test_infeasible_subtree_is_reported_and_held_at_floor():
     names, parents, limits, overhead, nodes = _rack_tree([1500.0, np.inf], node_overhead=200.0)
-    limits[0] = 9000.0
+    limits[0] = 6000.0
     tree = BudgetTree.from_parents(names, parents, limits, overhead)
     leaf = np.repeat(nodes, 4)
     res = allocate_tree(tree, leaf, np.full(16, 150.0), np.full(16, 700.0))
@@ -273,7 +273,7 @@ def test_infeasible_subtree_is_reported_and_held_at_floor():
     np.testing.assert_array_equal(res.limits_w[:8], 150.0)
     assert np.isneginf(res.node_level_w[bad.index]) and not res.binding[bad.index]
     # the rest of the facility counts rack0 at its floors and shares what remains
-    np.testing.assert_allclose(res.limits_w[8:], (9000.0 - 800.0 - 1200.0) / 8)
+    np.testing.assert_allclose(res.limits_w[8:], (6000.0 - 800.0 - 1200.0) / 8)
 
 
 def test_floors_above_the_facility_hold_everyone_at_the_floor():

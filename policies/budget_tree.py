@@ -202,7 +202,7 @@ def allocate_tree(
     floors_at = np.zeros(n_nodes)
     counts_at = np.zeros(n_nodes, dtype=np.int64)
 
-    for d in range(tree.max_depth + 1):
+    for d in range(tree.max_depth, -1, -1):
         owner = gpu_anc[:, d] if gpu_anc.shape[1] > d else np.full(parent.size, -1)
         has = owner >= 0
         own = owner[has]

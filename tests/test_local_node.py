@@ -46,7 +46,7 @@ def local(tmp_path, sqlite_url, endpoint, monkeypatch):
     cfg_file = tmp_path / "wattkeeper.toml"
     cfg_file.write_text(
         f'[agent]\nnode = "gpu-node-1"\n[[agent.endpoints]]\nurl = "{url}"\nkind = "auto"\n'
-        "[agent.host]\nuse_rapl = false\n"
+        "[agent.host]\nuse_rapl = false\nidle_w = 1200\nper_cpu_util_w = 0\n"
     )
     cfg = load_config(cfg_file, environ={})
     upgrade(make_engine(sqlite_url))
@@ -57,7 +57,7 @@ def local(tmp_path, sqlite_url, endpoint, monkeypatch):
 
 def test_node_samples_nvml_host_and_tokens_and_applies_targets(local):
     rt, nvml, _ = local
-    rt.store.set_budget(3000.0, "test", 0.0)
+    rt.store.set_budget(2000.0, "test", 0.0)
     rt.tick_agents()
     rt.tick_controller()
     rt.tick_agents()
@@ -68,13 +68,14 @@ def test_node_samples_nvml_host_and_tokens_and_applies_targets(local):
     reading = next(iter(agent.state.readings.values()))
     assert reading.kind == "vllm"
     assert reading.series[0].generation_tokens_total == 27453.0
-    # node overhead (host model) 1.2 kW + 800 W x CPU use, 2% margin: GPUs get the rest,
+    # node overhead (host model) 1.2 kW, 2% margin: the GPUs share the rest, 380 W each,
     # applied to the (fake) driver in milliwatts, within its constraints
     applied = [g.limit_mw for g in nvml.gpus]
     assert all(200_000 <= mw < 700_000 for mw in applied)
     plan = rt.controller.state.last_plan
     assert plan.feasible
-    assert sum(t.power_limit_w for t in plan.targets) <= 3000 * 0.98 - plan.non_gpu_power_w + 1
+    assert plan.non_gpu_power_w == 1200.0
+    assert sum(t.power_limit_w for t in plan.targets) == pytest.approx(2000 * 0.98 - 1200, abs=2)
     rt.shutdown()
     assert [g.limit_mw for g in nvml.gpus] == [700_000, 700_000]
 

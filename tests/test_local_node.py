@@ -68,14 +68,17 @@ def test_node_samples_nvml_host_and_tokens_and_applies_targets(local):
     reading = next(iter(agent.state.readings.values()))
     assert reading.kind == "vllm"
     assert reading.series[0].generation_tokens_total == 27453.0
-    # node overhead (host model) 1.2 kW, 2% margin: the GPUs share the rest, 380 W each,
+    # node overhead (host model) 1.2 kW, 2% margin: the GPUs share the rest,
     # applied to the (fake) driver in milliwatts, within its constraints
     applied = [g.limit_mw for g in nvml.gpus]
     assert all(200_000 <= mw < 700_000 for mw in applied)
     plan = rt.controller.state.last_plan
     assert plan.feasible
     assert plan.non_gpu_power_w == 1200.0
-    assert sum(t.power_limit_w for t in plan.targets) == pytest.approx(2000 * 0.98 - 1200, abs=2)
+    # raising GPUs from their 2 x 312 W draw raises non-GPU power by 0.2 W per W
+    drawn = 2 * 312.0
+    expected = drawn + (2000 * 0.98 - 1200 - drawn) / 1.2
+    assert sum(t.power_limit_w for t in plan.targets) == pytest.approx(expected, abs=2)
     rt.shutdown()
     assert [g.limit_mw for g in nvml.gpus] == [700_000, 700_000]
 

@@ -686,6 +686,91 @@ def simulate_calibration(output: OutputOpt = Output.table) -> None:
     typer.echo(f"largest relative error: {result['max_abs_rel_error']:.1%}")
 
 
+@simulate_app.command("list")
+def simulate_list(output: OutputOpt = Output.table) -> None:
+    """Name the built-in scenarios and say what each is for."""
+    from wattkeeper.simulator.scenario import list_scenarios
+
+    items = list_scenarios()
+    if output is Output.json:
+        _emit_json([{"name": n, "description": d} for n, d in items])
+        return
+    width = max((len(n) for n, _ in items), default=0)
+    for name, description in items:
+        typer.echo(f"{name:<{width}}  {description}")
+
+
+@simulate_app.command("run")
+def simulate_run(
+    scenario: Annotated[str, typer.Argument(help="A scenario name (simulate list) or TOML file.")],
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Run every policy on the same arrivals, side by side.")
+    ] = False,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--policy",
+            help="Policy to run (repeatable): nocap, uniform, proportional, "
+            "wattkeeper, optimum. Default: wattkeeper, or all with --compare.",
+            show_default=False,
+        ),
+    ] = None,
+    duration: Annotated[
+        str | None,
+        typer.Option(help="Override the scenario's duration (e.g. 10m).", show_default=False),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a Markdown report with PNG plots into this directory.", show_default=False
+        ),
+    ] = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Run a scenario on the simulated clock and score the policies against the optimum."""
+    from wattkeeper.simulator.compare import POLICIES, to_json
+    from wattkeeper.simulator.compare import compare as run_compare
+    from wattkeeper.simulator.scenario import load_scenario
+
+    duration_s = _parse_duration(duration, "--duration") if duration is not None else None
+    names = list(policy or (POLICIES if compare else ("wattkeeper",)))
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown policy {unknown[0]!r}: expected one of {', '.join(POLICIES)}",
+            param_hint="--policy",
+        )
+    try:
+        sc = load_scenario(scenario)
+    except (ValueError, OSError) as exc:
+        fail(str(exc), 2)
+    if output is Output.json or not sys.stderr.isatty():
+        result = run_compare(sc, names, duration_s=duration_s)
+    else:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            tasks = {n: bar.add_task(n, total=1.0) for n in names}
+            result = run_compare(
+                sc,
+                names,
+                duration_s=duration_s,
+                progress=lambda n, x: bar.update(tasks[n], completed=x),
+            )
+    if report is not None:
+        from wattkeeper.simulator.report import write_report
+
+        path = write_report(result, report)
+        typer.echo(f"report: {path}", err=True)
+    if output is Output.json:
+        _emit_json(to_json(result))
+        return
+    from wattkeeper.simulator.report import markdown_table
+
+    typer.echo(f"scenario {result['scenario']}: {result['description']}")
+    typer.echo(markdown_table(result))
+
+
 def main() -> None:
     app()
 

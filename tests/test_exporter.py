@@ -240,7 +240,7 @@ def test_token_and_source_series(rt: Runtime, scraped: Scrape) -> None:
     assert scraped.value("wattkeeper_token_source_up", **src) == 1.0
     assert scraped.value("wattkeeper_token_source_info", **src, kind="vllm") == 1.0
     assert scraped.value("wattkeeper_token_source_last_sample_timestamp_seconds", **src) == (
-        rt.clock.now()
+        agent.state.endpoint_last_ok[ep.name]
     )
     assert scraped.value("wattkeeper_host_up", node=agent.node) == 1.0
     assert scraped.value("wattkeeper_host_last_sample_timestamp_seconds", node=agent.node) == (
@@ -313,6 +313,7 @@ def test_failed_sources_go_down_and_keep_their_last_timestamp(
 
     ep = TokenEndpoint("http://127.0.0.1:1/metrics", "vllm", flaky)
     agent.endpoints.append(ep)
+    agent.tokens_interval_s = 0.0  # read the servers on every tick, not every 5 s
     step(rt, 1)
     good_ts = rt.clock.now()
     src = {"node": agent.node, "endpoint": ep.name}

@@ -1,0 +1,862 @@
+"""The true optimum: the most tokens/s a facility can make at one instant under its budget.
+
+The benchmark measures every policy against this number, so it must not share the
+policies' code or their estimates: it reads the facility's true state and the
+simulator's physics and imports nothing from ``wattkeeper.policies``. A bug shared by a
+policy and its yardstick would otherwise hide.
+
+The model, for one control interval in steady state:
+
+- Each replica's tokens/s against its power is the upper concave envelope of the
+  (power, tokens) pairs physics gives over a grid of settings: power limits from min to
+  max, each without a clock lock and with locks over the supported clocks. Concave, so
+  a maximising LP over the envelope's segments fills them in order and is exact
+  without binaries. The grid covers lock and limit together because a lock and a limit
+  bind different phases of a mixed prefill/decode replica (up to ~3% more tokens at low
+  power for Llama-8B at 12% prefill than either knob alone).
+- Draining a node is the one discrete choice (the reason this is a MILP): a node that
+  is up pays its host's idle power and every GPU's floor whatever it produces, a
+  drained one only its standby power.
+- Host power is linear in the node's GPU power (``physics.host_power_w``), so the
+  facility's power is linear in the LP's variables and the budget is one row.
+- Objective: total tokens/s, capped per replica at its demand, minus a penalty on
+  power too small to trade any real tokens (``POWER_PENALTY_RATIO``): among allocations
+  with the same tokens it picks the one drawing least, so it drains nodes that make
+  nothing and gives demand-capped replicas no more than they need.
+
+What the LP predicts is the envelope; a single setting realises a point between two
+envelope vertices only approximately (the physics curve between them can sit under the
+chord). :func:`solve` therefore maps each replica's power back to the best setting whose
+true power does not exceed it and reports both: the prediction (``tokens_per_s``,
+``power_w``) and what physics says that setting does (``realised_*``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import sparse
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from wattkeeper.simulator import physics
+
+TokenCount = Literal["all", "generated"]
+"""Which tokens the objective counts: prompt plus generated (``OperatingPoint.tokens_per_s``,
+so a prefill-pool replica makes tokens) or generated only. Demand is in the same unit."""
+
+POWER_PENALTY_RATIO = 1e-6
+"""Weight of facility watts in the objective, relative to the facility's mean tokens per
+watt at full power. Small enough that it never gives up a token worth having (a segment
+must gain less than a millionth of the mean tokens/W to be left unfilled), large enough
+to pick the lowest-power allocation among those with equal tokens."""
+
+BUDGET_SLACK_RATIO = 1e-7
+"""The LP sees a budget this much smaller, so HiGHS's feasibility tolerance cannot put
+the reported facility power a hair over the real budget."""
+
+MIP_REL_GAP = 1e-5
+"""HiGHS stops when its bound is within this of the incumbent; tighter than HiGHS's
+default (1e-4) because the benchmark reports differences of a fraction of a percent."""
+
+_POWER_TOL_W = 1e-9
+"""Float noise allowed when testing a setting's true power against a chosen power; the
+reported power is the larger of the two, so the guarantee stays exact."""
+
+_LIMIT_BISECTIONS = 32
+"""Halvings of the limit range when mapping back (500 W / 2^32: far below a milliwatt)."""
+
+_CACHE_MAX = 16384
+
+
+# --------------------------------------------------------------------------------------
+# Inputs and outputs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """One replica's true state at this instant."""
+
+    replica: int
+    node: int
+    gpu_kind: str
+    """A ``physics.GPU_KINDS`` key."""
+    model: str
+    """A ``physics.MODELS`` key; the replica spans ``tensor_parallel`` GPUs of its node."""
+    batch: float
+    """Requests in flight (what it would run at)."""
+    prefill_fraction: float
+    """Share of busy time in prefill: 1.0 for a prefill-pool replica, 0 for decode-only."""
+    demand_tokens_per_s: float | None = None
+    """Most tokens/s it can usefully serve now (None: unlimited, i.e. saturated)."""
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """One node: its host's power model, GPU count and whether it is up."""
+
+    node: int
+    host_kind: str
+    """A ``physics.HOST_KINDS`` key."""
+    gpus: int
+    """GPUs on the node; all draw idle power when the node is up, replicas or not."""
+    alive: bool = True
+    standby_w: float = 150.0
+    """Power of the node when drained (powered down)."""
+
+
+@dataclass(frozen=True)
+class ReplicaDecision:
+    """The setting for one replica, what the optimum predicts and what physics realises."""
+
+    replica: int
+    power_limit_w: float
+    """Per GPU of the replica (all GPUs of a lockstep group get the same)."""
+    clock_lock_mhz: int | None
+    """Upper end of a locked clock range, or None for no lock."""
+    tokens_per_s: float
+    """Predicted (the envelope at the chosen power, capped at demand)."""
+    power_w: float
+    """Predicted, whole replica; never below what physics says the setting draws."""
+    realised_tokens_per_s: float = 0.0
+    """``physics.operating_point`` at the setting, capped at demand."""
+    realised_power_w: float = 0.0
+    """``physics.operating_point`` at the setting, whole replica."""
+
+
+@dataclass(frozen=True)
+class OptimumResult:
+    """The optimum allocation and what it is worth."""
+
+    tokens_per_s: float
+    """Predicted total (the MILP's objective without the power penalty)."""
+    power_w: float
+    """Predicted facility power: GPUs, hosts and drained nodes' standby."""
+    drained_nodes: frozenset[int]
+    """Alive nodes the optimum powers down (dead nodes are never listed)."""
+    replicas: tuple[ReplicaDecision, ...]
+    """One per input replica, in input order; drained or dead ones make and draw 0."""
+    status: str
+    """"optimal"; "infeasible" (nothing fits: everything drained, or with
+    ``allow_drain=False`` the floor allocation, which is over budget); "time_limit" (best
+    incumbent when the limit struck); "error" (solver failure, floor/drain fallback)."""
+    mip_gap: float
+    """Relative gap HiGHS proved (0 for a pure LP)."""
+    realised_tokens_per_s: float = 0.0
+    """Total tokens/s physics gives for the mapped settings (capped at demand)."""
+    realised_power_w: float = 0.0
+    """Facility power physics gives for the mapped settings; at most ``power_w``."""
+    budget_w: float = 0.0
+    solver_s: float = 0.0
+    """Wall time inside HiGHS."""
+
+
+# --------------------------------------------------------------------------------------
+# Curves
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Curve:
+    """Upper concave envelope of one replica's (power, tokens/s) over its settings.
+
+    Vertices are in increasing power and strictly increasing tokens: the first is the
+    floor (the least any setting draws at this batch: idle for an idle replica), the last
+    the first point reaching peak throughput (more power buys nothing). Each vertex keeps
+    the setting that realises it; the samples behind the envelope are kept so that a
+    power between vertices can be mapped back to a real setting.
+    """
+
+    gpu_kind: str
+    model: str
+    batch: float
+    prefill_fraction: float
+    count: TokenCount
+    tensor_parallel: int
+    power_w: NDArray[np.float64]
+    """Whole-replica power of each vertex, increasing."""
+    tokens_per_s: NDArray[np.float64]
+    """Tokens/s of each vertex, increasing; slopes decreasing (concave)."""
+    power_limit_w: NDArray[np.float64]
+    """Per-GPU power limit of each vertex's setting."""
+    clock_lock_mhz: tuple[int | None, ...]
+    """Clock lock of each vertex's setting (None: unlocked)."""
+    sample_power_w: NDArray[np.float64]
+    sample_tokens_per_s: NDArray[np.float64]
+    sample_limit_w: NDArray[np.float64]
+    sample_lock_mhz: NDArray[np.float64]
+    """NaN for unlocked samples."""
+
+    @property
+    def floor_w(self) -> float:
+        return float(self.power_w[0])
+
+    @property
+    def peak_w(self) -> float:
+        return float(self.power_w[-1])
+
+    @property
+    def peak_tokens_per_s(self) -> float:
+        return float(self.tokens_per_s[-1])
+
+    @property
+    def slopes(self) -> NDArray[np.float64]:
+        """Tokens per watt of each segment (decreasing: the marginal value of power)."""
+        return np.diff(self.tokens_per_s) / np.diff(self.power_w)
+
+    def tokens_at(self, power_w: float | NDArray[np.float64]) -> float | NDArray[np.float64]:
+        """Envelope tokens/s at a whole-replica power; NaN below the floor (unreachable)."""
+        p = np.asarray(power_w, dtype=float)
+        t = np.interp(p, self.power_w, self.tokens_per_s)
+        t = np.where(p < self.power_w[0] - _POWER_TOL_W, np.nan, t)
+        return float(t) if t.ndim == 0 else t
+
+    def power_for(self, tokens_per_s: float) -> float:
+        """Least whole-replica power the envelope needs for ``tokens_per_s`` (inf if above peak)."""
+        if tokens_per_s > self.tokens_per_s[-1]:
+            return math.inf
+        if tokens_per_s <= self.tokens_per_s[0]:
+            return float(self.power_w[0])
+        return float(np.interp(tokens_per_s, self.tokens_per_s, self.power_w))
+
+
+def _setting_grid(
+    kind: physics.GpuKind, allow_clock_lock: bool, points: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Limits x locks to sample, unlocked first: ``points`` limits, ``points`` clocks.
+
+    The clocks are spread evenly over the supported list (max and min included); the
+    mapping back searches every supported clock, so a coarse grid here costs little.
+    """
+    limits = np.linspace(kind.power_min_w, kind.power_max_w, points)
+    locks = [math.nan]
+    if allow_clock_lock:
+        clocks = np.asarray(kind.supported_sm_clocks_mhz(), dtype=float)
+        idx = np.unique(np.round(np.linspace(0, len(clocks) - 1, points)).astype(int))
+        locks += [float(c) for c in clocks[idx] if c < kind.max_sm_clock_mhz]
+    lock_grid, limit_grid = np.meshgrid(np.asarray(locks), limits, indexing="ij")
+    return limit_grid.ravel(), lock_grid.ravel()
+
+
+def _evaluate(
+    kind: physics.GpuKind,
+    model: physics.ModelProfile,
+    batch: NDArray[np.float64],
+    prefill_fraction: NDArray[np.float64],
+    limit_w: NDArray[np.float64],
+    lock_mhz: NDArray[np.float64],
+    count: TokenCount,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """(whole-replica power, tokens/s) from physics; uniform settings across the group.
+
+    A lockstep group runs at its slowest GPU's clock, so giving one GPU more than the
+    others only wastes power: uniform settings are optimal, and with them
+    ``operating_point`` equals ``group_operating_point``.
+    """
+    op = physics.operating_point(
+        kind,
+        model,
+        batch=batch,
+        prefill_fraction=prefill_fraction,
+        clock_cap_mhz=lock_mhz,
+        power_limit_w=limit_w,
+    )
+    tokens = op.tokens_per_s if count == "all" else op.decode_tokens_per_s
+    power = np.asarray(op.power_w, dtype=float) * model.tensor_parallel
+    return power, np.asarray(tokens, dtype=float)
+
+
+def _upper_envelope(
+    power: NDArray[np.float64], tokens: NDArray[np.float64], pref: NDArray[np.float64]
+) -> list[int]:
+    """Indices of the upper concave envelope from the least-power sample to peak tokens.
+
+    Ties (same power and tokens) go to the smallest ``pref``: the least intrusive setting.
+    """
+    order = np.lexsort((pref, -tokens, power))
+    p, t = power[order], tokens[order]
+    running = np.maximum.accumulate(t)
+    keep = np.ones(len(t), dtype=bool)
+    # Pareto front: a sample is kept only if it beats every cheaper one.
+    keep[1:] = t[1:] > running[:-1] + 1e-9 * np.maximum(1.0, np.abs(running[:-1]))
+    cand = order[keep]
+    hull: list[int] = []
+    for i in cand:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b is dropped when it lies on or under the chord from a to i.
+            if (tokens[b] - tokens[a]) * (power[i] - power[a]) <= (tokens[i] - tokens[a]) * (
+                power[b] - power[a]
+            ):
+                hull.pop()
+            else:
+                break
+        hull.append(int(i))
+    return hull
+
+
+_CurveKey = tuple[str, str, float, float, TokenCount, bool, int]
+_CURVES: dict[_CurveKey, Curve] = {}
+
+
+def _curve_key(s: ReplicaState, allow_clock_lock: bool, points: int, count: TokenCount) -> _CurveKey:
+    return (s.gpu_kind, s.model, float(s.batch), float(s.prefill_fraction), count, allow_clock_lock, points)
+
+
+def _build_curves(keys: Sequence[_CurveKey]) -> None:
+    """Evaluate physics for all missing keys of one (kind, model) at once, then envelope each."""
+    gpu_kind, model_name, _, _, count, allow_lock, points = keys[0]
+    kind = physics.GPU_KINDS[gpu_kind]
+    model = physics.MODELS[model_name]
+    limits, locks = _setting_grid(kind, allow_lock, points)
+    batch = np.asarray([k[2] for k in keys])[:, None]
+    pf = np.asarray([k[3] for k in keys])[:, None]
+    power, tokens = _evaluate(kind, model, batch, pf, limits[None, :], locks[None, :], count)
+    power = np.broadcast_to(power, (len(keys), len(limits)))
+    tokens = np.broadcast_to(tokens, (len(keys), len(limits)))
+    # Unlocked before locked, then the lowest limit: the least intrusive of equal settings.
+    pref = np.isfinite(locks) * 1e6 + limits
+    if len(_CURVES) + len(keys) > _CACHE_MAX:
+        _CURVES.clear()
+    for row, key in enumerate(keys):
+        p, t = np.array(power[row]), np.array(tokens[row])
+        v = _upper_envelope(p, t, pref)
+        _CURVES[key] = Curve(
+            gpu_kind=gpu_kind,
+            model=model_name,
+            batch=key[2],
+            prefill_fraction=key[3],
+            count=count,
+            tensor_parallel=model.tensor_parallel,
+            power_w=p[v],
+            tokens_per_s=t[v],
+            power_limit_w=limits[v],
+            clock_lock_mhz=tuple(None if math.isnan(c) else int(c) for c in locks[v]),
+            sample_power_w=p,
+            sample_tokens_per_s=t,
+            sample_limit_w=limits,
+            sample_lock_mhz=locks,
+        )
+
+
+def _curves(
+    states: Sequence[ReplicaState], allow_clock_lock: bool, points: int, count: TokenCount
+) -> list[Curve]:
+    keys = [_curve_key(s, allow_clock_lock, points, count) for s in states]
+    missing: dict[tuple[str, str], list[_CurveKey]] = defaultdict(list)
+    for k in dict.fromkeys(keys):
+        if k not in _CURVES:
+            missing[(k[0], k[1])].append(k)
+    for group in missing.values():
+        _build_curves(group)
+    return [_CURVES[k] for k in keys]
+
+
+def _check_replica(s: ReplicaState) -> None:
+    if s.gpu_kind not in physics.GPU_KINDS:
+        raise ValueError(f"replica {s.replica}: unknown gpu_kind {s.gpu_kind!r}")
+    if s.model not in physics.MODELS:
+        raise ValueError(f"replica {s.replica}: unknown model {s.model!r}")
+    physics.MODELS[s.model].on(s.gpu_kind)  # raises when the pair is not modelled
+    if not (math.isfinite(s.batch) and s.batch >= 0):
+        raise ValueError(f"replica {s.replica}: batch must be finite and >= 0, got {s.batch}")
+    if not 0.0 <= s.prefill_fraction <= 1.0:
+        raise ValueError(f"replica {s.replica}: prefill_fraction must be within 0..1")
+    d = s.demand_tokens_per_s
+    if d is not None and not d >= 0:
+        raise ValueError(f"replica {s.replica}: demand_tokens_per_s must be >= 0 or None")
+
+
+def replica_curve(
+    state: ReplicaState,
+    *,
+    allow_clock_lock: bool = True,
+    points: int = 24,
+    count: TokenCount = "all",
+) -> Curve:
+    """The replica's concave (power, tokens/s) envelope over ``points`` limits x clocks.
+
+    Demand is not applied here (the curve is the hardware's); :func:`solve` caps it.
+    """
+    if points < 2:
+        raise ValueError("points must be >= 2")
+    _check_replica(state)
+    return _curves([state], allow_clock_lock, points, count)[0]
+
+
+# --------------------------------------------------------------------------------------
+# Mapping a chosen power back to a setting
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Realised:
+    limit_w: NDArray[np.float64]
+    lock_mhz: NDArray[np.float64]
+    tokens: NDArray[np.float64]
+    power_w: NDArray[np.float64]
+
+
+def _limit_family(
+    kind: physics.GpuKind,
+    model: physics.ModelProfile,
+    b: NDArray[np.float64],
+    pf: NDArray[np.float64],
+    lock: NDArray[np.float64],
+    target: NDArray[np.float64],
+    count: TokenCount,
+) -> _Realised:
+    """Largest limit whose true power fits, with the lock held (power rises with the limit)."""
+
+    def power(limit: NDArray[np.float64]) -> NDArray[np.float64]:
+        return _evaluate(kind, model, b, pf, limit, lock, count)[0]
+
+    lo = np.full(b.shape, kind.power_min_w)
+    hi = np.full(b.shape, kind.power_max_w)
+    fits_lo = power(lo) <= target + _POWER_TOL_W
+    fits_hi = power(hi) <= target + _POWER_TOL_W
+    for _ in range(_LIMIT_BISECTIONS):
+        mid = 0.5 * (lo + hi)
+        ok = power(mid) <= target + _POWER_TOL_W
+        lo = np.where(ok, mid, lo)
+        hi = np.where(ok, hi, mid)
+    # Whole milliwatts (NVML's unit), rounded down so the power still fits.
+    limit = np.where(fits_hi, kind.power_max_w, np.maximum(np.floor(lo * 1e3) / 1e3, kind.power_min_w))
+    p, t = _evaluate(kind, model, b, pf, limit, lock, count)
+    ok = fits_lo & (p <= target + _POWER_TOL_W)
+    return _Realised(limit, lock, np.where(ok, t, -np.inf), p)
+
+
+def _clock_family(
+    kind: physics.GpuKind,
+    model: physics.ModelProfile,
+    b: NDArray[np.float64],
+    pf: NDArray[np.float64],
+    limit: NDArray[np.float64],
+    target: NDArray[np.float64],
+    count: TokenCount,
+) -> _Realised:
+    """Highest supported clock lock whose true power fits, with the limit held."""
+    clocks = np.asarray(kind.supported_sm_clocks_mhz(), dtype=float)  # descending
+    p, t = _evaluate(
+        kind, model, b[:, None], pf[:, None], limit[:, None], clocks[None, :], count
+    )
+    p = np.broadcast_to(p, (len(b), len(clocks)))
+    t = np.broadcast_to(t, (len(b), len(clocks)))
+    fits = p <= target[:, None] + _POWER_TOL_W
+    first = np.argmax(fits, axis=1)  # highest clock that fits: the most tokens
+    rows = np.arange(len(b))
+    lock = clocks[first]
+    lock = np.where(lock >= kind.max_sm_clock_mhz, math.nan, lock)
+    tokens = np.where(fits.any(axis=1), t[rows, first], -np.inf)
+    return _Realised(limit.copy(), lock, tokens, p[rows, first].copy())
+
+
+def _realise(curves: Sequence[Curve], power_w: NDArray[np.float64]) -> _Realised:
+    """The best setting whose true power is at most each replica's chosen power.
+
+    Candidates: the best sampled setting under the power (at least the envelope vertex
+    at or below it), and four one-knob searches through the settings of the two
+    vertices around the power: the limit with either vertex's lock held, and every
+    supported clock with either vertex's limit held. Between two vertices that share a
+    lock this interpolates the limit exactly as far as the true power allows. The most
+    tokens win, ties going to the sampled setting (the least intrusive).
+    """
+    n = len(curves)
+    out = _Realised(np.zeros(n), np.full(n, math.nan), np.zeros(n), np.zeros(n))
+    groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    for i, c in enumerate(curves):
+        groups[(c.gpu_kind, c.model, c.count)].append(i)
+    for (gk, mn, count), idx_list in groups.items():
+        idx = np.asarray(idx_list)
+        kind, model = physics.GPU_KINDS[gk], physics.MODELS[mn]
+        tp = model.tensor_parallel
+        cs = [curves[i] for i in idx_list]
+        target = power_w[idx] / tp
+        b = np.asarray([c.batch for c in cs])
+        pf = np.asarray([c.prefill_fraction for c in cs])
+        cands: list[_Realised] = []
+        best = _Realised(np.zeros(len(cs)), np.zeros(len(cs)), np.zeros(len(cs)), np.zeros(len(cs)))
+        around = np.zeros((len(cs), 4))  # limit below, lock below, limit above, lock above
+        for j, c in enumerate(cs):
+            fits = c.sample_power_w <= power_w[idx[j]] + _POWER_TOL_W * tp
+            if not fits.any():  # below the floor: only float noise gets here
+                fits = c.sample_power_w <= c.sample_power_w.min()
+            score = np.where(fits, c.sample_tokens_per_s, -np.inf)
+            k = int(np.argmax(score))  # first maximum: samples are ordered least intrusive first
+            best.limit_w[j], best.lock_mhz[j] = c.sample_limit_w[k], c.sample_lock_mhz[k]
+            best.tokens[j], best.power_w[j] = c.sample_tokens_per_s[k], c.sample_power_w[k] / tp
+            v = int(np.searchsorted(c.power_w, power_w[idx[j]] + _POWER_TOL_W * tp, side="right"))
+            lo_v, hi_v = max(v - 1, 0), min(v, len(c.power_w) - 1)
+            lock_lo, lock_hi = c.clock_lock_mhz[lo_v], c.clock_lock_mhz[hi_v]
+            around[j] = (
+                c.power_limit_w[lo_v],
+                math.nan if lock_lo is None else lock_lo,
+                c.power_limit_w[hi_v],
+                math.nan if lock_hi is None else lock_hi,
+            )
+        cands.append(best)
+        cands.append(_limit_family(kind, model, b, pf, around[:, 1], target, count))
+        cands.append(_limit_family(kind, model, b, pf, around[:, 3], target, count))
+        cands.append(_clock_family(kind, model, b, pf, around[:, 0], target, count))
+        cands.append(_clock_family(kind, model, b, pf, around[:, 2], target, count))
+        tok = np.stack([c.tokens for c in cands], axis=1)
+        pick = np.argmax(tok, axis=1)
+        rows = np.arange(len(cs))
+        out.limit_w[idx] = np.stack([c.limit_w for c in cands], axis=1)[rows, pick]
+        out.lock_mhz[idx] = np.stack([c.lock_mhz for c in cands], axis=1)[rows, pick]
+        out.tokens[idx] = tok[rows, pick]
+        out.power_w[idx] = np.stack([c.power_w for c in cands], axis=1)[rows, pick] * tp
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The facility problem
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _NodeModel:
+    """A node's power as the LP sees it: idle GPUs, host slope and standby."""
+
+    state: NodeState
+    host: physics.HostKind
+    idle_gpu_w: float
+    """Idle power of the GPUs no replica uses (they still draw when the node is up)."""
+    gpu_max_w: float
+    """Sum of its GPUs' max limits: the denominator of the host's load."""
+
+    @property
+    def host_slope(self) -> float:
+        """Host watts per GPU watt (the host's load is GPU power over GPU max)."""
+        return (self.host.serving_w - self.host.idle_w) / self.gpu_max_w
+
+    def power_w(self, replica_gpu_w: float) -> float:
+        gpu = replica_gpu_w + self.idle_gpu_w
+        return gpu + float(physics.host_power_w(self.host, gpu / self.gpu_max_w))
+
+
+def _host_gpu_kind(host_kind: str) -> physics.GpuKind:
+    """GPU kind of a node no replica tells us about, from its host's name (dgx-h100 -> h100)."""
+    for name, kind in physics.GPU_KINDS.items():
+        if host_kind.endswith(name):
+            return kind
+    raise ValueError(f"cannot tell the GPU kind of host {host_kind!r} with no replica on it")
+
+
+def _node_models(
+    replicas: Sequence[ReplicaState], nodes: Sequence[NodeState]
+) -> dict[int, _NodeModel]:
+    used: dict[int, list[ReplicaState]] = defaultdict(list)
+    for r in replicas:
+        used[r.node].append(r)
+    out: dict[int, _NodeModel] = {}
+    for n in nodes:
+        if n.host_kind not in physics.HOST_KINDS:
+            raise ValueError(f"node {n.node}: unknown host_kind {n.host_kind!r}")
+        if n.gpus < 0 or n.standby_w < 0:
+            raise ValueError(f"node {n.node}: gpus and standby_w must be >= 0")
+        rs = used.get(n.node, [])
+        busy = sum(physics.MODELS[r.model].tensor_parallel for r in rs)
+        if busy > n.gpus:
+            raise ValueError(f"node {n.node}: replicas span {busy} GPUs, the node has {n.gpus}")
+        kinds = [physics.GPU_KINDS[r.gpu_kind] for r in rs]
+        # Idle GPUs are taken to be of the node's most common replica kind (nodes are
+        # homogeneous in practice), else of the kind its host's name says.
+        idle_kind = (
+            max(set(kinds), key=kinds.count) if kinds else _host_gpu_kind(n.host_kind)
+        )
+        gpu_max = sum(
+            physics.GPU_KINDS[r.gpu_kind].power_max_w * physics.MODELS[r.model].tensor_parallel
+            for r in rs
+        ) + (n.gpus - busy) * idle_kind.power_max_w
+        out[n.node] = _NodeModel(
+            state=n,
+            host=physics.HOST_KINDS[n.host_kind],
+            idle_gpu_w=(n.gpus - busy) * idle_kind.idle_w,
+            gpu_max_w=max(gpu_max, 1e-9),
+        )
+    return out
+
+
+def solve(
+    replicas: Sequence[ReplicaState],
+    nodes: Sequence[NodeState],
+    budget_w: float,
+    *,
+    allow_drain: bool = True,
+    allow_clock_lock: bool = True,
+    points: int = 24,
+    time_limit_s: float = 5.0,
+    count: TokenCount = "all",
+) -> OptimumResult:
+    """Most tokens/s under ``budget_w`` over power limits, clock locks and node drains.
+
+    With ``allow_drain=False`` every alive node stays up and the problem is a pure LP.
+    Dead nodes (``alive=False``) and their replicas make nothing and draw nothing.
+    """
+    if points < 2:
+        raise ValueError("points must be >= 2")
+    if not math.isfinite(budget_w):
+        raise ValueError(f"budget_w must be finite, got {budget_w}")
+    node_ids = [n.node for n in nodes]
+    if len(set(node_ids)) != len(node_ids):
+        raise ValueError("node ids must be unique")
+    rep_ids = [r.replica for r in replicas]
+    if len(set(rep_ids)) != len(rep_ids):
+        raise ValueError("replica ids must be unique")
+    for r in replicas:
+        _check_replica(r)
+        if r.node not in set(node_ids):
+            raise ValueError(f"replica {r.replica} is on node {r.node}, which is not listed")
+    nm = _node_models(replicas, nodes)
+    curves = _curves(replicas, allow_clock_lock, points, count)
+
+    alive_nodes = [n for n in nodes if n.alive]
+    on_col = {n.node: i for i, n in enumerate(alive_nodes)}
+    active = [i for i, r in enumerate(replicas) if nm[r.node].state.alive]
+
+    standby_total = sum(n.standby_w for n in alive_nodes)
+    floor_gpu = {n.node: nm[n.node].idle_gpu_w for n in alive_nodes}
+    for i in active:
+        floor_gpu[replicas[i].node] += curves[i].floor_w
+    # Facility power = standby_total + sum_n on_n * a_n + sum_r (1 + slope_n) * x_r
+    a_on = np.asarray(
+        [
+            nm[n.node].power_w(floor_gpu[n.node] - nm[n.node].idle_gpu_w) - n.standby_w
+            for n in alive_nodes
+        ]
+    )
+
+    def result_for(
+        on: dict[int, bool], power: NDArray[np.float64], status: str, gap: float, solver_s: float
+    ) -> OptimumResult:
+        return _finish(replicas, curves, nm, on, power, budget_w, status, gap, solver_s)
+
+    all_on = {n.node: True for n in alive_nodes}
+    floor_power = np.asarray([c.floor_w for c in curves])
+    if allow_drain and standby_total > budget_w:
+        return result_for({k: False for k in all_on}, np.zeros(len(replicas)), "infeasible", 0.0, 0.0)
+    if not allow_drain and standby_total + float(a_on.sum()) > budget_w:
+        return result_for(all_on, floor_power, "infeasible", 0.0, 0.0)
+
+    # Columns: segment powers x (all active replicas), tokens per active replica, on_n.
+    seg_rep: list[int] = []
+    seg_len: list[float] = []
+    seg_slope: list[float] = []
+    for j, i in enumerate(active):
+        c = curves[i]
+        seg_rep += [j] * (len(c.power_w) - 1)
+        seg_len += np.diff(c.power_w).tolist()
+        seg_slope += c.slopes.tolist()
+    n_seg, n_rep, n_on = len(seg_rep), len(active), len(alive_nodes)
+    seg_rep_a = np.asarray(seg_rep, dtype=int)
+    tok0 = n_seg
+    on0 = n_seg + n_rep
+    n_var = on0 + n_on
+
+    rep_on = np.asarray([on_col[replicas[i].node] for i in active], dtype=int)
+    slope_node = np.asarray([nm[n.node].host_slope for n in alive_nodes])
+    seg_cost = 1.0 + slope_node[rep_on[seg_rep_a]] if n_seg else np.zeros(0)
+    t_floor = np.asarray([curves[i].tokens_per_s[0] for i in active])
+    span = np.asarray([curves[i].peak_w - curves[i].floor_w for i in active])
+    t_cap = np.asarray(
+        [
+            min(curves[i].peak_tokens_per_s, replicas[i].demand_tokens_per_s)
+            if replicas[i].demand_tokens_per_s is not None
+            else curves[i].peak_tokens_per_s
+            for i in active
+        ]
+    )
+
+    rows: list[NDArray[np.int_]] = []
+    cols: list[NDArray[np.int_]] = []
+    vals: list[NDArray[np.float64]] = []
+    lb: list[NDArray[np.float64]] = []
+    ub: list[NDArray[np.float64]] = []
+    # Curve rows: tokens_r - sum_k slope_k x_rk - t_floor_r on_n <= 0.
+    r_idx = np.arange(n_rep)
+    rows += [r_idx, seg_rep_a, r_idx]
+    cols += [tok0 + r_idx, np.arange(n_seg), on0 + rep_on]
+    vals += [np.ones(n_rep), -np.asarray(seg_slope), -t_floor]
+    lb.append(np.full(n_rep, -np.inf))
+    ub.append(np.zeros(n_rep))
+    next_row = n_rep
+    if allow_drain:
+        # Link rows: a drained node's replicas draw nothing above their (absent) floor.
+        rows += [next_row + seg_rep_a, next_row + r_idx]
+        cols += [np.arange(n_seg), on0 + rep_on]
+        vals += [np.ones(n_seg), -span]
+        lb.append(np.full(n_rep, -np.inf))
+        ub.append(np.zeros(n_rep))
+        next_row += n_rep
+    # The budget row.
+    rows += [np.full(n_seg, next_row), np.full(n_on, next_row)]
+    cols += [np.arange(n_seg), on0 + np.arange(n_on)]
+    vals += [seg_cost, a_on]
+    lb.append(np.asarray([-np.inf]))
+    ub.append(np.asarray([budget_w * (1.0 - BUDGET_SLACK_RATIO) - standby_total]))
+    n_rows = next_row + 1
+    a_mat = sparse.csr_array(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_rows, n_var)
+    )
+
+    peak_t = sum(curves[i].peak_tokens_per_s for i in active)
+    peak_p = sum(curves[i].peak_w for i in active) + 1.0
+    eps = POWER_PENALTY_RATIO * max(peak_t / peak_p, 1e-9)
+    c_obj = np.concatenate([eps * seg_cost, -np.ones(n_rep), eps * a_on])
+    on_lo = np.zeros(n_on) if allow_drain else np.ones(n_on)
+    bounds = Bounds(
+        np.concatenate([np.zeros(n_seg), np.zeros(n_rep), on_lo]),
+        np.concatenate([np.asarray(seg_len), t_cap, np.ones(n_on)]),
+    )
+    integrality = np.concatenate(
+        [np.zeros(n_seg + n_rep), np.ones(n_on) if allow_drain else np.zeros(n_on)]
+    )
+    t0 = time.perf_counter()
+    res = milp(
+        c_obj,
+        integrality=integrality,
+        bounds=bounds,
+        constraints=LinearConstraint(a_mat, np.concatenate(lb), np.concatenate(ub)),
+        options={"time_limit": time_limit_s, "mip_rel_gap": MIP_REL_GAP, "presolve": True},
+    )
+    solver_s = time.perf_counter() - t0
+
+    if res.x is None:
+        status = {1: "time_limit", 2: "infeasible"}.get(res.status, "error")
+        # No incumbent: fall back to a feasible allocation (everything drained; or the
+        # floor, which the pre-check showed fits, when draining is not allowed).
+        if allow_drain:
+            return result_for({k: False for k in all_on}, np.zeros(len(replicas)), status, math.inf, solver_s)
+        return result_for(all_on, floor_power, status, math.inf, solver_s)
+
+    x = np.asarray(res.x)
+    on = {n.node: bool(x[on0 + k] > 0.5) for k, n in enumerate(alive_nodes)}
+    power = np.zeros(len(replicas))
+    seg_sum = np.bincount(seg_rep_a, weights=x[:n_seg], minlength=n_rep) if n_seg else np.zeros(n_rep)
+    for j, i in enumerate(active):
+        if on[replicas[i].node]:
+            power[i] = min(curves[i].floor_w + max(seg_sum[j], 0.0), curves[i].peak_w)
+    power = _even_out(replicas, curves, nm, on, power)
+    status = "optimal" if res.status == 0 else ("time_limit" if res.status == 1 else "error")
+    gap = float(res.mip_gap) if allow_drain and getattr(res, "mip_gap", None) is not None else 0.0
+    return result_for(on, power, status, gap, solver_s)
+
+
+def _even_out(
+    replicas: Sequence[ReplicaState],
+    curves: Sequence[Curve],
+    nm: dict[int, _NodeModel],
+    on: dict[int, bool],
+    power: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """Give interchangeable replicas the mean of their powers.
+
+    A piecewise-linear LP is indifferent between spreading power evenly over identical
+    replicas and putting some at one vertex and some at the next (same segment, same
+    total). Replicas with the same curve, demand and host cost per watt, on nodes that
+    are up, are interchangeable: the mean keeps the facility's power and, the envelope
+    being concave, loses no tokens; the true curve between vertices usually sits above
+    nothing of the chord, so the even split is also what realises best.
+    """
+    groups: dict[tuple[int, float | None, float], list[int]] = defaultdict(list)
+    for i, r in enumerate(replicas):
+        if nm[r.node].state.alive and on.get(r.node, False):
+            groups[(id(curves[i]), r.demand_tokens_per_s, nm[r.node].host_slope)].append(i)
+    out = power.copy()
+    for idx in groups.values():
+        if len(idx) > 1:
+            out[idx] = power[idx].mean()
+    return out
+
+
+def _finish(
+    replicas: Sequence[ReplicaState],
+    curves: Sequence[Curve],
+    nm: dict[int, _NodeModel],
+    on: dict[int, bool],
+    power: NDArray[np.float64],
+    budget_w: float,
+    status: str,
+    gap: float,
+    solver_s: float,
+) -> OptimumResult:
+    """Map powers to settings, price everything, and assemble the result."""
+    up = [i for i, r in enumerate(replicas) if nm[r.node].state.alive and on.get(r.node, False)]
+    real = _realise([curves[i] for i in up], power[up]) if up else None
+    decisions: list[ReplicaDecision] = []
+    node_pred: dict[int, float] = defaultdict(float)
+    node_real: dict[int, float] = defaultdict(float)
+    pos = {i: k for k, i in enumerate(up)}
+    for i, r in enumerate(replicas):
+        if i not in pos or real is None:
+            kind = physics.GPU_KINDS[r.gpu_kind]
+            decisions.append(ReplicaDecision(r.replica, kind.power_min_w, None, 0.0, 0.0))
+            continue
+        k = pos[i]
+        c = curves[i]
+        demand = math.inf if r.demand_tokens_per_s is None else r.demand_tokens_per_s
+        pred_t = min(float(c.tokens_at(power[i])), demand)
+        real_p = float(real.power_w[k])
+        pred_p = max(float(power[i]), real_p)
+        lock = real.lock_mhz[k]
+        decisions.append(
+            ReplicaDecision(
+                replica=r.replica,
+                power_limit_w=float(real.limit_w[k]),
+                clock_lock_mhz=None if math.isnan(lock) else int(lock),
+                tokens_per_s=pred_t,
+                power_w=pred_p,
+                realised_tokens_per_s=max(min(float(real.tokens[k]), demand), 0.0),
+                realised_power_w=real_p,
+            )
+        )
+        node_pred[r.node] += pred_p
+        node_real[r.node] += real_p
+    total_pred = total_real = 0.0
+    drained: set[int] = set()
+    for node, m in nm.items():
+        if not m.state.alive:
+            continue
+        if on.get(node, False):
+            total_pred += m.power_w(node_pred[node])
+            total_real += m.power_w(node_real[node])
+        else:
+            drained.add(node)
+            total_pred += m.state.standby_w
+            total_real += m.state.standby_w
+    return OptimumResult(
+        tokens_per_s=sum(d.tokens_per_s for d in decisions),
+        power_w=total_pred,
+        drained_nodes=frozenset(drained),
+        replicas=tuple(decisions),
+        status=status,
+        mip_gap=gap,
+        realised_tokens_per_s=sum(d.realised_tokens_per_s for d in decisions),
+        realised_power_w=total_real,
+        budget_w=budget_w,
+        solver_s=solver_s,
+    )
+
+
+__all__ = [
+    "BUDGET_SLACK_RATIO",
+    "MIP_REL_GAP",
+    "POWER_PENALTY_RATIO",
+    "Curve",
+    "NodeState",
+    "OptimumResult",
+    "ReplicaDecision",
+    "ReplicaState",
+    "TokenCount",
+    "replica_curve",
+    "solve",
+]

@@ -1,0 +1,130 @@
+"""A Markdown report with PNG plots of a policy comparison, for people, not for CI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from wattkeeper.units import format_power
+
+COLUMNS = (
+    ("tokens", "tokens", "{:,.0f}"),
+    ("tokens/s", "tokens_per_s", "{:,.0f}"),
+    ("energy kWh", "energy_j", None),
+    ("tokens/J", "tokens_per_joule", "{:.3f}"),
+    ("s over budget", "over_budget_s", "{:d}"),
+    ("longest excursion s", "max_excursion_s", "{:d}"),
+    ("SLO attainment", "slo_attainment", "{:.1%}"),
+    ("of optimum", "fraction_of_optimum", "{:.1%}"),
+)
+
+
+def cell(key: str, value: Any, fmt: str | None) -> str:
+    if value is None:
+        return "-"
+    if key == "energy_j":
+        return f"{value / 3.6e6:,.2f}"
+    return fmt.format(value) if fmt else str(value)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    head = "| policy | " + " | ".join(c[0] for c in COLUMNS) + " |"
+    rule = "|---|" + "---:|" * len(COLUMNS)
+    rows = [head, rule]
+    for name, res in result["policies"].items():
+        data = res.to_json() if hasattr(res, "to_json") else res
+        rows.append(
+            f"| {name} | "
+            + " | ".join(cell(key, data.get(key), fmt) for _, key, fmt in COLUMNS)
+            + " |"
+        )
+    return "\n".join(rows)
+
+
+def write_report(result: dict[str, Any], directory: Path) -> Path:
+    """Write ``report.md`` and its plots into ``directory``; returns the Markdown path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    name = result["scenario"]
+    policies = result["policies"]
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    budget_drawn = False
+    for pname, res in policies.items():
+        series = res.series or {}
+        power = series.get("power_w", [])
+        ax.plot([p / 1e3 for p in power], label=pname, linewidth=0.8)
+        if not budget_drawn:
+            budget = [None if b is None else b / 1e3 for b in series.get("budget_w", [])]
+            ax.plot(budget, "k--", label="budget", linewidth=1.2)
+            budget_drawn = True
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("facility power (kW)")
+    ax.set_title(f"{name}: facility power against budget")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(directory / "power.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for pname, res in policies.items():
+        tps = (res.series or {}).get("tokens_per_s", [])
+        ax.plot([10 * i for i in range(len(tps))], tps, label=pname, linewidth=0.8)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("tokens/s (10-s mean)")
+    ax.set_title(f"{name}: generated tokens per second")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(directory / "tokens.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    names = list(policies)
+    for ax, (key, title) in zip(
+        axes,
+        (
+            ("tokens_per_joule", "tokens per joule"),
+            ("tokens", "tokens"),
+            ("fraction_of_optimum", "fraction of optimum"),
+        ),
+        strict=True,
+    ):
+        values = [getattr(policies[n], key) or 0.0 for n in names]
+        ax.bar(names, values, color="#4c72b0")
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(directory / "policies.png", dpi=110)
+    plt.close(fig)
+
+    budget = result["budget_w"]
+    budget_text = (
+        format_power(budget)
+        if isinstance(budget, int | float)
+        else " then ".join(format_power(b) for b in budget)
+    )
+    text = "\n".join(
+        [
+            f"# Scenario `{name}`",
+            "",
+            result.get("description", ""),
+            "",
+            f"Duration {result['duration_s']:.0f} s, budget {budget_text}.",
+            "",
+            markdown_table(result),
+            "",
+            "![facility power against budget](power.png)",
+            "",
+            "![tokens per second](tokens.png)",
+            "",
+            "![per-policy totals](policies.png)",
+            "",
+        ]
+    )
+    path = directory / "report.md"
+    path.write_text(text)
+    return path

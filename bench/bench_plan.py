@@ -176,7 +176,7 @@ def run(sizes: list[int], repeat: int) -> list[dict]:
             {
                 "gpus": len(fleet.gpus),
                 "budgets": tree.size,
-                "depth": tree.max_depth,
+                "levels": tree.max_depth + 1,
                 "binding_budgets": int(res.binding.sum()),
                 "binding_by_depth": np.bincount(
                     tree.depth[res.binding], minlength=tree.max_depth + 1

@@ -571,7 +571,7 @@ def _node_models(
         # Idle GPUs are taken to be of the node's most common replica kind (nodes are
         # homogeneous in practice), else of the kind its host's name says.
         idle_kind = (
-            max(set(kinds), key=kinds.count) if kinds else _host_gpu_kind(n.host_kind)
+            max(sorted(set(kinds), key=lambda k: k.name), key=kinds.count) if kinds else _host_gpu_kind(n.host_kind)
         )
         gpu_max = sum(
             physics.GPU_KINDS[r.gpu_kind].power_max_w * physics.MODELS[r.model].tensor_parallel
@@ -764,8 +764,8 @@ def _even_out(
     replicas and putting some at one vertex and some at the next (same segment, same
     total). Replicas with the same curve, demand and host cost per watt, on nodes that
     are up, are interchangeable: the mean keeps the facility's power and, the envelope
-    being concave, loses no tokens; the true curve between vertices usually sits above
-    nothing of the chord, so the even split is also what realises best.
+    being concave, loses no tokens; and physics between two vertices is itself concave
+    in practice, so the even split is also the one that realises best.
     """
     groups: dict[tuple[int, float | None, float], list[int]] = defaultdict(list)
     for i, r in enumerate(replicas):

@@ -41,7 +41,7 @@ def endpoint():
 
 @pytest.fixture
 def local(tmp_path, sqlite_url, endpoint, monkeypatch):
-    fake, nvml = install_fake_pynvml(monkeypatch, n_gpus=2)
+    _fake, nvml = install_fake_pynvml(monkeypatch, n_gpus=2)
     url, page = endpoint
     cfg_file = tmp_path / "wattkeeper.toml"
     cfg_file.write_text(
@@ -84,7 +84,7 @@ def test_node_samples_nvml_host_and_tokens_and_applies_targets(local):
 
 
 def test_bad_endpoint_is_isolated(local):
-    rt, nvml, page = local
+    rt, _nvml, page = local
     page["page"] = b"vllm:generation_tokens_total{model_name=\"m\"} 12\nthis is not metrics\n"
     rt.tick_agents()
     agent = rt.agents[0]

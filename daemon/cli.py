@@ -322,6 +322,7 @@ def _run_live(rt: Any, duration_s: float | None, output: Output, listen: str | N
     finally:
         if server is not None:
             server.shutdown()
+            server.server_close()
 
 
 def _live_table(s: dict) -> Any:

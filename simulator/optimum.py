@@ -179,6 +179,8 @@ class Curve:
     batch: float
     prefill_fraction: float
     count: TokenCount
+    demand_tokens_per_s: float | None
+    """The demand that caps the tokens (None: it does not bind)."""
     tensor_parallel: int
     power_w: NDArray[np.float64]
     """Whole-replica power of each vertex, increasing."""
@@ -227,22 +229,41 @@ class Curve:
         return float(np.interp(tokens_per_s, self.tokens_per_s, self.power_w))
 
 
+LIMIT_SWEEP_DENSITY = 4
+"""The two one-knob sweeps (limit alone, lock alone at the max limit) are sampled this
+many times more finely than the two-knob grid: along them the curve bends sharply where
+the clock leaves its minimum, and a coarse chord there under-reads by up to 4%."""
+
+
 def _setting_grid(
     kind: physics.GpuKind, allow_clock_lock: bool, points: int
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Limits x locks to sample, unlocked first: ``points`` limits, ``points`` clocks.
+    """Settings to sample (limit, lock; NaN = unlocked), unlocked first.
 
-    The clocks are spread evenly over the supported list (max and min included); the
-    mapping back searches every supported clock, so a coarse grid here costs little.
+    A fine sweep of limits without a lock, a fine sweep of supported clocks at the max
+    limit, and a ``points`` x ``points`` grid of both together (a lock and a limit bind
+    different phases of a mixed replica, so the pair can beat either knob alone). The
+    mapping back searches limits and every supported clock exactly, so the grid only has
+    to place the envelope's vertices, not every setting.
     """
-    limits = np.linspace(kind.power_min_w, kind.power_max_w, points)
-    locks = [math.nan]
+    fine = max(points, LIMIT_SWEEP_DENSITY * (points - 1) + 1)
+    sweep = np.linspace(kind.power_min_w, kind.power_max_w, fine)
+    limits = [sweep]
+    locks = [np.full(fine, math.nan)]
     if allow_clock_lock:
         clocks = np.asarray(kind.supported_sm_clocks_mhz(), dtype=float)
-        idx = np.unique(np.round(np.linspace(0, len(clocks) - 1, points)).astype(int))
-        locks += [float(c) for c in clocks[idx] if c < kind.max_sm_clock_mhz]
-    lock_grid, limit_grid = np.meshgrid(np.asarray(locks), limits, indexing="ij")
-    return limit_grid.ravel(), lock_grid.ravel()
+        clocks = clocks[clocks < kind.max_sm_clock_mhz]
+        pick = np.unique(np.round(np.linspace(0, len(clocks) - 1, fine)).astype(int))
+        limits.append(np.full(len(pick), kind.power_max_w))
+        locks.append(clocks[pick])
+        grid_clocks = clocks[
+            np.unique(np.round(np.linspace(0, len(clocks) - 1, points)).astype(int))
+        ]
+        grid_limits = np.linspace(kind.power_min_w, kind.power_max_w, points)[:-1]
+        lock_grid, limit_grid = np.meshgrid(grid_clocks, grid_limits, indexing="ij")
+        limits.append(limit_grid.ravel())
+        locks.append(lock_grid.ravel())
+    return np.concatenate(limits), np.concatenate(locks)
 
 
 def _evaluate(
@@ -281,7 +302,7 @@ def _upper_envelope(
     Ties (same power and tokens) go to the smallest ``pref``: the least intrusive setting.
     """
     order = np.lexsort((pref, -tokens, power))
-    p, t = power[order], tokens[order]
+    t = tokens[order]
     running = np.maximum.accumulate(t)
     keep = np.ones(len(t), dtype=bool)
     # Pareto front: a sample is kept only if it beats every cheaper one.
@@ -302,15 +323,67 @@ def _upper_envelope(
     return hull
 
 
-_CurveKey = tuple[str, str, float, float, TokenCount, bool, int]
+_BaseKey = tuple[str, str, float, float, TokenCount, bool, int]
+"""(gpu kind, model, batch, prefill fraction, count, clock locks allowed, points)."""
+_CurveKey = tuple[_BaseKey, float | None]
+"""A base key and the demand that caps it (None where the demand cannot bind)."""
 _CURVES: dict[_CurveKey, Curve] = {}
 
 
-def _curve_key(s: ReplicaState, allow_clock_lock: bool, points: int, count: TokenCount) -> _CurveKey:
-    return (s.gpu_kind, s.model, float(s.batch), float(s.prefill_fraction), count, allow_clock_lock, points)
+def _base_key(s: ReplicaState, allow_clock_lock: bool, points: int, count: TokenCount) -> _BaseKey:
+    return (
+        s.gpu_kind,
+        s.model,
+        float(s.batch),
+        float(s.prefill_fraction),
+        count,
+        allow_clock_lock,
+        points,
+    )
 
 
-def _build_curves(keys: Sequence[_CurveKey]) -> None:
+def _preference(limits: NDArray[np.float64], locks: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Unlocked before locked, then the lowest limit: the least intrusive of equal settings."""
+    return np.isfinite(locks) * 1e6 + limits
+
+
+def _make_curve(
+    key: _BaseKey,
+    demand: float | None,
+    power: NDArray[np.float64],
+    tokens: NDArray[np.float64],
+    limits: NDArray[np.float64],
+    locks: NDArray[np.float64],
+) -> Curve:
+    """Envelope of the samples, with tokens capped at the demand before enveloping.
+
+    Capping first (rather than capping the envelope) makes the vertex where the curve
+    meets the demand a real setting, so a demand-capped replica is given exactly the
+    power its demand needs, not a point on a chord that no setting reaches.
+    """
+    gpu_kind, model_name, batch, pf, count, _, _ = key
+    capped = tokens if demand is None else np.minimum(tokens, demand)
+    v = _upper_envelope(power, capped, _preference(limits, locks))
+    return Curve(
+        gpu_kind=gpu_kind,
+        model=model_name,
+        batch=batch,
+        prefill_fraction=pf,
+        count=count,
+        demand_tokens_per_s=demand,
+        tensor_parallel=physics.MODELS[model_name].tensor_parallel,
+        power_w=power[v],
+        tokens_per_s=capped[v],
+        power_limit_w=limits[v],
+        clock_lock_mhz=tuple(None if math.isnan(c) else int(c) for c in locks[v]),
+        sample_power_w=power,
+        sample_tokens_per_s=capped,
+        sample_limit_w=limits,
+        sample_lock_mhz=locks,
+    )
+
+
+def _build_base(keys: Sequence[_BaseKey]) -> None:
     """Evaluate physics for all missing keys of one (kind, model) at once, then envelope each."""
     gpu_kind, model_name, _, _, count, allow_lock, points = keys[0]
     kind = physics.GPU_KINDS[gpu_kind]
@@ -321,41 +394,129 @@ def _build_curves(keys: Sequence[_CurveKey]) -> None:
     power, tokens = _evaluate(kind, model, batch, pf, limits[None, :], locks[None, :], count)
     power = np.broadcast_to(power, (len(keys), len(limits)))
     tokens = np.broadcast_to(tokens, (len(keys), len(limits)))
-    # Unlocked before locked, then the lowest limit: the least intrusive of equal settings.
-    pref = np.isfinite(locks) * 1e6 + limits
-    if len(_CURVES) + len(keys) > _CACHE_MAX:
-        _CURVES.clear()
     for row, key in enumerate(keys):
-        p, t = np.array(power[row]), np.array(tokens[row])
-        v = _upper_envelope(p, t, pref)
-        _CURVES[key] = Curve(
-            gpu_kind=gpu_kind,
-            model=model_name,
-            batch=key[2],
-            prefill_fraction=key[3],
-            count=count,
-            tensor_parallel=model.tensor_parallel,
-            power_w=p[v],
-            tokens_per_s=t[v],
-            power_limit_w=limits[v],
-            clock_lock_mhz=tuple(None if math.isnan(c) else int(c) for c in locks[v]),
-            sample_power_w=p,
-            sample_tokens_per_s=t,
-            sample_limit_w=limits,
-            sample_lock_mhz=locks,
+        _CURVES[(key, None)] = _make_curve(
+            key, None, np.array(power[row]), np.array(tokens[row]), limits, locks
+        )
+
+
+def _demand_points(
+    kind: physics.GpuKind,
+    model: physics.ModelProfile,
+    batch: NDArray[np.float64],
+    pf: NDArray[np.float64],
+    demand: NDArray[np.float64],
+    limits: NDArray[np.float64],
+    locks: NDArray[np.float64],
+    count: TokenCount,
+) -> tuple[NDArray[np.float64], ...]:
+    """Least-power settings that just meet each demand, along both knobs of the grid.
+
+    For every grid lock, the lowest limit that meets the demand (bisection); for every
+    grid limit, the lowest supported clock that does. Unreachable ones get power inf and
+    tokens -inf, which the envelope ignores. Shapes: (replicas, points found).
+    """
+    b, pf, d = batch[:, None], pf[:, None], demand[:, None]
+    u_locks = np.unique(locks)  # NaN (unlocked) sorts last and np.unique keeps one
+    u_limits = np.unique(limits)
+    shape = (len(batch), len(u_locks))
+    lk = np.broadcast_to(u_locks[None, :], shape)
+
+    def tokens_at(limit: NDArray[np.float64]) -> NDArray[np.float64]:
+        return np.broadcast_to(_evaluate(kind, model, b, pf, limit, lk, count)[1], shape)
+
+    lo = np.full(shape, kind.power_min_w)
+    hi = np.full(shape, kind.power_max_w)
+    reach = tokens_at(hi) >= d
+    at_min = tokens_at(lo) >= d
+    for _ in range(_LIMIT_BISECTIONS):
+        mid = 0.5 * (lo + hi)
+        ok = tokens_at(mid) >= d
+        hi = np.where(ok, mid, hi)
+        lo = np.where(ok, lo, mid)
+    lim_a = np.where(at_min, kind.power_min_w, hi)
+    p_a, t_a = _evaluate(kind, model, b, pf, lim_a, lk, count)
+    p_a = np.where(reach, np.broadcast_to(p_a, shape), np.inf)
+    t_a = np.where(reach, np.broadcast_to(t_a, shape), -np.inf)
+
+    clocks = np.asarray(kind.supported_sm_clocks_mhz(), dtype=float)  # descending
+    p3, t3 = _evaluate(
+        kind,
+        model,
+        b[:, :, None],
+        pf[:, :, None],
+        u_limits[None, :, None],
+        clocks[None, None, :],
+        count,
+    )
+    shape3 = (len(batch), len(u_limits), len(clocks))
+    p3, t3 = np.broadcast_to(p3, shape3), np.broadcast_to(t3, shape3)
+    meets = t3 >= d[:, :, None]
+    # Tokens rise with the clock, so the last clock (in descending order) that meets the
+    # demand is the lowest, and the cheapest.
+    last = len(clocks) - 1 - np.argmax(meets[:, :, ::-1], axis=2)
+    found = meets.any(axis=2)
+    r, c = np.indices(found.shape)
+    p_b = np.where(found, p3[r, c, last], np.inf)
+    t_b = np.where(found, t3[r, c, last], -np.inf)
+    lock_b = clocks[last]
+    lock_b = np.where(lock_b >= kind.max_sm_clock_mhz, math.nan, lock_b)
+    lim_b = np.broadcast_to(u_limits[None, :], found.shape)
+    return (
+        np.concatenate([p_a, p_b], axis=1),
+        np.concatenate([t_a, t_b], axis=1),
+        np.concatenate([lim_a, lim_b], axis=1),
+        np.concatenate([lk, lock_b], axis=1),
+    )
+
+
+def _build_capped(keys: Sequence[_CurveKey]) -> None:
+    """Demand-capped curves of one (kind, model): base samples plus the demand points."""
+    base_key0 = keys[0][0]
+    gpu_kind, model_name, _, _, count, _, _ = base_key0
+    kind = physics.GPU_KINDS[gpu_kind]
+    model = physics.MODELS[model_name]
+    bases = [_CURVES[(k[0], None)] for k in keys]
+    demand = np.asarray([k[1] for k in keys], dtype=float)
+    batch = np.asarray([k[0][2] for k in keys])
+    pf = np.asarray([k[0][3] for k in keys])
+    limits, locks = bases[0].sample_limit_w, bases[0].sample_lock_mhz
+    p_d, t_d, lim_d, lock_d = _demand_points(kind, model, batch, pf, demand, limits, locks, count)
+    for row, (key, base) in enumerate(zip(keys, bases, strict=True)):
+        _CURVES[key] = _make_curve(
+            key[0],
+            key[1],
+            np.concatenate([base.sample_power_w, p_d[row]]),
+            np.concatenate([base.sample_tokens_per_s, t_d[row]]),
+            np.concatenate([limits, lim_d[row]]),
+            np.concatenate([locks, lock_d[row]]),
         )
 
 
 def _curves(
     states: Sequence[ReplicaState], allow_clock_lock: bool, points: int, count: TokenCount
 ) -> list[Curve]:
-    keys = [_curve_key(s, allow_clock_lock, points, count) for s in states]
-    missing: dict[tuple[str, str], list[_CurveKey]] = defaultdict(list)
-    for k in dict.fromkeys(keys):
-        if k not in _CURVES:
+    """Curves for many replicas, physics evaluated once per (kind, model) for all of them."""
+    if len(_CURVES) > _CACHE_MAX:
+        _CURVES.clear()
+    base_keys = [_base_key(s, allow_clock_lock, points, count) for s in states]
+    missing: dict[tuple[str, str], list[_BaseKey]] = defaultdict(list)
+    for k in dict.fromkeys(base_keys):
+        if (k, None) not in _CURVES:
             missing[(k[0], k[1])].append(k)
     for group in missing.values():
-        _build_curves(group)
+        _build_base(group)
+    keys: list[_CurveKey] = []
+    for s, bk in zip(states, base_keys, strict=True):
+        d = s.demand_tokens_per_s
+        binds = d is not None and d < _CURVES[(bk, None)].peak_tokens_per_s
+        keys.append((bk, float(d) if binds and d is not None else None))
+    capped: dict[tuple[str, str], list[_CurveKey]] = defaultdict(list)
+    for k in dict.fromkeys(keys):
+        if k not in _CURVES:
+            capped[(k[0][0], k[0][1])].append(k)
+    for group in capped.values():
+        _build_capped(group)
     return [_CURVES[k] for k in keys]
 
 
@@ -383,7 +544,8 @@ def replica_curve(
 ) -> Curve:
     """The replica's concave (power, tokens/s) envelope over ``points`` limits x clocks.
 
-    Demand is not applied here (the curve is the hardware's); :func:`solve` caps it.
+    With a demand below its peak, the curve is of the tokens it can usefully serve: it
+    ends at the least power that meets the demand (what :func:`solve` uses).
     """
     if points < 2:
         raise ValueError("points must be >= 2")
@@ -428,7 +590,9 @@ def _limit_family(
         lo = np.where(ok, mid, lo)
         hi = np.where(ok, hi, mid)
     # Whole milliwatts (NVML's unit), rounded down so the power still fits.
-    limit = np.where(fits_hi, kind.power_max_w, np.maximum(np.floor(lo * 1e3) / 1e3, kind.power_min_w))
+    limit = np.where(
+        fits_hi, kind.power_max_w, np.maximum(np.floor(lo * 1e3) / 1e3, kind.power_min_w)
+    )
     p, t = _evaluate(kind, model, b, pf, limit, lock, count)
     ok = fits_lo & (p <= target + _POWER_TOL_W)
     return _Realised(limit, lock, np.where(ok, t, -np.inf), p)
@@ -445,9 +609,7 @@ def _clock_family(
 ) -> _Realised:
     """Highest supported clock lock whose true power fits, with the limit held."""
     clocks = np.asarray(kind.supported_sm_clocks_mhz(), dtype=float)  # descending
-    p, t = _evaluate(
-        kind, model, b[:, None], pf[:, None], limit[:, None], clocks[None, :], count
-    )
+    p, t = _evaluate(kind, model, b[:, None], pf[:, None], limit[:, None], clocks[None, :], count)
     p = np.broadcast_to(p, (len(b), len(clocks)))
     t = np.broadcast_to(t, (len(b), len(clocks)))
     fits = p <= target[:, None] + _POWER_TOL_W
@@ -459,6 +621,17 @@ def _clock_family(
     return _Realised(limit.copy(), lock, tokens, p[rows, first].copy())
 
 
+def _pick(score: NDArray[np.float64], power: NDArray[np.float64]) -> NDArray[np.intp]:
+    """Per row, the most tokens; among near-equal tokens the least power, then the first.
+
+    Capped tokens tie exactly over a range of powers; taking the first maximum would
+    hand a demand-capped replica a needlessly expensive setting.
+    """
+    best = score.max(axis=-1, keepdims=True)
+    near = score >= best - 1e-9 * np.maximum(1.0, np.abs(best))
+    return np.argmin(np.where(near, power, np.inf), axis=-1)
+
+
 def _realise(curves: Sequence[Curve], power_w: NDArray[np.float64]) -> _Realised:
     """The best setting whose true power is at most each replica's chosen power.
 
@@ -467,7 +640,7 @@ def _realise(curves: Sequence[Curve], power_w: NDArray[np.float64]) -> _Realised
     vertices around the power: the limit with either vertex's lock held, and every
     supported clock with either vertex's limit held. Between two vertices that share a
     lock this interpolates the limit exactly as far as the true power allows. The most
-    tokens win, ties going to the sampled setting (the least intrusive).
+    tokens (capped at demand) win, then the least power, then the sampled setting.
     """
     n = len(curves)
     out = _Realised(np.zeros(n), np.full(n, math.nan), np.zeros(n), np.zeros(n))
@@ -477,23 +650,24 @@ def _realise(curves: Sequence[Curve], power_w: NDArray[np.float64]) -> _Realised
     for (gk, mn, count), idx_list in groups.items():
         idx = np.asarray(idx_list)
         kind, model = physics.GPU_KINDS[gk], physics.MODELS[mn]
-        tp = model.tensor_parallel
         cs = [curves[i] for i in idx_list]
-        target = power_w[idx] / tp
+        m = len(cs)
+        target = power_w[idx]
         b = np.asarray([c.batch for c in cs])
         pf = np.asarray([c.prefill_fraction for c in cs])
-        cands: list[_Realised] = []
-        best = _Realised(np.zeros(len(cs)), np.zeros(len(cs)), np.zeros(len(cs)), np.zeros(len(cs)))
-        around = np.zeros((len(cs), 4))  # limit below, lock below, limit above, lock above
+        cap = np.asarray(
+            [math.inf if c.demand_tokens_per_s is None else c.demand_tokens_per_s for c in cs]
+        )
+        best = _Realised(np.zeros(m), np.zeros(m), np.zeros(m), np.zeros(m))
+        around = np.zeros((m, 4))  # limit below, lock below, limit above, lock above
         for j, c in enumerate(cs):
-            fits = c.sample_power_w <= power_w[idx[j]] + _POWER_TOL_W * tp
+            fits = c.sample_power_w <= target[j] + _POWER_TOL_W
             if not fits.any():  # below the floor: only float noise gets here
                 fits = c.sample_power_w <= c.sample_power_w.min()
-            score = np.where(fits, c.sample_tokens_per_s, -np.inf)
-            k = int(np.argmax(score))  # first maximum: samples are ordered least intrusive first
+            k = int(_pick(np.where(fits, c.sample_tokens_per_s, -np.inf), c.sample_power_w))
             best.limit_w[j], best.lock_mhz[j] = c.sample_limit_w[k], c.sample_lock_mhz[k]
-            best.tokens[j], best.power_w[j] = c.sample_tokens_per_s[k], c.sample_power_w[k] / tp
-            v = int(np.searchsorted(c.power_w, power_w[idx[j]] + _POWER_TOL_W * tp, side="right"))
+            best.tokens[j], best.power_w[j] = c.sample_tokens_per_s[k], c.sample_power_w[k]
+            v = int(np.searchsorted(c.power_w, target[j] + _POWER_TOL_W, side="right"))
             lo_v, hi_v = max(v - 1, 0), min(v, len(c.power_w) - 1)
             lock_lo, lock_hi = c.clock_lock_mhz[lo_v], c.clock_lock_mhz[hi_v]
             around[j] = (
@@ -502,18 +676,21 @@ def _realise(curves: Sequence[Curve], power_w: NDArray[np.float64]) -> _Realised
                 c.power_limit_w[hi_v],
                 math.nan if lock_hi is None else lock_hi,
             )
-        cands.append(best)
-        cands.append(_limit_family(kind, model, b, pf, around[:, 1], target, count))
-        cands.append(_limit_family(kind, model, b, pf, around[:, 3], target, count))
-        cands.append(_clock_family(kind, model, b, pf, around[:, 0], target, count))
-        cands.append(_clock_family(kind, model, b, pf, around[:, 2], target, count))
-        tok = np.stack([c.tokens for c in cands], axis=1)
-        pick = np.argmax(tok, axis=1)
-        rows = np.arange(len(cs))
+        cands = [
+            best,
+            _limit_family(kind, model, b, pf, around[:, 1], target, count),
+            _limit_family(kind, model, b, pf, around[:, 3], target, count),
+            _clock_family(kind, model, b, pf, around[:, 0], target, count),
+            _clock_family(kind, model, b, pf, around[:, 2], target, count),
+        ]
+        tok = np.minimum(np.stack([c.tokens for c in cands], axis=1), cap[:, None])
+        pw = np.stack([c.power_w for c in cands], axis=1)
+        pick = _pick(tok, pw)
+        rows = np.arange(m)
         out.limit_w[idx] = np.stack([c.limit_w for c in cands], axis=1)[rows, pick]
         out.lock_mhz[idx] = np.stack([c.lock_mhz for c in cands], axis=1)[rows, pick]
         out.tokens[idx] = tok[rows, pick]
-        out.power_w[idx] = np.stack([c.power_w for c in cands], axis=1)[rows, pick] * tp
+        out.power_w[idx] = pw[rows, pick]
     return out
 
 
@@ -571,12 +748,17 @@ def _node_models(
         # Idle GPUs are taken to be of the node's most common replica kind (nodes are
         # homogeneous in practice), else of the kind its host's name says.
         idle_kind = (
-            max(sorted(set(kinds), key=lambda k: k.name), key=kinds.count) if kinds else _host_gpu_kind(n.host_kind)
+            max(sorted(set(kinds), key=lambda k: k.name), key=kinds.count)
+            if kinds
+            else _host_gpu_kind(n.host_kind)
         )
-        gpu_max = sum(
-            physics.GPU_KINDS[r.gpu_kind].power_max_w * physics.MODELS[r.model].tensor_parallel
-            for r in rs
-        ) + (n.gpus - busy) * idle_kind.power_max_w
+        gpu_max = (
+            sum(
+                physics.GPU_KINDS[r.gpu_kind].power_max_w * physics.MODELS[r.model].tensor_parallel
+                for r in rs
+            )
+            + (n.gpus - busy) * idle_kind.power_max_w
+        )
         out[n.node] = _NodeModel(
             state=n,
             host=physics.HOST_KINDS[n.host_kind],
@@ -643,89 +825,64 @@ def solve(
     all_on = {n.node: True for n in alive_nodes}
     floor_power = np.asarray([c.floor_w for c in curves])
     if allow_drain and standby_total > budget_w:
-        return result_for({k: False for k in all_on}, np.zeros(len(replicas)), "infeasible", 0.0, 0.0)
+        return result_for(
+            {k: False for k in all_on}, np.zeros(len(replicas)), "infeasible", 0.0, 0.0
+        )
     if not allow_drain and standby_total + float(a_on.sum()) > budget_w:
         return result_for(all_on, floor_power, "infeasible", 0.0, 0.0)
 
-    # Columns: segment powers x (all active replicas), tokens per active replica, on_n.
-    seg_rep: list[int] = []
-    seg_len: list[float] = []
-    seg_slope: list[float] = []
-    for j, i in enumerate(active):
-        c = curves[i]
-        seg_rep += [j] * (len(c.power_w) - 1)
-        seg_len += np.diff(c.power_w).tolist()
-        seg_slope += c.slopes.tolist()
-    n_seg, n_rep, n_on = len(seg_rep), len(active), len(alive_nodes)
-    seg_rep_a = np.asarray(seg_rep, dtype=int)
-    tok0 = n_seg
-    on0 = n_seg + n_rep
-    n_var = on0 + n_on
-
+    # Convex-combination (lambda) form: replica r takes weights lam_rv on its envelope's
+    # vertices with sum_v lam_rv = on_n. Because that sum is on_n, this is the
+    # perspective of the curve (the convex hull of on and off): a half-open node in the
+    # relaxation gets half of every replica's curve, not half its power spent on the
+    # steepest segments, which keeps the bound tight and the branching short. Concave
+    # envelope and maximisation: the LP picks adjacent vertices, no SOS2 needed.
+    n_rep, n_on = len(active), len(alive_nodes)
+    n_vert = np.asarray([len(curves[i].power_w) for i in active], dtype=int)
+    vert_rep = np.repeat(np.arange(n_rep), n_vert)
+    vert_p = np.concatenate([curves[i].power_w for i in active]) if n_rep else np.zeros(0)
+    vert_t = np.concatenate([curves[i].tokens_per_s for i in active]) if n_rep else np.zeros(0)
+    n_lam = len(vert_p)
+    on0 = n_lam
+    n_var = n_lam + n_on
     rep_on = np.asarray([on_col[replicas[i].node] for i in active], dtype=int)
-    slope_node = np.asarray([nm[n.node].host_slope for n in alive_nodes])
-    seg_cost = 1.0 + slope_node[rep_on[seg_rep_a]] if n_seg else np.zeros(0)
-    t_floor = np.asarray([curves[i].tokens_per_s[0] for i in active])
-    span = np.asarray([curves[i].peak_w - curves[i].floor_w for i in active])
-    t_cap = np.asarray(
+    node_cost = 1.0 + np.asarray([nm[n.node].host_slope for n in alive_nodes])
+    lam_cost = vert_p * node_cost[rep_on[vert_rep]] if n_lam else np.zeros(0)
+    # A node that is up pays its host's idle power and its idle GPUs (with the host's
+    # share of them), less the standby it no longer draws.
+    on_cost = np.asarray(
         [
-            min(curves[i].peak_tokens_per_s, replicas[i].demand_tokens_per_s)
-            if replicas[i].demand_tokens_per_s is not None
-            else curves[i].peak_tokens_per_s
-            for i in active
+            nm[n.node].host.idle_w
+            + (1.0 + nm[n.node].host_slope) * nm[n.node].idle_gpu_w
+            - n.standby_w
+            for n in alive_nodes
         ]
     )
-
-    rows: list[NDArray[np.int_]] = []
-    cols: list[NDArray[np.int_]] = []
-    vals: list[NDArray[np.float64]] = []
-    lb: list[NDArray[np.float64]] = []
-    ub: list[NDArray[np.float64]] = []
-    # Curve rows: tokens_r - sum_k slope_k x_rk - t_floor_r on_n <= 0.
-    r_idx = np.arange(n_rep)
-    rows += [r_idx, seg_rep_a, r_idx]
-    cols += [tok0 + r_idx, np.arange(n_seg), on0 + rep_on]
-    vals += [np.ones(n_rep), -np.asarray(seg_slope), -t_floor]
-    lb.append(np.full(n_rep, -np.inf))
-    ub.append(np.zeros(n_rep))
-    next_row = n_rep
-    if allow_drain:
-        # Link rows: a drained node's replicas draw nothing above their (absent) floor.
-        rows += [next_row + seg_rep_a, next_row + r_idx]
-        cols += [np.arange(n_seg), on0 + rep_on]
-        vals += [np.ones(n_seg), -span]
-        lb.append(np.full(n_rep, -np.inf))
-        ub.append(np.zeros(n_rep))
-        next_row += n_rep
-    # The budget row.
-    rows += [np.full(n_seg, next_row), np.full(n_on, next_row)]
-    cols += [np.arange(n_seg), on0 + np.arange(n_on)]
-    vals += [seg_cost, a_on]
-    lb.append(np.asarray([-np.inf]))
-    ub.append(np.asarray([budget_w * (1.0 - BUDGET_SLACK_RATIO) - standby_total]))
-    n_rows = next_row + 1
-    a_mat = sparse.csr_array(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_rows, n_var)
+    # Rows: one per replica (sum_v lam_rv - on_n = 0), then the budget.
+    rows = np.concatenate([vert_rep, np.arange(n_rep), np.full(n_lam + n_on, n_rep)])
+    cols = np.concatenate([np.arange(n_lam), on0 + rep_on, np.arange(n_var)])
+    vals = np.concatenate([np.ones(n_lam), -np.ones(n_rep), lam_cost, on_cost])
+    a_mat = sparse.csr_array((vals, (rows, cols)), shape=(n_rep + 1, n_var))
+    row_lb = np.concatenate([np.zeros(n_rep), [-np.inf]])
+    row_ub = np.concatenate(
+        [np.zeros(n_rep), [budget_w * (1.0 - BUDGET_SLACK_RATIO) - standby_total]]
     )
 
     peak_t = sum(curves[i].peak_tokens_per_s for i in active)
     peak_p = sum(curves[i].peak_w for i in active) + 1.0
     eps = POWER_PENALTY_RATIO * max(peak_t / peak_p, 1e-9)
-    c_obj = np.concatenate([eps * seg_cost, -np.ones(n_rep), eps * a_on])
+    c_obj = np.concatenate([-vert_t + eps * lam_cost, eps * on_cost])
     on_lo = np.zeros(n_on) if allow_drain else np.ones(n_on)
-    bounds = Bounds(
-        np.concatenate([np.zeros(n_seg), np.zeros(n_rep), on_lo]),
-        np.concatenate([np.asarray(seg_len), t_cap, np.ones(n_on)]),
-    )
+    bounds = Bounds(np.concatenate([np.zeros(n_lam), on_lo]), np.ones(n_var))
     integrality = np.concatenate(
-        [np.zeros(n_seg + n_rep), np.ones(n_on) if allow_drain else np.zeros(n_on)]
+        [np.zeros(n_lam), np.ones(n_on) if allow_drain else np.zeros(n_on)]
     )
     t0 = time.perf_counter()
     res = milp(
         c_obj,
         integrality=integrality,
         bounds=bounds,
-        constraints=LinearConstraint(a_mat, np.concatenate(lb), np.concatenate(ub)),
+        constraints=LinearConstraint(a_mat, row_lb, row_ub),
         options={"time_limit": time_limit_s, "mip_rel_gap": MIP_REL_GAP, "presolve": True},
     )
     solver_s = time.perf_counter() - t0
@@ -735,16 +892,22 @@ def solve(
         # No incumbent: fall back to a feasible allocation (everything drained; or the
         # floor, which the pre-check showed fits, when draining is not allowed).
         if allow_drain:
-            return result_for({k: False for k in all_on}, np.zeros(len(replicas)), status, math.inf, solver_s)
+            return result_for(
+                {k: False for k in all_on}, np.zeros(len(replicas)), status, math.inf, solver_s
+            )
         return result_for(all_on, floor_power, status, math.inf, solver_s)
 
     x = np.asarray(res.x)
     on = {n.node: bool(x[on0 + k] > 0.5) for k, n in enumerate(alive_nodes)}
     power = np.zeros(len(replicas))
-    seg_sum = np.bincount(seg_rep_a, weights=x[:n_seg], minlength=n_rep) if n_seg else np.zeros(n_rep)
+    lam = np.clip(x[:n_lam], 0.0, 1.0)
+    chosen = np.bincount(vert_rep, weights=lam * vert_p, minlength=n_rep)
+    weight = np.bincount(vert_rep, weights=lam, minlength=n_rep)
     for j, i in enumerate(active):
         if on[replicas[i].node]:
-            power[i] = min(curves[i].floor_w + max(seg_sum[j], 0.0), curves[i].peak_w)
+            # Renormalised: on_n is 1 up to HiGHS's integrality tolerance.
+            p_r = chosen[j] / weight[j] if weight[j] > 0 else curves[i].floor_w
+            power[i] = min(max(p_r, curves[i].floor_w), curves[i].peak_w)
     power = _even_out(replicas, curves, nm, on, power)
     status = "optimal" if res.status == 0 else ("time_limit" if res.status == 1 else "error")
     gap = float(res.mip_gap) if allow_drain and getattr(res, "mip_gap", None) is not None else 0.0
@@ -758,23 +921,39 @@ def _even_out(
     on: dict[int, bool],
     power: NDArray[np.float64],
 ) -> NDArray[np.float64]:
-    """Give interchangeable replicas the mean of their powers.
+    """Choose, per set of interchangeable replicas, between the LP's split and an even one.
 
     A piecewise-linear LP is indifferent between spreading power evenly over identical
-    replicas and putting some at one vertex and some at the next (same segment, same
-    total). Replicas with the same curve, demand and host cost per watt, on nodes that
-    are up, are interchangeable: the mean keeps the facility's power and, the envelope
-    being concave, loses no tokens; and physics between two vertices is itself concave
-    in practice, so the even split is also the one that realises best.
+    replicas and putting some at one vertex and the rest at the next (same segment, same
+    total), and simplex returns the latter. Which realises more depends on physics
+    between the two vertices: where it is concave (most of the range) the even split
+    gains a little; across the stall region at the bottom, where no setting reaches the
+    chord, only the vertices are real and the LP's split is what the hardware can do.
+    Replicas with the same curve and host cost per watt on nodes that are up are
+    interchangeable (same facility power either way), so each set keeps whichever
+    realises more.
     """
-    groups: dict[tuple[int, float | None, float], list[int]] = defaultdict(list)
+    groups: dict[tuple[int, float], list[int]] = defaultdict(list)
     for i, r in enumerate(replicas):
         if nm[r.node].state.alive and on.get(r.node, False):
-            groups[(id(curves[i]), r.demand_tokens_per_s, nm[r.node].host_slope)].append(i)
+            groups[(id(curves[i]), nm[r.node].host_slope)].append(i)
+    sets = [idx for idx in groups.values() if len(idx) > 1 and np.ptp(power[idx]) > 1e-6]
+    if not sets:
+        return power
+    members = [i for idx in sets for i in idx]
+    even = power.copy()
+    for idx in sets:
+        even[idx] = power[idx].mean()
+    chosen = [curves[i] for i in members]
+    as_is = _realise(chosen, power[members]).tokens
+    spread = _realise(chosen, even[members]).tokens
     out = power.copy()
-    for idx in groups.values():
-        if len(idx) > 1:
-            out[idx] = power[idx].mean()
+    pos = 0
+    for idx in sets:
+        k = len(idx)
+        if spread[pos : pos + k].sum() > as_is[pos : pos + k].sum():
+            out[idx] = even[idx]
+        pos += k
     return out
 
 

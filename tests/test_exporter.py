@@ -239,8 +239,9 @@ def test_token_and_source_series(rt: Runtime, scraped: Scrape) -> None:
     src = {"node": agent.node, "endpoint": ep.name}
     assert scraped.value("wattkeeper_token_source_up", **src) == 1.0
     assert scraped.value("wattkeeper_token_source_info", **src, kind="vllm") == 1.0
-    assert scraped.value("wattkeeper_token_source_last_sample_timestamp_seconds", **src) == (
-        agent.state.endpoint_last_ok[ep.name]
+    assert (
+        scraped.value("wattkeeper_token_source_last_sample_timestamp_seconds", **src)
+        == (agent.state.endpoint_last_ok[ep.name])
     )
     assert scraped.value("wattkeeper_host_up", node=agent.node) == 1.0
     assert scraped.value("wattkeeper_host_last_sample_timestamp_seconds", node=agent.node) == (
@@ -313,18 +314,20 @@ def test_failed_sources_go_down_and_keep_their_last_timestamp(
 
     ep = TokenEndpoint("http://127.0.0.1:1/metrics", "vllm", flaky)
     agent.endpoints.append(ep)
-    agent.tokens_interval_s = 0.0  # read the servers on every tick, not every 5 s
-    step(rt, 1)
+    agent.tokens_interval_s = 0.0  # read servers on every tick once the 5 s wait is over
+    step(rt, 5)
     good_ts = rt.clock.now()
     src = {"node": agent.node, "endpoint": ep.name}
     before = scrape(port)
     assert before.value("wattkeeper_token_source_up", **src) == 1.0
-    assert any(lbl["endpoint"] == ep.name for lbl, _ in before.series("wattkeeper_tokens_generated_total"))
+    assert any(
+        lbl["endpoint"] == ep.name for lbl, _ in before.series("wattkeeper_tokens_generated_total")
+    )
 
     lost = next(iter(agent.infos))
     real_sample = agent.backend.sample
 
-    def sample(uuid: str):  # noqa: ANN202
+    def sample(uuid: str):
         if uuid == lost:
             raise GpuLostError("fell off the bus")
         return real_sample(uuid)
@@ -342,7 +345,9 @@ def test_failed_sources_go_down_and_keep_their_last_timestamp(
     lbl = gpu_labels(rt, lost)
     assert after.value("wattkeeper_gpu_up", node=agent.node) == 0.0
     assert ("wattkeeper_gpu_power_watts", frozenset(lbl.items())) not in after.samples
-    assert after.value("wattkeeper_gpu_last_sample_timestamp_seconds", **lbl) == good_ts
+    assert after.value("wattkeeper_gpu_last_sample_timestamp_seconds", **lbl) == pytest.approx(
+        good_ts
+    )
     others = [u for u in agent.infos if u != lost]
     for uuid in others:
         assert after.value(
@@ -354,7 +359,10 @@ def test_failed_sources_go_down_and_keep_their_last_timestamp(
 # -- the names are a contract: golden file, docs, dashboard ----------------------------------
 def structure(s: Scrape) -> str:
     """HELP, TYPE and one placeholder sample per label set: stable against physics changes."""
-    lines: list[str] = []
+    lines = [
+        "# Structure of a wattkeeper scrape: names, types, help and label names; values and",
+        "# label values are placeholders. Regenerate: WATTKEEPER_UPDATE_GOLDEN=1 pytest -k golden",
+    ]
     for block in re.split(r"(?=^# HELP )", s.text, flags=re.MULTILINE):
         if not block.strip():
             continue
@@ -449,6 +457,24 @@ def test_dashboard_only_uses_exported_metrics_and_labels(scraped: Scrape) -> Non
             for label in re.findall(r"\{\{(\w+)\}\}", t.get("legendFormat", "")):
                 names = re.findall(r"wattkeeper_\w+", t["expr"])
                 assert any(label in labels_of[n] for n in names), (label, t["expr"])
+
+
+def test_serves_on_ipv6_loopback(rt: Runtime) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            p = s.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    server = serve(rt, "::1", p)
+    try:
+        r = httpx.get(f"http://[::1]:{p}/metrics", timeout=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.status_code == 200 and "wattkeeper_gpu_power_watts{" in r.text
 
 
 # -- a real Prometheus server scraping the exporter ------------------------------------------

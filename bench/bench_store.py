@@ -1,0 +1,536 @@
+"""Store throughput: GPU samples ingested per second and the controller's snapshot time.
+
+Every agent writes one transaction per tick (8 GPU rows, a host row) and the controller
+reads the newest sample of every GPU each tick, so these two numbers bound how many GPUs
+one store can carry at a 1 s agent interval. Measured on SQLite (temporary file, WAL, the
+pragmas of ``store.db.make_engine``) and on PostgreSQL (a throwaway server from
+``tests/pg.py``; note that it runs with ``fsync=off``, so commit cost is CPU and round
+trips, not disk flushes). The schema comes from the Alembic migrations, as in production.
+
+- ``tick``: ``Store.write_samples`` exactly as the agent calls it, cycling over the
+  fleet's nodes (one transaction: node lookup, ``last_seen_at`` update, 8 GPU rows, a
+  host row); rate in GPU rows per second, one writer.
+- ``batch``: the same Core ``insert(GpuSampleRow)`` with ``--batch`` rows (1000) per
+  transaction: what a batching ingester could reach.
+- ``copy`` (PostgreSQL only): ``COPY gpu_samples FROM STDIN`` through psycopg, the
+  upper bound for a bulk path.
+- ``snapshot``: ``Store.snapshot(now, 60)`` at 1250 nodes x 8 GPUs with ``--history-s``
+  seconds of 1 Hz samples already stored (bulk-loaded), targets for every GPU and a
+  token row per node every 5 s; median of ``--repeat`` calls. Reported beside it: the
+  same SQL run raw through the driver (so the rest is ORM and Python), ``EXPLAIN`` of
+  the newest-sample query, and the time of a per-GPU index-probe query proposed in
+  ``bench/README.md``.
+
+Numbers, not pass/fail; the goals (20k rows/s SQLite, 100k rows/s PostgreSQL) are
+printed beside them.
+
+Run: ``.venv/bin/python bench/bench_store.py [--backends sqlite postgresql] [--json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, event, insert, text
+
+from wattkeeper.collectors.gpu import GpuSample
+from wattkeeper.store.db import make_engine, upgrade
+from wattkeeper.store.models import Budget, Gpu, GpuSampleRow, Node
+from wattkeeper.store.repository import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+GPUS_PER_NODE = 8
+GOALS = {"sqlite": 20_000, "postgresql": 100_000}
+SAMPLE_COLUMNS = (
+    "gpu_id",
+    "ts",
+    "power_w",
+    "power_instant_w",
+    "energy_j",
+    "sm_clock_mhz",
+    "mem_clock_mhz",
+    "utilization_gpu_ratio",
+    "temperature_c",
+    "power_limit_w",
+    "throttle_reasons",
+)
+T0 = 1_700_000_000.0
+
+# The newest sample per GPU by one index probe each, instead of grouping the window.
+PROBE_SQL = {
+    "sqlite": """
+        SELECT g.id, s.ts, s.power_w, s.power_limit_w, s.throttle_reasons
+        FROM gpus g
+        JOIN gpu_samples s ON s.id = (
+            SELECT s2.id FROM gpu_samples s2
+            WHERE s2.gpu_id = g.id AND s2.ts <= :now
+            ORDER BY s2.ts DESC LIMIT 1)
+        WHERE s.ts >= :since""",
+    "postgresql": """
+        SELECT g.id, s.ts, s.power_w, s.power_limit_w, s.throttle_reasons
+        FROM gpus g
+        JOIN LATERAL (
+            SELECT s2.ts, s2.power_w, s2.power_limit_w, s2.throttle_reasons
+            FROM gpu_samples s2
+            WHERE s2.gpu_id = g.id AND s2.ts <= :now AND s2.ts >= :since
+            ORDER BY s2.ts DESC LIMIT 1) s ON true""",
+}
+
+
+def _load_pg_helper() -> Any:
+    """tests/pg.py is not a package module; load it by path so the bench reuses it."""
+    spec = importlib.util.spec_from_file_location("wattkeeper_bench_pg", ROOT / "tests" / "pg.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def database(backend: str, name: str) -> Iterator[str]:
+    """A fresh, migrated database URL for one measurement."""
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory(prefix="wattkeeper-bench-") as tmp:
+            yield f"sqlite:///{tmp}/{name}.db"
+        return
+    pg = _load_pg_helper()
+    bindir = pg.find_bindir()
+    if bindir is None:
+        raise SystemExit("PostgreSQL binaries not found (/usr/lib/postgresql/*/bin)")
+    server = pg.PgServer(bindir)
+    server.start()
+    try:
+        yield server.create_database(name)
+    finally:
+        server.stop()
+
+
+def migrated_engine(url: str) -> Engine:
+    engine = make_engine(url)
+    upgrade(engine)
+    return engine
+
+
+def register_fleet(engine: Engine, n_nodes: int, now: float) -> dict[str, dict[str, int]]:
+    """Nodes and GPUs in bulk (register_node is per node and not what is measured)."""
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Node),
+            [
+                {
+                    "name": f"node{j:05d}",
+                    "registered_at": now,
+                    "last_seen_at": now,
+                    "drained": False,
+                    "backend": "sim",
+                }
+                for j in range(n_nodes)
+            ],
+        )
+        node_ids = dict(conn.execute(text("SELECT name, id FROM nodes")).all())
+        conn.execute(
+            insert(Gpu),
+            [
+                {
+                    "uuid": f"GPU-{j:05d}-{k}",
+                    "node_id": node_ids[f"node{j:05d}"],
+                    "index": k,
+                    "name": "NVIDIA H100 80GB HBM3",
+                    "pci_bus_id": f"0000:{k:02x}:00.0",
+                    "memory_total_bytes": 80 * 2**30,
+                    "power_min_w": 200.0,
+                    "power_max_w": 700.0,
+                    "power_default_w": 700.0,
+                }
+                for j in range(n_nodes)
+                for k in range(GPUS_PER_NODE)
+            ],
+        )
+        rows = conn.execute(
+            text("SELECT g.uuid, g.id, n.name FROM gpus g JOIN nodes n ON n.id = g.node_id")
+        ).all()
+    fleet: dict[str, dict[str, int]] = {}
+    for uuid, gpu_id, node in rows:
+        fleet.setdefault(node, {})[uuid] = gpu_id
+    return fleet
+
+
+def _sample(uuid: str, ts: float, k: int) -> GpuSample:
+    return GpuSample(
+        uuid=uuid,
+        timestamp=ts,
+        power_w=400.0 + k,
+        power_instant_w=410.0 + k,
+        energy_j=1e9 + ts,
+        sm_clock_mhz=1755.0,
+        mem_clock_mhz=2619.0,
+        utilization_gpu_ratio=0.9,
+        temperature_c=60.0,
+        power_limit_w=500.0,
+        throttle_reasons=("sw_power_cap",),
+    )
+
+
+def _row(gpu_id: int, ts: float) -> tuple:
+    return (gpu_id, ts, 400.0, 410.0, 1e9 + ts, 1755.0, 2619.0, 0.9, 60.0, 500.0, "sw_power_cap")
+
+
+def _tick_writer(url: str, fleet: list[tuple[str, dict[str, int]]], seconds: float) -> int:
+    """One agent-like writer over its share of the nodes; returns node ticks written."""
+    engine = make_engine(url)
+    store = Store(engine)
+    ticks = [(node, ids, [_sample(u, T0, k) for k, u in enumerate(ids)]) for node, ids in fleet]
+    host = (0.3, 1100.0, "model")
+    for node, ids, samples in ticks[:20]:  # warm-up: connections, statement caches
+        store.write_samples(node, ids, samples, T0, host=host)
+    done = 0
+    deadline = time.perf_counter() + seconds
+    now = T0
+    while time.perf_counter() < deadline:
+        now += 1.0
+        for node, ids, samples in ticks:
+            store.write_samples(node, ids, samples, now, host=host)
+            done += 1
+            if done % 50 == 0 and time.perf_counter() >= deadline:
+                break
+    engine.dispose()
+    return done
+
+
+def bench_ticks(backend: str, n_nodes: int, seconds: float, writers: int) -> dict:
+    """Store.write_samples the way every agent tick calls it, from ``writers`` processes
+    (agents are separate processes, each with its own connection)."""
+    with database(backend, "ingest_tick") as url:
+        engine = migrated_engine(url)
+        fleet = sorted(register_fleet(engine, n_nodes, T0).items())
+        engine.dispose()
+        shares = [fleet[w::writers] for w in range(writers)]
+        started = time.perf_counter()
+        if writers == 1:
+            done = _tick_writer(url, shares[0], seconds)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(writers) as pool:
+                done = sum(pool.starmap(_tick_writer, [(url, sh, seconds) for sh in shares]))
+        elapsed = time.perf_counter() - started
+    rows = done * GPUS_PER_NODE
+    return {
+        "mode": f"tick x{writers}",
+        "writers": writers,
+        "rows": rows,
+        "seconds": elapsed,
+        "rows_per_s": rows / elapsed,
+    }
+
+
+def bench_batches(backend: str, batch: int, seconds: float) -> dict:
+    """The same Core insert, ``batch`` rows per transaction."""
+    n_nodes = max(1, batch // GPUS_PER_NODE)
+    with database(backend, "ingest_batch") as url:
+        engine = migrated_engine(url)
+        fleet = register_fleet(engine, n_nodes, T0)
+        gpu_ids = [i for ids in fleet.values() for i in ids.values()][:batch]
+        template = [dict(zip(SAMPLE_COLUMNS, _row(g, T0), strict=True)) for g in gpu_ids]
+        with engine.begin() as conn:
+            conn.execute(insert(GpuSampleRow), template)
+        done = 0
+        started = time.perf_counter()
+        now = T0
+        while time.perf_counter() - started < seconds:
+            now += 1.0
+            for r in template:
+                r["ts"] = now
+            with engine.begin() as conn:
+                conn.execute(insert(GpuSampleRow), template)
+            done += len(template)
+        elapsed = time.perf_counter() - started
+        engine.dispose()
+    return {
+        "mode": f"batch{batch}",
+        "rows": done,
+        "seconds": elapsed,
+        "rows_per_s": done / elapsed,
+    }
+
+
+def bench_copy(batch: int, seconds: float) -> dict:
+    """PostgreSQL COPY of ``batch`` rows per transaction: the ceiling for a bulk path."""
+    with database("postgresql", "ingest_copy") as url:
+        engine = migrated_engine(url)
+        fleet = register_fleet(engine, max(1, batch // GPUS_PER_NODE), T0)
+        gpu_ids = [i for ids in fleet.values() for i in ids.values()][:batch]
+        done = 0
+        started = time.perf_counter()
+        now = T0
+        raw = engine.raw_connection()
+        try:
+            while time.perf_counter() - started < seconds:
+                now += 1.0
+                with raw.cursor() as cur:
+                    with cur.copy(
+                        f"COPY gpu_samples ({', '.join(SAMPLE_COLUMNS)}) FROM STDIN"
+                    ) as cp:
+                        for g in gpu_ids:
+                            cp.write_row(_row(g, now))
+                raw.commit()
+                done += len(gpu_ids)
+        finally:
+            raw.close()
+        elapsed = time.perf_counter() - started
+        engine.dispose()
+    return {"mode": f"copy{batch}", "rows": done, "seconds": elapsed, "rows_per_s": done / elapsed}
+
+
+def load_history(engine: Engine, fleet: dict, history_s: int, now: float) -> int:
+    """``history_s`` seconds of 1 Hz samples ending at ``now``, generated inside the
+    database (a Python loop would take minutes at millions of rows), a minute per
+    statement, in time order as agents would have written them; a token row per node
+    every 5 s."""
+    n_gpus = sum(len(ids) for ids in fleet.values())
+    gpu_cols = ", ".join(SAMPLE_COLUMNS)
+    first = now - history_s + 1
+    for chunk_start in range(0, history_s, 60):
+        chunk = min(60, history_s - chunk_start)
+        secs = (
+            "(WITH RECURSIVE secs(k) AS"
+            f" (SELECT 0 UNION ALL SELECT k + 1 FROM secs WHERE k < {chunk - 1})"
+            f" SELECT {first + chunk_start} + k AS ts FROM secs) t"
+        )
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SET LOCAL statement_timeout = 0"))
+            conn.execute(
+                text(
+                    f"INSERT INTO gpu_samples ({gpu_cols}) SELECT g.id, t.ts, 400.0, 410.0,"
+                    " 1e9 + t.ts, 1755.0, 2619.0, 0.9, 60.0, 500.0, 'sw_power_cap'"
+                    f" FROM {secs} CROSS JOIN gpus g ORDER BY t.ts, g.id"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO host_samples (node_id, ts, cpu_util_ratio, non_gpu_power_w,"
+                    " power_source) SELECT n.id, t.ts, 0.3, 1100.0, 'model'"
+                    f" FROM {secs} CROSS JOIN nodes n ORDER BY t.ts, n.id"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO token_samples (node_id, ts, endpoint, model, up,"
+                    " prompt_tokens_total, generation_tokens_total, generation_tokens_per_s,"
+                    " requests_running, requests_waiting) SELECT n.id, t.ts,"
+                    " 'http://127.0.0.1:8000/metrics', 'llama', true, 1e6, 2e6, 5000.0, 8.0, 0.0"
+                    f" FROM {secs} CROSS JOIN nodes n"
+                    " WHERE CAST(t.ts AS INTEGER) % 5 = 0 ORDER BY t.ts, n.id"
+                )
+            )
+    return n_gpus * history_s
+
+
+def _fetch(engine: Engine, sql: str, **params: Any) -> list:
+    with engine.connect() as conn:
+        return list(conn.execute(text(sql), params).all())
+
+
+def explain(engine: Engine, backend: str, sql: str, params: Any) -> list[str]:
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        if backend == "sqlite":
+            cur.execute("EXPLAIN QUERY PLAN " + sql, params)
+            return [f"{r[0]}|{r[1]}| {r[3]}" for r in cur.fetchall()]
+        cur.execute("EXPLAIN (ANALYZE, BUFFERS, TIMING OFF) " + sql, params)
+        return [r[0] for r in cur.fetchall()]
+    finally:
+        raw.close()
+
+
+def _median_time(fn: Any, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_snapshot(backend: str, n_nodes: int, history_s: int, repeat: int) -> dict:
+    now = T0 + 10_000.0
+    with database(backend, "snapshot") as url:
+        engine = migrated_engine(url)
+        fleet = register_fleet(engine, n_nodes, now)
+        t0 = time.perf_counter()
+        stored = load_history(engine, fleet, history_s, now)
+        load_s = time.perf_counter() - t0
+        store = Store(engine)
+        with engine.begin() as conn:
+            conn.execute(
+                insert(Budget),
+                [{"scope": "facility", "limit_w": 6e6, "updated_at": now, "updated_by": "bench"}],
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO targets (gpu_id, power_limit_w, issued_at, lease_expires_at,"
+                    " reason) SELECT id, 500.0, :now, :exp, 'bench' FROM gpus"
+                ),
+                {"now": now, "exp": now + 30},
+            )
+        statements: list[tuple[str, Any]] = []
+
+        def record(_conn: Any, _cur: Any, stmt: str, params: Any, _ctx: Any, _many: bool) -> None:
+            statements.append((stmt, params))
+
+        event.listen(engine, "before_cursor_execute", record)
+        snap = store.snapshot(now, window_s=60.0)
+        event.remove(engine, "before_cursor_execute", record)
+        fresh = sum(1 for g in snap.gpus if g.sample_ts == now)
+        gpu_stmt = next(s for s in statements if "gpu_samples" in s[0])
+        result: dict[str, Any] = {
+            "backend": backend,
+            "gpus": len(snap.gpus),
+            "gpus_with_fresh_sample": fresh,
+            "history_s": history_s,
+            "gpu_sample_rows": stored,
+            "bulk_load_s": load_s,
+        }
+
+        def analyze() -> None:
+            with engine.begin() as conn:
+                conn.execute(text("ANALYZE"))
+
+        def run_raw(only: str | None = None) -> None:
+            raw = engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                for stmt, params in statements:
+                    if only is None or only in stmt:
+                        cur.execute(stmt, params)
+                        cur.fetchall()
+            finally:
+                raw.close()
+
+        def probe() -> None:
+            _fetch(engine, PROBE_SQL[backend], now=now, since=now - 60.0)
+
+        phases = ["as_loaded", "analyzed"]
+        for phase in phases:
+            if phase == "analyzed":
+                analyze()
+            result[phase] = {
+                "snapshot_s": _median_time(lambda: store.snapshot(now, window_s=60.0), repeat),
+                "raw_sql_s": _median_time(run_raw, repeat),
+                "raw_gpu_sql_s": _median_time(lambda: run_raw("gpu_samples"), repeat),
+                "probe_query_s": _median_time(probe, repeat),
+                "probe_rows": len(_fetch(engine, PROBE_SQL[backend], now=now, since=now - 60.0)),
+                "explain_newest_gpu": explain(engine, backend, *gpu_stmt),
+                "explain_probe": explain(
+                    engine,
+                    backend,
+                    *_compiled(engine, PROBE_SQL[backend], now=now, since=now - 60.0),
+                ),
+            }
+        engine.dispose()
+    return result
+
+
+def _compiled(engine: Engine, sql: str, **params: Any) -> tuple[str, Any]:
+    """The driver-level SQL and parameters of a ``text()`` query, for EXPLAIN."""
+    compiled = text(sql).bindparams(**params).compile(engine)
+    if engine.dialect.name == "sqlite":
+        return str(compiled), tuple(compiled.params[k] for k in compiled.positiontup or ())
+    return str(compiled), compiled.params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per ingest measurement")
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument(
+        "--writers", type=int, nargs="+", default=[1, 4], help="agent processes for tick mode"
+    )
+    parser.add_argument("--nodes", type=int, default=1250, help="8 GPUs each")
+    parser.add_argument("--history-s", type=int, nargs="+", default=[60])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["ingest", "snapshot"])
+    parser.add_argument("--explain", action="store_true", help="print the query plans")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args()
+    ingest: list[dict] = []
+    snapshots: list[dict] = []
+    for backend in args.backends:
+        if "ingest" not in args.skip:
+            for res in (
+                *(bench_ticks(backend, args.nodes, args.seconds, w) for w in args.writers),
+                bench_batches(backend, args.batch, args.seconds),
+            ):
+                ingest.append({"backend": backend, **res, "goal_rows_per_s": GOALS[backend]})
+                _progress(ingest[-1])
+            if backend == "postgresql":
+                ingest.append(
+                    {
+                        "backend": backend,
+                        **bench_copy(args.batch, args.seconds),
+                        "goal_rows_per_s": GOALS[backend],
+                    }
+                )
+                _progress(ingest[-1])
+        if "snapshot" not in args.skip:
+            for history in args.history_s:
+                snapshots.append(bench_snapshot(backend, args.nodes, history, args.repeat))
+                print(f"  {backend} snapshot, {history} s stored: done", file=sys.stderr)
+    meta = {
+        "bench": "store",
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus_visible": os.cpu_count(),
+    }
+    if args.json:
+        print(json.dumps({**meta, "ingest": ingest, "snapshot": snapshots}, indent=2))
+        return
+    if ingest:
+        print(f"{'backend':<11} {'mode':<10} {'rows':>9} {'rows/s':>10} {'goal':>9}")
+    for r in ingest:
+        print(
+            f"{r['backend']:<11} {r['mode']:<10} {r['rows']:>9} {r['rows_per_s']:>10,.0f} "
+            f"{r['goal_rows_per_s']:>9,}"
+        )
+    print()
+    print(
+        f"{'backend':<11} {'GPUs':>6} {'stored s':>8} {'rows':>9} {'stats':<10} "
+        f"{'snapshot ms':>11} {'raw SQL ms':>10} {'GPU part':>8} {'probe ms':>9}"
+    )
+    for s in snapshots:
+        for phase in ("as_loaded", "analyzed"):
+            p = s[phase]
+            print(
+                f"{s['backend']:<11} {s['gpus']:>6} {s['history_s']:>8} {s['gpu_sample_rows']:>9} "
+                f"{phase:<10} {1e3 * p['snapshot_s']:>11.1f} {1e3 * p['raw_sql_s']:>10.1f} "
+                f"{1e3 * p['raw_gpu_sql_s']:>8.1f} {1e3 * p['probe_query_s']:>9.1f}"
+            )
+            if args.explain:
+                print("    newest-sample query:")
+                print("\n".join("      " + line for line in p["explain_newest_gpu"]))
+                print("    per-GPU probe query:")
+                print("\n".join("      " + line for line in p["explain_probe"]))
+
+
+def _progress(r: dict) -> None:
+    print(f"  {r['backend']} {r['mode']}: {r['rows_per_s']:,.0f} rows/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,8 @@ fraction of their unconstrained power, solved with and without node drains. Curv
 are cached by replica state, so the first ("cold") solve builds them and a second
 ("warm") one shows the MILP and the mapping back alone. A number, not a pass/fail.
 
-Run: ``.venv/bin/python bench/bench_optimum.py [--sizes 32 256 1024] [--budget 0.6]``
+Run: ``.venv/bin/python bench/bench_optimum.py [--sizes 32 256 1024] [--budget 0.6]
+[--points 24] [--count generated|all]``
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def facility(replicas: int, seed: int = 0) -> tuple[list[ReplicaState], list[Nod
     return reps, nodes
 
 
-def run(sizes: list[int], budget_ratio: float, points: int) -> None:
+def run(sizes: list[int], budget_ratio: float, points: int, count: optimum.TokenCount) -> None:
     print(
-        f"budget = {budget_ratio:.0%} of unconstrained facility power, points = {points}\n"
+        f"budget = {budget_ratio:.0%} of unconstrained facility power, points = {points}, "
+        f"count = {count}\n"
         f"{'replicas':>8} {'nodes':>5} {'drain':>5} {'cold s':>7} {'warm s':>7} {'highs s':>7} "
         f"{'status':>9} {'gap':>8} {'drained':>7} {'tokens/s':>10} {'real/pred':>9}"
     )
@@ -58,14 +60,14 @@ def run(sizes: list[int], budget_ratio: float, points: int) -> None:
         reps, nodes = facility(size)
         for drain in (True, False):
             optimum._CURVES.clear()  # cold: curves built inside the timing
-            top = optimum.solve(reps, nodes, 1e12, points=points)
+            top = optimum.solve(reps, nodes, 1e12, points=points, count=count)
             optimum._CURVES.clear()
             budget = budget_ratio * top.power_w
             t0 = time.perf_counter()
-            optimum.solve(reps, nodes, budget, allow_drain=drain, points=points)
+            optimum.solve(reps, nodes, budget, allow_drain=drain, points=points, count=count)
             cold = time.perf_counter() - t0
             t0 = time.perf_counter()
-            res = optimum.solve(reps, nodes, budget, allow_drain=drain, points=points)
+            res = optimum.solve(reps, nodes, budget, allow_drain=drain, points=points, count=count)
             warm = time.perf_counter() - t0
             ratio = res.realised_tokens_per_s / res.tokens_per_s if res.tokens_per_s else 1.0
             print(
@@ -80,8 +82,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 256, 1024])
     ap.add_argument("--budget", type=float, default=0.6, help="fraction of unconstrained power")
     ap.add_argument("--points", type=int, default=24)
+    ap.add_argument("--count", choices=["generated", "all"], default="generated")
     args = ap.parse_args()
-    run(args.sizes, args.budget, args.points)
+    run(args.sizes, args.budget, args.points, args.count)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--no-pin", action="store_true", help="do not pin to one CPU")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]  # other work on the machine skews every number here
     pinned = None
     if not args.no_pin and hasattr(os, "sched_setaffinity"):
         pinned = min(os.sched_getaffinity(0))
@@ -216,6 +217,7 @@ def main() -> None:
         "numpy": np.__version__,
         "machine": platform.machine(),
         "cpus_visible": os.cpu_count(),
+        "load_average_1m_before": load_before,
         "pinned_cpu": pinned,
         "repeat": args.repeat,
     }

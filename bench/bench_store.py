@@ -9,7 +9,9 @@ trips, not disk flushes). The schema comes from the Alembic migrations, as in pr
 
 - ``tick``: ``Store.write_samples`` exactly as the agent calls it, cycling over the
   fleet's nodes (one transaction: node lookup, ``last_seen_at`` update, 8 GPU rows, a
-  host row); rate in GPU rows per second, one writer.
+  host row); rate in GPU rows per second, from ``--writers`` processes (1 and 4).
+- ``lean``: the same rows and transaction through the write path proposed in
+  ``bench/README.md`` (``lean_write_samples``: ``UPDATE ... RETURNING`` for the node).
 - ``batch``: the same Core ``insert(GpuSampleRow)`` with ``--batch`` rows (1000) per
   transaction: what a batching ingester could reach.
 - ``copy`` (PostgreSQL only): ``COPY gpu_samples FROM STDIN`` through psycopg, the
@@ -18,8 +20,12 @@ trips, not disk flushes). The schema comes from the Alembic migrations, as in pr
   seconds of 1 Hz samples already stored (bulk-loaded), targets for every GPU and a
   token row per node every 5 s; median of ``--repeat`` calls. Reported beside it: the
   same SQL run raw through the driver (so the rest is ORM and Python), ``EXPLAIN`` of
-  the newest-sample query, and the time of a per-GPU index-probe query proposed in
-  ``bench/README.md``.
+  the newest-sample query, and the time of the GPU half of the snapshot as proposed in
+  ``bench/README.md`` (one index probe per GPU, plain columns), checked to return the
+  same ``GpuView`` values; and ``Store.write_targets`` for every GPU, unchanged (lease
+  refresh only) and all changed (one audit row each). Snapshot measured before and
+  after ``ANALYZE``: a store that grew from empty may have no statistics yet, and the
+  plans differ.
 
 Numbers, not pass/fail; the goals (20k rows/s SQLite, 100k rows/s PostgreSQL) are
 printed beside them.
@@ -41,15 +47,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event, insert, text
+from sqlalchemy import Engine, Select, event, insert, select, text, true, update
 
 from wattkeeper.collectors.gpu import GpuSample
 from wattkeeper.store.db import make_engine, upgrade
-from wattkeeper.store.models import Budget, Gpu, GpuSampleRow, Node
-from wattkeeper.store.repository import Store
+from wattkeeper.store.models import Budget, Gpu, GpuSampleRow, HostSampleRow, Node, Target
+from wattkeeper.store.repository import GpuView, Store, TargetSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 GPUS_PER_NODE = 8
@@ -69,25 +76,102 @@ SAMPLE_COLUMNS = (
 )
 T0 = 1_700_000_000.0
 
-# The newest sample per GPU by one index probe each, instead of grouping the window.
-PROBE_SQL = {
-    "sqlite": """
-        SELECT g.id, s.ts, s.power_w, s.power_limit_w, s.throttle_reasons
-        FROM gpus g
-        JOIN gpu_samples s ON s.id = (
-            SELECT s2.id FROM gpu_samples s2
-            WHERE s2.gpu_id = g.id AND s2.ts <= :now
-            ORDER BY s2.ts DESC LIMIT 1)
-        WHERE s.ts >= :since""",
-    "postgresql": """
-        SELECT g.id, s.ts, s.power_w, s.power_limit_w, s.throttle_reasons
-        FROM gpus g
-        JOIN LATERAL (
-            SELECT s2.ts, s2.power_w, s2.power_limit_w, s2.throttle_reasons
-            FROM gpu_samples s2
-            WHERE s2.gpu_id = g.id AND s2.ts <= :now AND s2.ts >= :since
-            ORDER BY s2.ts DESC LIMIT 1) s ON true""",
-}
+
+def proposed_gpu_statement(dialect: str, now: float, window_s: float) -> Select:
+    """The GPU query of ``Store.snapshot`` as proposed in bench/README.md.
+
+    The newest sample is found by one backward probe of ``ix_gpu_samples_gpu_ts`` per GPU
+    (``ORDER BY ts DESC LIMIT 1``), so the cost follows the GPU count, not the rows in
+    the window or the retention; plain columns instead of ORM entities, so no identity
+    map is built for 30,000 objects that are thrown away at once. PostgreSQL needs the
+    probe as a LATERAL subquery: as a correlated scalar in the join condition its
+    planner, once it has statistics, hashes the whole sample table instead. SQLite has
+    no LATERAL, but its planner only does nested loops, so the correlated form probes.
+    """
+    window = (
+        GpuSampleRow.gpu_id == Gpu.id,
+        GpuSampleRow.ts >= now - window_s,
+        GpuSampleRow.ts <= now,
+    )
+    if dialect == "postgresql":
+        sample = (
+            select(
+                GpuSampleRow.ts,
+                GpuSampleRow.power_w,
+                GpuSampleRow.energy_j,
+                GpuSampleRow.sm_clock_mhz,
+                GpuSampleRow.utilization_gpu_ratio,
+                GpuSampleRow.power_limit_w,
+                GpuSampleRow.throttle_reasons,
+            )
+            .where(*window)
+            .order_by(GpuSampleRow.ts.desc())
+            .limit(1)
+            .lateral("newest")
+        )
+        on = true()
+    else:
+        sample = GpuSampleRow.__table__
+        newest = (
+            select(GpuSampleRow.id)
+            .where(*window)
+            .order_by(GpuSampleRow.ts.desc())
+            .limit(1)
+            .correlate(Gpu)
+            .scalar_subquery()
+        )
+        on = sample.c.id == newest
+    return (
+        select(
+            Gpu.uuid,
+            Node.name,
+            Gpu.index,
+            Gpu.name,
+            Gpu.power_min_w,
+            Gpu.power_max_w,
+            Gpu.power_default_w,
+            sample.c.ts,
+            sample.c.power_w,
+            sample.c.energy_j,
+            sample.c.sm_clock_mhz,
+            sample.c.utilization_gpu_ratio,
+            sample.c.power_limit_w,
+            sample.c.throttle_reasons,
+            Target.power_limit_w,
+            Target.lease_expires_at,
+        )
+        .join(Node, Node.id == Gpu.node_id)
+        .outerjoin(sample, on)
+        .outerjoin(Target, Target.gpu_id == Gpu.id)
+        .order_by(Node.name, Gpu.index)
+    )
+
+
+def proposed_gpu_views(engine: Engine, now: float, window_s: float) -> list[GpuView]:
+    """The proposed query, turned into the same ``GpuView`` values the snapshot returns."""
+    with engine.connect() as conn:
+        rows = conn.execute(proposed_gpu_statement(engine.dialect.name, now, window_s)).all()
+    return [
+        GpuView(
+            uuid=r[0],
+            node=r[1],
+            index=r[2],
+            name=r[3],
+            power_min_w=r[4],
+            power_max_w=r[5],
+            power_default_w=r[6],
+            sample_ts=r[7],
+            power_w=r[8],
+            energy_j=r[9],
+            sm_clock_mhz=r[10],
+            utilization_gpu_ratio=r[11],
+            power_limit_w=r[12],
+            throttle_reasons=tuple(filter(None, (r[13] or "").split(","))),
+            target_power_limit_w=r[14],
+            target_lease_expires_at=r[15],
+        )
+        for r in rows
+    ]
 
 
 def _load_pg_helper() -> Any:
@@ -188,47 +272,104 @@ def _row(gpu_id: int, ts: float) -> tuple:
     return (gpu_id, ts, 400.0, 410.0, 1e9 + ts, 1755.0, 2619.0, 0.9, 60.0, 500.0, "sw_power_cap")
 
 
-def _tick_writer(url: str, fleet: list[tuple[str, dict[str, int]]], seconds: float) -> int:
-    """One agent-like writer over its share of the nodes; returns node ticks written."""
+def lean_write_samples(
+    engine: Engine,
+    node_name: str,
+    gpu_ids: dict[str, int],
+    samples: list[GpuSample],
+    now: float,
+    host: tuple[float | None, float | None, str],
+) -> None:
+    """The agent's write as proposed in bench/README.md: the same rows in the same single
+    transaction, with ``UPDATE ... RETURNING id`` in place of a lookup followed by an
+    update (one statement and one round trip fewer per tick)."""
+    rows = [
+        {
+            "gpu_id": gpu_ids[g.uuid],
+            "ts": g.timestamp,
+            "power_w": g.power_w,
+            "power_instant_w": g.power_instant_w,
+            "energy_j": g.energy_j,
+            "sm_clock_mhz": g.sm_clock_mhz,
+            "mem_clock_mhz": g.mem_clock_mhz,
+            "utilization_gpu_ratio": g.utilization_gpu_ratio,
+            "temperature_c": g.temperature_c,
+            "power_limit_w": g.power_limit_w,
+            "throttle_reasons": ",".join(g.throttle_reasons),
+        }
+        for g in samples
+    ]
+    with engine.begin() as conn:
+        node_id = conn.scalar(
+            update(Node).where(Node.name == node_name).values(last_seen_at=now).returning(Node.id)
+        )
+        conn.execute(insert(GpuSampleRow), rows)
+        cpu, power, source = host
+        conn.execute(
+            insert(HostSampleRow),
+            [
+                {
+                    "node_id": node_id,
+                    "ts": now,
+                    "cpu_util_ratio": cpu,
+                    "non_gpu_power_w": power,
+                    "power_source": source,
+                }
+            ],
+        )
+
+
+def _tick_writer(
+    url: str, fleet: list[tuple[str, dict[str, int]]], seconds: float, lean: bool
+) -> tuple[int, float]:
+    """One agent-like writer over its share of the nodes; (node ticks written, seconds)."""
     engine = make_engine(url)
     store = Store(engine)
+
+    def write(node: str, ids: dict[str, int], samples: list[GpuSample], now: float) -> None:
+        if lean:
+            lean_write_samples(engine, node, ids, samples, now, host)
+        else:
+            store.write_samples(node, ids, samples, now, host=host)
+
     ticks = [(node, ids, [_sample(u, T0, k) for k, u in enumerate(ids)]) for node, ids in fleet]
     host = (0.3, 1100.0, "model")
     for node, ids, samples in ticks[:20]:  # warm-up: connections, statement caches
-        store.write_samples(node, ids, samples, T0, host=host)
+        write(node, ids, samples, T0)
     done = 0
-    deadline = time.perf_counter() + seconds
+    started = time.perf_counter()
+    deadline = started + seconds
     now = T0
     while time.perf_counter() < deadline:
         now += 1.0
         for node, ids, samples in ticks:
-            store.write_samples(node, ids, samples, now, host=host)
+            write(node, ids, [replace(s, timestamp=now) for s in samples], now)
             done += 1
             if done % 50 == 0 and time.perf_counter() >= deadline:
                 break
+    elapsed = time.perf_counter() - started
     engine.dispose()
-    return done
+    return done, elapsed
 
 
-def bench_ticks(backend: str, n_nodes: int, seconds: float, writers: int) -> dict:
-    """Store.write_samples the way every agent tick calls it, from ``writers`` processes
-    (agents are separate processes, each with its own connection)."""
+def bench_ticks(backend: str, n_nodes: int, seconds: float, writers: int, lean: bool) -> dict:
+    """Agent ticks from ``writers`` processes (agents are separate processes, each with
+    its own connection); the rate counts only the measured window of each writer."""
     with database(backend, "ingest_tick") as url:
         engine = migrated_engine(url)
         fleet = sorted(register_fleet(engine, n_nodes, T0).items())
         engine.dispose()
         shares = [fleet[w::writers] for w in range(writers)]
-        started = time.perf_counter()
         if writers == 1:
-            done = _tick_writer(url, shares[0], seconds)
+            results = [_tick_writer(url, shares[0], seconds, lean)]
         else:
             ctx = multiprocessing.get_context("spawn")
             with ctx.Pool(writers) as pool:
-                done = sum(pool.starmap(_tick_writer, [(url, sh, seconds) for sh in shares]))
-        elapsed = time.perf_counter() - started
-    rows = done * GPUS_PER_NODE
+                results = pool.starmap(_tick_writer, [(url, sh, seconds, lean) for sh in shares])
+    rows = sum(done for done, _ in results) * GPUS_PER_NODE
+    elapsed = max(e for _, e in results)
     return {
-        "mode": f"tick x{writers}",
+        "mode": f"{'lean' if lean else 'tick'} x{writers}",
         "writers": writers,
         "rows": rows,
         "seconds": elapsed,
@@ -339,11 +480,6 @@ def load_history(engine: Engine, fleet: dict, history_s: int, now: float) -> int
     return n_gpus * history_s
 
 
-def _fetch(engine: Engine, sql: str, **params: Any) -> list:
-    with engine.connect() as conn:
-        return list(conn.execute(text(sql), params).all())
-
-
 def explain(engine: Engine, backend: str, sql: str, params: Any) -> list[str]:
     raw = engine.raw_connection()
     try:
@@ -422,8 +558,15 @@ def bench_snapshot(backend: str, n_nodes: int, history_s: int, repeat: int) -> d
             finally:
                 raw.close()
 
-        def probe() -> None:
-            _fetch(engine, PROBE_SQL[backend], now=now, since=now - 60.0)
+        def proposed() -> list[GpuView]:
+            return proposed_gpu_views(engine, now, 60.0)
+
+        proposal = proposed()
+        current = {g.uuid: g for g in snap.gpus}
+        result["proposal_matches_snapshot"] = len(proposal) == len(current) and all(
+            current[g.uuid] == g for g in proposal
+        )
+        proposed_sql = _driver_sql(engine, proposed_gpu_statement(backend, now, 60.0))
 
         phases = ["as_loaded", "analyzed"]
         for phase in phases:
@@ -433,22 +576,26 @@ def bench_snapshot(backend: str, n_nodes: int, history_s: int, repeat: int) -> d
                 "snapshot_s": _median_time(lambda: store.snapshot(now, window_s=60.0), repeat),
                 "raw_sql_s": _median_time(run_raw, repeat),
                 "raw_gpu_sql_s": _median_time(lambda: run_raw("gpu_samples"), repeat),
-                "probe_query_s": _median_time(probe, repeat),
-                "probe_rows": len(_fetch(engine, PROBE_SQL[backend], now=now, since=now - 60.0)),
+                "proposed_gpu_part_s": _median_time(proposed, repeat),
                 "explain_newest_gpu": explain(engine, backend, *gpu_stmt),
-                "explain_probe": explain(
-                    engine,
-                    backend,
-                    *_compiled(engine, PROBE_SQL[backend], now=now, since=now - 60.0),
-                ),
+                "explain_proposed": explain(engine, backend, *proposed_sql),
             }
+        # The controller's other half of a tick: one target per GPU with a fresh lease.
+        same = [TargetSpec(g.uuid, 500.0, reason="bench") for g in snap.gpus]
+        changed = [TargetSpec(g.uuid, 450.0, reason="bench") for g in snap.gpus]
+        result["write_targets_unchanged_s"] = _median_time(
+            lambda: store.write_targets(same, now, 30.0), max(1, repeat // 2)
+        )
+        t0 = time.perf_counter()
+        result["write_targets_changed_count"] = store.write_targets(changed, now, 30.0)
+        result["write_targets_changed_s"] = time.perf_counter() - t0
         engine.dispose()
     return result
 
 
-def _compiled(engine: Engine, sql: str, **params: Any) -> tuple[str, Any]:
-    """The driver-level SQL and parameters of a ``text()`` query, for EXPLAIN."""
-    compiled = text(sql).bindparams(**params).compile(engine)
+def _driver_sql(engine: Engine, stmt: Select) -> tuple[str, Any]:
+    """The SQL and parameters the driver receives for ``stmt``, for EXPLAIN."""
+    compiled = stmt.compile(engine)
     if engine.dialect.name == "sqlite":
         return str(compiled), tuple(compiled.params[k] for k in compiled.positiontup or ())
     return str(compiled), compiled.params
@@ -469,12 +616,17 @@ def main() -> None:
     parser.add_argument("--explain", action="store_true", help="print the query plans")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]  # other work on the machine skews every number here
     ingest: list[dict] = []
     snapshots: list[dict] = []
     for backend in args.backends:
         if "ingest" not in args.skip:
             for res in (
-                *(bench_ticks(backend, args.nodes, args.seconds, w) for w in args.writers),
+                *(
+                    bench_ticks(backend, args.nodes, args.seconds, w, lean)
+                    for lean in (False, True)
+                    for w in args.writers
+                ),
                 bench_batches(backend, args.batch, args.seconds),
             ):
                 ingest.append({"backend": backend, **res, "goal_rows_per_s": GOALS[backend]})
@@ -497,6 +649,7 @@ def main() -> None:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpus_visible": os.cpu_count(),
+        "load_average_1m_before": load_before,
     }
     if args.json:
         print(json.dumps({**meta, "ingest": ingest, "snapshot": snapshots}, indent=2))
@@ -511,7 +664,7 @@ def main() -> None:
     print()
     print(
         f"{'backend':<11} {'GPUs':>6} {'stored s':>8} {'rows':>9} {'stats':<10} "
-        f"{'snapshot ms':>11} {'raw SQL ms':>10} {'GPU part':>8} {'probe ms':>9}"
+        f"{'snapshot ms':>11} {'raw SQL ms':>10} {'GPU part':>8} {'proposed ms':>11}"
     )
     for s in snapshots:
         for phase in ("as_loaded", "analyzed"):
@@ -519,13 +672,23 @@ def main() -> None:
             print(
                 f"{s['backend']:<11} {s['gpus']:>6} {s['history_s']:>8} {s['gpu_sample_rows']:>9} "
                 f"{phase:<10} {1e3 * p['snapshot_s']:>11.1f} {1e3 * p['raw_sql_s']:>10.1f} "
-                f"{1e3 * p['raw_gpu_sql_s']:>8.1f} {1e3 * p['probe_query_s']:>9.1f}"
+                f"{1e3 * p['raw_gpu_sql_s']:>8.1f} {1e3 * p['proposed_gpu_part_s']:>11.1f}"
             )
             if args.explain:
                 print("    newest-sample query:")
                 print("\n".join("      " + line for line in p["explain_newest_gpu"]))
-                print("    per-GPU probe query:")
-                print("\n".join("      " + line for line in p["explain_probe"]))
+                print("    proposed per-GPU probe query:")
+                print("\n".join("      " + line for line in p["explain_proposed"]))
+    if snapshots:
+        print()
+        print(
+            f"{'backend':<11} {'GPUs':>6} {'write_targets unchanged ms':>27} {'all changed ms':>15}"
+        )
+    for s in snapshots:
+        print(
+            f"{s['backend']:<11} {s['gpus']:>6} {1e3 * s['write_targets_unchanged_s']:>27.1f} "
+            f"{1e3 * s['write_targets_changed_s']:>15.1f}"
+        )
 
 
 def _progress(r: dict) -> None:

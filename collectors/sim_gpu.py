@@ -13,6 +13,7 @@ import numpy as np
 
 from wattkeeper.collectors.gpu import (
     GpuInfo,
+    GpuLostError,
     GpuNotFoundError,
     GpuSample,
     OriginalSettings,
@@ -30,10 +31,10 @@ class SimGpuBackend:
         self.facility = facility
         self.node = node
         self.clock = clock
-        kind = facility.kind
         self._index: dict[str, int] = {}
         self._infos: list[GpuInfo] = []
         for local, global_idx in enumerate(facility.node_gpu_indices(node)):
+            kind = facility.gpu_kind(global_idx)
             uuid = facility.uuids[global_idx]
             self._index[uuid] = global_idx
             self._infos.append(
@@ -61,6 +62,12 @@ class SimGpuBackend:
                 f"no GPU with UUID {uuid} on simulated node {self.node}"
             ) from None
 
+    def _check_up(self) -> None:
+        """A node that failed or sleeps in standby has no GPUs to talk to."""
+        f = self.facility
+        if not f.node_up(self.node):
+            raise GpuLostError(f"simulated node {self.node} is {f.node_state(self.node)}")
+
     def gpus(self) -> list[GpuInfo]:
         return list(self._infos)
 
@@ -68,16 +75,16 @@ class SimGpuBackend:
         i = self._idx(uuid)
         f = self.facility
         f.advance_to(self.clock())
+        self._check_up()
         lock = None
         if not np.isnan(f.clock_lock[i]):
             lock = (int(f.clock_lock_min[i]), int(f.clock_lock[i]))
         reasons: list[str] = []
-        rep = f.replica_of[i]
-        if f.batch[rep] <= 0:
+        busy = float(f.gpu_busy[i])
+        if busy <= 0:
             reasons.append("gpu_idle")
         if f.power_capped[i]:
             reasons.append("sw_power_cap")
-        busy = min(1.0, f.batch[rep] / 64.0)
         return GpuSample(
             uuid=uuid,
             timestamp=f.now,
@@ -85,7 +92,7 @@ class SimGpuBackend:
             power_instant_w=float(f.power_true[i]),
             energy_j=float(f.energy_j[i]),
             sm_clock_mhz=float(f.clock_mhz[i]),
-            mem_clock_mhz=float(f.kind.mem_clock_mhz),
+            mem_clock_mhz=float(f.gpu_kind(i).mem_clock_mhz),
             utilization_gpu_ratio=busy,
             utilization_mem_ratio=busy * 0.8,
             temperature_c=30.0 + 0.06 * float(f.power_avg_1s()[i]),
@@ -109,20 +116,23 @@ class SimGpuBackend:
     def set_power_limit(self, uuid: str, watts: float) -> None:
         i = self._idx(uuid)
         self._by_uuid[uuid].power_limits.check(watts)
-        self._remember(uuid)
         self.facility.advance_to(self.clock())
+        self._check_up()
+        self._remember(uuid)
         self.facility.limit_requested[i] = float(watts)
 
     def lock_sm_clocks(self, uuid: str, min_mhz: int, max_mhz: int) -> None:
         i = self._idx(uuid)
         self._by_uuid[uuid].check_clock_range(min_mhz, max_mhz)
-        self._remember(uuid)
         self.facility.advance_to(self.clock())
+        self._check_up()
+        self._remember(uuid)
         self.facility.clock_lock_min[i] = min_mhz
         self.facility.clock_lock[i] = max_mhz
 
     def reset_sm_clocks(self, uuid: str) -> None:
         i = self._idx(uuid)
+        self._check_up()
         self._remember(uuid)
         self.facility.clock_lock_min[i] = np.nan
         self.facility.clock_lock[i] = np.nan
@@ -136,6 +146,7 @@ class SimGpuBackend:
         if original is None:
             return
         i = self._idx(uuid)
+        self._check_up()
         if original.power_limit_w is not None:
             self.facility.limit_requested[i] = original.power_limit_w
         if original.locked_sm_clocks_mhz is None:

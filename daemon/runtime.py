@@ -81,30 +81,50 @@ def plan_settings(cfg: Config) -> PlanSettings:
 
 
 def build_simulated(cfg: Config, store: Store, spec: Any, clock: SimClock | WallClock) -> Runtime:
+    """Agents (one per node) and a controller on a new simulated facility.
+
+    ``spec`` is a ``FacilitySpec`` (``--simulate 4x8``), a ``Scenario``, or a scenario
+    name or file path.
+    """
+    from wattkeeper.simulator.facility import FacilitySpec, SimFacility
+    from wattkeeper.simulator.scenario import Scenario, load_scenario
+
+    if isinstance(spec, FacilitySpec):
+        facility = SimFacility.simple(spec, start_ts=clock.now())
+    elif isinstance(spec, Scenario):
+        facility = SimFacility(spec, start_ts=clock.now())
+    else:
+        facility = SimFacility(load_scenario(spec), start_ts=clock.now())
+    return build_on_facility(cfg, store, facility, clock)
+
+
+def build_on_facility(
+    cfg: Config, store: Store, facility: Any, clock: SimClock | WallClock
+) -> Runtime:
+    """Agents and a controller on an existing simulated facility (the comparison harness
+    owns the facility and steps it). Each node's token endpoint speaks the server format
+    its scenario names (vLLM or SGLang) and is parsed as that kind; pages are read every
+    ``agent.tokens_interval_s``, as on a real node."""
     from wattkeeper.collectors.sim_gpu import SimGpuBackend
-    from wattkeeper.simulator.facility import SimFacility
-    from wattkeeper.simulator.server import SimVllmServer
+    from wattkeeper.simulator.server import make_server
     from wattkeeper.simulator.sim_host import SimHost
 
-    facility = SimFacility(spec, start_ts=clock.now())
     agents = []
-    for node in range(spec.nodes):
-        server = SimVllmServer(facility, node, clock.now)
+    for node in range(facility.n_nodes):
+        server = make_server(facility, node, clock.now)
         agents.append(
             Agent(
                 f"sim-node-{node}",
                 SimGpuBackend(facility, node, clock.now),
                 store,
                 host=SimHost(facility, node),
-                endpoints=[TokenEndpoint(server.url, "vllm", server.render)],
+                endpoints=[TokenEndpoint(server.url, server.kind, server.render)],
                 fallback_power_limit_ratio=cfg.agent.fallback_power_limit_ratio,
                 restore_on_exit=cfg.agent.restore_on_exit,
                 tokens_interval_s=cfg.agent.tokens_interval_s,
             )
         )
-    controller = Controller(
-        store, plan_settings(cfg), cfg.controller.lease_s, cfg.controller.forget_after_s
-    )
+    controller = Controller(store, plan_settings(cfg), cfg.controller.lease_s)
     return Runtime(cfg, store, clock, agents, controller, facility=facility)
 
 
@@ -171,36 +191,57 @@ def run_fast(
 
 
 def summarize(rt: Runtime, duration_s: float) -> dict:
+    """Ground truth of a simulated run, as a versioned JSON contract (add keys, never rename).
+
+    Seconds over budget are counted against the store's budget when one is set (the CLI's
+    ``--budget``), otherwise against the scenario's budget in force each second.
+    """
     f = rt.facility
     budget = rt.store.get_budget()
     budget_w = budget.limit_w if budget else None
     settle_s = round(rt.cfg.controller.interval_s)
     seconds = f.stats.second_power_w
+    if budget_w is not None:
+        budgets: list[float | None] = [budget_w] * len(seconds)
+    else:
+        budgets = list(f.stats.second_budget_w)
     after = seconds[settle_s:]
     max_w = max(after) if after else None
-    over = sum(1 for p in after if budget_w is not None and p > budget_w)
-    over_settle = sum(1 for p in seconds[:settle_s] if budget_w is not None and p > budget_w)
+
+    def over(lo: int, hi: int) -> int:
+        return sum(
+            1
+            for p, b in zip(seconds[lo:hi], budgets[lo:hi], strict=True)
+            if b is not None and p > b
+        )
+
     energy = f.stats.energy_j
     tokens = f.stats.generated_tokens
     elapsed = len(seconds)
+    scenario = f.scenario
+    kinds = sorted(set(f.gpu_kind_names))
+    models = sorted(set(f.replica_model))
     return {
         "budget_w": budget_w,
         "duration_s": float(duration_s),
         "settle_s": float(settle_s),
         "max_power_w": round(max_w, 1) if max_w is not None else None,
         "mean_power_w": round(energy / elapsed, 1) if elapsed else None,
-        "over_budget_s": over,
-        "over_budget_s_during_settle": over_settle,
+        "over_budget_s": over(settle_s, elapsed),
+        "over_budget_s_during_settle": over(0, settle_s),
         "tokens": int(tokens),
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
         "energy_j": round(energy, 1),
         "tokens_per_joule": round(tokens / energy, 4) if energy else None,
-        "nodes": f.spec.nodes,
+        "nodes": f.n_nodes,
         "gpus": f.n_gpus,
-        "gpu_kind": f.spec.gpu_kind,
-        "model": f.spec.model,
-        "seed": f.spec.seed,
+        "gpu_kind": ",".join(kinds),
+        "model": ",".join(models),
+        "seed": scenario.seed,
         "clock": "simulated",
+        "scenario": scenario.name,
+        "requests_finished": round(f.stats.requests_finished, 1),
+        "requests_within_slo": round(f.stats.requests_within_slo, 1),
     }
 
 

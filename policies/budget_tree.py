@@ -10,9 +10,11 @@ is also the one that maximises any sum of identical concave per-GPU gains.
 
 The solve is bottom-up over depths: at each depth every budget's water level is found
 at once by a vectorised bisection over the GPUs it owns, each GPU already capped by the
-levels its deeper budgets froze at. The cost is about depth x 50 passes over the GPUs,
-independent of how many budgets bind, and a budget that cannot bind (its subtree's
-demand fits) or is hopeless (its floors alone exceed it) costs nothing.
+levels its deeper budgets froze at. The cost is about 40 vectorised passes over the
+GPUs per depth (bisection to a nanowatt), independent of how many budgets bind, and a
+budget that cannot bind (its subtree's demand fits) or is hopeless (its floors alone
+exceed it) costs nothing. 100,000 GPUs under a five-level tree take about 45 ms on
+one core (bench/bench_plan.py).
 """
 
 from __future__ import annotations

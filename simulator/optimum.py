@@ -8,27 +8,49 @@ policy and its yardstick would otherwise hide.
 The model, for one control interval in steady state:
 
 - Each replica's tokens/s against its power is the upper concave envelope of the
-  (power, tokens) pairs physics gives over a grid of settings: power limits from min to
-  max, each without a clock lock and with locks over the supported clocks. Concave, so
-  a maximising LP over the envelope's segments fills them in order and is exact
-  without binaries. The grid covers lock and limit together because a lock and a limit
-  bind different phases of a mixed prefill/decode replica (up to ~3% more tokens at low
-  power for Llama-8B at 12% prefill than either knob alone).
+  (power, tokens) pairs physics gives over its settings: a fine sweep of limits, a fine
+  sweep of clock locks at the max limit, and a grid of both together (a lock and a limit
+  bind different phases of a mixed prefill/decode replica). Tokens are capped at the
+  replica's demand before enveloping, so the curve ends at a real setting that just
+  meets the demand. Envelope vertices are real settings; nearly collinear ones are
+  thinned away (``THIN_TOLERANCE``) to keep the LP small.
+- Convex-combination (lambda) form over the vertices, with the weights summing to the
+  node's on/off variable: concave curve and maximisation, so the LP picks adjacent
+  vertices without SOS2 constraints, and the relaxation of a half-open node is tight.
 - Draining a node is the one discrete choice (the reason this is a MILP): a node that
   is up pays its host's idle power and every GPU's floor whatever it produces, a
   drained one only its standby power.
 - Host power is linear in the node's GPU power (``physics.host_power_w``), so the
   facility's power is linear in the LP's variables and the budget is one row.
-- Objective: total tokens/s, capped per replica at its demand, minus a penalty on
-  power too small to trade any real tokens (``POWER_PENALTY_RATIO``): among allocations
-  with the same tokens it picks the one drawing least, so it drains nodes that make
-  nothing and gives demand-capped replicas no more than they need.
+- Objective: total tokens/s minus a penalty on power too small to trade any real
+  tokens (``POWER_PENALTY_RATIO``): among allocations with the same tokens it picks the
+  one drawing least, so it drains nodes that make nothing (idle nodes included). By
+  default the tokens are the generated ones, the unit of the demand and of the
+  benchmark's score; ``count="all"`` adds prompt tokens (see ``TokenCount``).
 
-What the LP predicts is the envelope; a single setting realises a point between two
-envelope vertices only approximately (the physics curve between them can sit under the
-chord). :func:`solve` therefore maps each replica's power back to the best setting whose
-true power does not exceed it and reports both: the prediction (``tokens_per_s``,
-``power_w``) and what physics says that setting does (``realised_*``).
+Where the envelope is not the physics curve: at the bottom of most curves a GPU whose
+limit is below what its minimum clock draws stalls part of the time, and its tokens
+rise slowly and then jump once the minimum clock fits. That stretch is not concave; the
+envelope bridges it with a chord no single setting reaches. Across replicas the chord
+is real (some at the floor, some past the jump), and a simplex basis is exactly that:
+all but at most one replica sit on vertices. So the prediction can exceed what the
+settings realise by part of one replica's tokens (negligible in a large facility, up
+to half the total in a two-replica one). When a replica falls more than
+``SHORT_TOLERANCE`` short, :func:`solve` dives: it re-solves with that replica held
+below, then above, the chord and keeps what the settings realise best. Elsewhere a
+mixed replica's envelope alternates between lock and limit vertices and physics
+between two of them can sit a hair (<0.1%) under the chord, so interchangeable
+replicas are evened out only where that realises more (see ``_even_out``).
+
+Mapping back (rounding): each replica's power is mapped to the setting with the most
+tokens whose true power (physics) does not exceed it: the best sampled setting under
+it (at least the vertex at or below it), the limit searched by bisection with either
+neighbouring vertex's lock held (this is the interpolation of the limit between two
+vertices that share a lock), and every supported clock with either neighbour's limit
+held. Limits are rounded down to whole milliwatts, so the power still fits. Ties go to
+the least power, then to no lock and the lowest limit. Both numbers are reported: the
+prediction (``tokens_per_s``, ``power_w``, the latter never below the true power) and
+what physics says the setting does (``realised_*``).
 """
 
 from __future__ import annotations
@@ -37,7 +59,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -47,9 +69,13 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from wattkeeper.simulator import physics
 
-TokenCount = Literal["all", "generated"]
-"""Which tokens the objective counts: prompt plus generated (``OperatingPoint.tokens_per_s``,
-so a prefill-pool replica makes tokens) or generated only. Demand is in the same unit."""
+TokenCount = Literal["generated", "all"]
+"""Which tokens the objective counts: generated only (the default: the unit of the demand
+and of the benchmark's score), or prompt plus generated (``OperatingPoint.tokens_per_s``).
+With "generated" a replica that only prefills (a disaggregated prefill pool) is worth
+nothing and sits at its floor: valuing it needs its link to the decoders it feeds, which
+one replica's curve cannot express; "all" values it by its prompt tokens instead. Demand
+is in generated tokens/s either way; see ``Curve.cap_tokens_per_s``."""
 
 POWER_PENALTY_RATIO = 1e-6
 """Weight of facility watts in the objective, relative to the facility's mean tokens per
@@ -72,7 +98,26 @@ reported power is the larger of the two, so the guarantee stays exact."""
 _LIMIT_BISECTIONS = 32
 """Halvings of the limit range when mapping back (500 W / 2^32: far below a milliwatt)."""
 
-_CACHE_MAX = 16384
+SHORT_TOLERANCE = 0.01
+"""A replica whose setting realises this much less than its prediction sits on a chord
+no setting reaches; :func:`solve` dives to push it off (see ``MAX_DIVES``)."""
+
+MAX_DIVES = 8
+"""Most dives (two re-solves each) after the first solve. They happen only when a
+replica is left inside the non-concave stall stretch, rare outside small facilities."""
+
+_CACHE_MAX = 2048
+"""Curves kept between calls (about 30 KB each, samples included). Repeated states (tests,
+benches, steady scenarios) skip most of a cold solve's work; states that drift every
+interval miss anyway, so the cache is simply emptied when full."""
+
+LIMIT_SWEEP_DENSITY = 4
+"""The two one-knob sweeps (limit alone, lock alone at the max limit) are sampled this
+many times more finely than the two-knob grid: along them the curve bends sharply where
+the clock leaves its minimum, and a coarse chord there under-reads by up to 4%."""
+
+THIN_TOLERANCE = 2e-4
+"""Most tokens/s, relative to a replica's peak, that thinning an envelope may give up."""
 
 
 # --------------------------------------------------------------------------------------
@@ -95,7 +140,9 @@ class ReplicaState:
     prefill_fraction: float
     """Share of busy time in prefill: 1.0 for a prefill-pool replica, 0 for decode-only."""
     demand_tokens_per_s: float | None = None
-    """Most tokens/s it can usefully serve now (None: unlimited, i.e. saturated)."""
+    """Most generated tokens/s it can usefully serve now (None: unlimited, i.e. saturated).
+    It caps the counted tokens where it is met (``Curve.cap_tokens_per_s``); it does not
+    limit a replica that generates nothing (a prefill pool)."""
 
 
 @dataclass(frozen=True)
@@ -122,11 +169,11 @@ class ReplicaDecision:
     clock_lock_mhz: int | None
     """Upper end of a locked clock range, or None for no lock."""
     tokens_per_s: float
-    """Predicted (the envelope at the chosen power, capped at demand)."""
+    """Predicted useful tokens/s (the demand-capped envelope at the chosen power)."""
     power_w: float
     """Predicted, whole replica; never below what physics says the setting draws."""
     realised_tokens_per_s: float = 0.0
-    """``physics.operating_point`` at the setting, capped at demand."""
+    """``physics.operating_point`` at the setting, capped by the demand like the curve."""
     realised_power_w: float = 0.0
     """``physics.operating_point`` at the setting, whole replica."""
 
@@ -150,7 +197,7 @@ class OptimumResult:
     mip_gap: float
     """Relative gap HiGHS proved (0 for a pure LP)."""
     realised_tokens_per_s: float = 0.0
-    """Total tokens/s physics gives for the mapped settings (capped at demand)."""
+    """Total tokens/s physics gives for the mapped settings (capped by demand, as above)."""
     realised_power_w: float = 0.0
     """Facility power physics gives for the mapped settings; at most ``power_w``."""
     budget_w: float = 0.0
@@ -179,8 +226,15 @@ class Curve:
     batch: float
     prefill_fraction: float
     count: TokenCount
+    allow_clock_lock: bool
+    """Whether settings may lock clocks (the mapping back honours it too)."""
     demand_tokens_per_s: float | None
-    """The demand that caps the tokens (None: it does not bind)."""
+    """The generated tokens/s demand that caps the tokens (None: it does not bind)."""
+    cap_tokens_per_s: float | None
+    """The demand in counted tokens: what the cheapest setting that generates the demand
+    counts, scaled down if even that generates more than the demand. Equal to the demand
+    when only generated tokens count or the replica only decodes. No setting is worth
+    more than this: past the demand, a replica serves only the demand's requests."""
     tensor_parallel: int
     power_w: NDArray[np.float64]
     """Whole-replica power of each vertex, increasing."""
@@ -192,6 +246,9 @@ class Curve:
     """Clock lock of each vertex's setting (None: unlocked)."""
     sample_power_w: NDArray[np.float64]
     sample_tokens_per_s: NDArray[np.float64]
+    """Counted tokens/s of each sample, capped like the vertices."""
+    sample_decode_per_s: NDArray[np.float64]
+    """Generated tokens/s of each sample, uncapped."""
     sample_limit_w: NDArray[np.float64]
     sample_lock_mhz: NDArray[np.float64]
     """NaN for unlocked samples."""
@@ -227,12 +284,6 @@ class Curve:
         if tokens_per_s <= self.tokens_per_s[0]:
             return float(self.power_w[0])
         return float(np.interp(tokens_per_s, self.tokens_per_s, self.power_w))
-
-
-LIMIT_SWEEP_DENSITY = 4
-"""The two one-knob sweeps (limit alone, lock alone at the max limit) are sampled this
-many times more finely than the two-knob grid: along them the curve bends sharply where
-the clock leaves its minimum, and a coarse chord there under-reads by up to 4%."""
 
 
 def _setting_grid(
@@ -274,8 +325,10 @@ def _evaluate(
     limit_w: NDArray[np.float64],
     lock_mhz: NDArray[np.float64],
     count: TokenCount,
-) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """(whole-replica power, tokens/s) from physics; uniform settings across the group.
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """(whole-replica power, counted tokens/s, generated tokens/s) from physics.
+
+    Settings are uniform across a tensor-parallel group.
 
     A lockstep group runs at its slowest GPU's clock, so giving one GPU more than the
     others only wastes power: uniform settings are optimal, and with them
@@ -289,9 +342,10 @@ def _evaluate(
         clock_cap_mhz=lock_mhz,
         power_limit_w=limit_w,
     )
-    tokens = op.tokens_per_s if count == "all" else op.decode_tokens_per_s
+    decode = np.asarray(op.decode_tokens_per_s, dtype=float)
+    tokens = np.asarray(op.tokens_per_s, dtype=float) if count == "all" else decode
     power = np.asarray(op.power_w, dtype=float) * model.tensor_parallel
-    return power, np.asarray(tokens, dtype=float)
+    return power, tokens, decode
 
 
 def _upper_envelope(
@@ -320,7 +374,37 @@ def _upper_envelope(
             else:
                 break
         hull.append(int(i))
-    return hull
+    return _thin(hull, power, tokens)
+
+
+def _thin(hull: list[int], power: NDArray[np.float64], tokens: NDArray[np.float64]) -> list[int]:
+    """Drop vertices that a chord over their neighbours misses by under ``THIN_TOLERANCE``.
+
+    The fine sweeps put ~80 vertices on a smooth curve, most of them nearly collinear;
+    they slow HiGHS (1024 replicas went from under a second to past the time limit) for
+    no real tokens. Greedy from the floor, each chord reaches as far as a bound allows:
+    a concave chain over a width w whose slopes fall from s1 to s2 lies at most
+    w * (s1 - s2) / 4 above its chord. Kept vertices are still real settings, and the
+    thinned curve is concave and at most the tolerance under the full one.
+    """
+    n = len(hull)
+    if n <= 2:
+        return hull
+    p = power[hull].tolist()
+    t = tokens[hull].tolist()
+    s = [(t[i + 1] - t[i]) / (p[i + 1] - p[i]) for i in range(n - 1)]
+    tol = 4.0 * THIN_TOLERANCE * max(t[-1], 1e-9)
+    kept = [0]
+    a, j = 0, 1
+    while j < n - 1:
+        # Could the chord from a reach j + 1, skipping a+1..j (slopes s[a]..s[j])?
+        if (p[j + 1] - p[a]) * (s[a] - s[j]) <= tol:
+            j += 1
+        else:
+            kept.append(j)
+            a, j = j, j + 1
+    kept.append(n - 1)
+    return [hull[i] for i in kept]
 
 
 _BaseKey = tuple[str, str, float, float, TokenCount, bool, int]
@@ -350,19 +434,21 @@ def _preference(limits: NDArray[np.float64], locks: NDArray[np.float64]) -> NDAr
 def _make_curve(
     key: _BaseKey,
     demand: float | None,
+    cap: float | None,
     power: NDArray[np.float64],
     tokens: NDArray[np.float64],
+    decode: NDArray[np.float64],
     limits: NDArray[np.float64],
     locks: NDArray[np.float64],
 ) -> Curve:
-    """Envelope of the samples, with tokens capped at the demand before enveloping.
+    """Envelope of the samples, with tokens capped by the demand before enveloping.
 
     Capping first (rather than capping the envelope) makes the vertex where the curve
     meets the demand a real setting, so a demand-capped replica is given exactly the
     power its demand needs, not a point on a chord that no setting reaches.
     """
-    gpu_kind, model_name, batch, pf, count, _, _ = key
-    capped = tokens if demand is None else np.minimum(tokens, demand)
+    gpu_kind, model_name, batch, pf, count, allow_lock, _ = key
+    capped = tokens if cap is None else np.minimum(tokens, cap)
     v = _upper_envelope(power, capped, _preference(limits, locks))
     return Curve(
         gpu_kind=gpu_kind,
@@ -370,7 +456,9 @@ def _make_curve(
         batch=batch,
         prefill_fraction=pf,
         count=count,
+        allow_clock_lock=allow_lock,
         demand_tokens_per_s=demand,
+        cap_tokens_per_s=cap,
         tensor_parallel=physics.MODELS[model_name].tensor_parallel,
         power_w=power[v],
         tokens_per_s=capped[v],
@@ -378,6 +466,7 @@ def _make_curve(
         clock_lock_mhz=tuple(None if math.isnan(c) else int(c) for c in locks[v]),
         sample_power_w=power,
         sample_tokens_per_s=capped,
+        sample_decode_per_s=decode,
         sample_limit_w=limits,
         sample_lock_mhz=locks,
     )
@@ -391,12 +480,21 @@ def _build_base(keys: Sequence[_BaseKey]) -> None:
     limits, locks = _setting_grid(kind, allow_lock, points)
     batch = np.asarray([k[2] for k in keys])[:, None]
     pf = np.asarray([k[3] for k in keys])[:, None]
-    power, tokens = _evaluate(kind, model, batch, pf, limits[None, :], locks[None, :], count)
-    power = np.broadcast_to(power, (len(keys), len(limits)))
-    tokens = np.broadcast_to(tokens, (len(keys), len(limits)))
+    shape = (len(keys), len(limits))
+    power, tokens, decode = (
+        np.broadcast_to(a, shape)
+        for a in _evaluate(kind, model, batch, pf, limits[None, :], locks[None, :], count)
+    )
     for row, key in enumerate(keys):
         _CURVES[(key, None)] = _make_curve(
-            key, None, np.array(power[row]), np.array(tokens[row]), limits, locks
+            key,
+            None,
+            None,
+            np.array(power[row]),
+            np.array(tokens[row]),
+            np.array(decode[row]),
+            limits,
+            locks,
         )
 
 
@@ -410,11 +508,12 @@ def _demand_points(
     locks: NDArray[np.float64],
     count: TokenCount,
 ) -> tuple[NDArray[np.float64], ...]:
-    """Least-power settings that just meet each demand, along both knobs of the grid.
+    """Least-power settings that just generate each demand, along both knobs of the grid.
 
     For every grid lock, the lowest limit that meets the demand (bisection); for every
     grid limit, the lowest supported clock that does. Unreachable ones get power inf and
-    tokens -inf, which the envelope ignores. Shapes: (replicas, points found).
+    tokens -inf, which the envelope ignores. Returns (power, counted tokens, generated
+    tokens, limit, lock), each of shape (replicas, points found).
     """
     b, pf, d = batch[:, None], pf[:, None], demand[:, None]
     u_locks = np.unique(locks)  # NaN (unlocked) sorts last and np.unique keeps one
@@ -422,36 +521,41 @@ def _demand_points(
     shape = (len(batch), len(u_locks))
     lk = np.broadcast_to(u_locks[None, :], shape)
 
-    def tokens_at(limit: NDArray[np.float64]) -> NDArray[np.float64]:
-        return np.broadcast_to(_evaluate(kind, model, b, pf, limit, lk, count)[1], shape)
+    def generated_at(limit: NDArray[np.float64]) -> NDArray[np.float64]:
+        return np.broadcast_to(_evaluate(kind, model, b, pf, limit, lk, count)[2], shape)
 
     lo = np.full(shape, kind.power_min_w)
     hi = np.full(shape, kind.power_max_w)
-    reach = tokens_at(hi) >= d
-    at_min = tokens_at(lo) >= d
+    reach = generated_at(hi) >= d
+    at_min = generated_at(lo) >= d
     for _ in range(_LIMIT_BISECTIONS):
         mid = 0.5 * (lo + hi)
-        ok = tokens_at(mid) >= d
+        ok = generated_at(mid) >= d
         hi = np.where(ok, mid, hi)
         lo = np.where(ok, lo, mid)
     lim_a = np.where(at_min, kind.power_min_w, hi)
-    p_a, t_a = _evaluate(kind, model, b, pf, lim_a, lk, count)
-    p_a = np.where(reach, np.broadcast_to(p_a, shape), np.inf)
-    t_a = np.where(reach, np.broadcast_to(t_a, shape), -np.inf)
+    p_a, t_a, g_a = (
+        np.broadcast_to(x, shape) for x in _evaluate(kind, model, b, pf, lim_a, lk, count)
+    )
+    p_a = np.where(reach, p_a, np.inf)
+    t_a = np.where(reach, t_a, -np.inf)
+    g_a = np.where(reach, g_a, 0.0)
 
     clocks = np.asarray(kind.supported_sm_clocks_mhz(), dtype=float)  # descending
-    p3, t3 = _evaluate(
-        kind,
-        model,
-        b[:, :, None],
-        pf[:, :, None],
-        u_limits[None, :, None],
-        clocks[None, None, :],
-        count,
-    )
     shape3 = (len(batch), len(u_limits), len(clocks))
-    p3, t3 = np.broadcast_to(p3, shape3), np.broadcast_to(t3, shape3)
-    meets = t3 >= d[:, :, None]
+    p3, t3, g3 = (
+        np.broadcast_to(x, shape3)
+        for x in _evaluate(
+            kind,
+            model,
+            b[:, :, None],
+            pf[:, :, None],
+            u_limits[None, :, None],
+            clocks[None, None, :],
+            count,
+        )
+    )
+    meets = g3 >= d[:, :, None]
     # Tokens rise with the clock, so the last clock (in descending order) that meets the
     # demand is the lowest, and the cheapest.
     last = len(clocks) - 1 - np.argmax(meets[:, :, ::-1], axis=2)
@@ -459,12 +563,14 @@ def _demand_points(
     r, c = np.indices(found.shape)
     p_b = np.where(found, p3[r, c, last], np.inf)
     t_b = np.where(found, t3[r, c, last], -np.inf)
+    g_b = np.where(found, g3[r, c, last], 0.0)
     lock_b = clocks[last]
     lock_b = np.where(lock_b >= kind.max_sm_clock_mhz, math.nan, lock_b)
     lim_b = np.broadcast_to(u_limits[None, :], found.shape)
     return (
         np.concatenate([p_a, p_b], axis=1),
         np.concatenate([t_a, t_b], axis=1),
+        np.concatenate([g_a, g_b], axis=1),
         np.concatenate([lim_a, lim_b], axis=1),
         np.concatenate([lk, lock_b], axis=1),
     )
@@ -481,13 +587,23 @@ def _build_capped(keys: Sequence[_CurveKey]) -> None:
     batch = np.asarray([k[0][2] for k in keys])
     pf = np.asarray([k[0][3] for k in keys])
     limits, locks = bases[0].sample_limit_w, bases[0].sample_lock_mhz
-    p_d, t_d, lim_d, lock_d = _demand_points(kind, model, batch, pf, demand, limits, locks, count)
+    p_d, t_d, g_d, lim_d, lock_d = _demand_points(
+        kind, model, batch, pf, demand, limits, locks, count
+    )
     for row, (key, base) in enumerate(zip(keys, bases, strict=True)):
+        # The cheapest demand point (most tokens among equals) converts the demand into
+        # counted tokens; scaled when even it generates more than the demand.
+        p_row, t_row, g_row = p_d[row], t_d[row], g_d[row]
+        cheapest = np.flatnonzero(p_row <= p_row.min() + _POWER_TOL_W)
+        k = cheapest[np.argmax(t_row[cheapest])]
+        cap = float(t_row[k] * key[1] / g_row[k]) if g_row[k] > 0 else 0.0
         _CURVES[key] = _make_curve(
             key[0],
             key[1],
+            cap,
             np.concatenate([base.sample_power_w, p_d[row]]),
             np.concatenate([base.sample_tokens_per_s, t_d[row]]),
+            np.concatenate([base.sample_decode_per_s, g_d[row]]),
             np.concatenate([limits, lim_d[row]]),
             np.concatenate([locks, lock_d[row]]),
         )
@@ -509,7 +625,7 @@ def _curves(
     keys: list[_CurveKey] = []
     for s, bk in zip(states, base_keys, strict=True):
         d = s.demand_tokens_per_s
-        binds = d is not None and d < _CURVES[(bk, None)].peak_tokens_per_s
+        binds = d is not None and d < float(_CURVES[(bk, None)].sample_decode_per_s.max())
         keys.append((bk, float(d) if binds and d is not None else None))
     capped: dict[tuple[str, str], list[_CurveKey]] = defaultdict(list)
     for k in dict.fromkeys(keys):
@@ -540,12 +656,14 @@ def replica_curve(
     *,
     allow_clock_lock: bool = True,
     points: int = 24,
-    count: TokenCount = "all",
+    count: TokenCount = "generated",
 ) -> Curve:
-    """The replica's concave (power, tokens/s) envelope over ``points`` limits x clocks.
+    """The replica's concave (power, tokens/s) envelope over its settings.
 
-    With a demand below its peak, the curve is of the tokens it can usefully serve: it
-    ends at the least power that meets the demand (what :func:`solve` uses).
+    ``points`` sets the sampling: a ``points`` x ``points`` grid of limits and locks, and
+    one-knob sweeps ``LIMIT_SWEEP_DENSITY`` times finer (see ``_setting_grid``). With a
+    demand below its peak, the curve is of the tokens it can usefully serve: it ends at
+    the least power that meets the demand (what :func:`solve` uses).
     """
     if points < 2:
         raise ValueError("points must be >= 2")
@@ -563,6 +681,7 @@ class _Realised:
     limit_w: NDArray[np.float64]
     lock_mhz: NDArray[np.float64]
     tokens: NDArray[np.float64]
+    """Useful tokens/s (capped by the demand); -inf where nothing fits."""
     power_w: NDArray[np.float64]
 
 
@@ -573,6 +692,7 @@ def _limit_family(
     pf: NDArray[np.float64],
     lock: NDArray[np.float64],
     target: NDArray[np.float64],
+    cap: NDArray[np.float64],
     count: TokenCount,
 ) -> _Realised:
     """Largest limit whose true power fits, with the lock held (power rises with the limit)."""
@@ -593,9 +713,9 @@ def _limit_family(
     limit = np.where(
         fits_hi, kind.power_max_w, np.maximum(np.floor(lo * 1e3) / 1e3, kind.power_min_w)
     )
-    p, t = _evaluate(kind, model, b, pf, limit, lock, count)
+    p, t, _ = _evaluate(kind, model, b, pf, limit, lock, count)
     ok = fits_lo & (p <= target + _POWER_TOL_W)
-    return _Realised(limit, lock, np.where(ok, t, -np.inf), p)
+    return _Realised(limit, lock, np.where(ok, np.minimum(t, cap), -np.inf), p)
 
 
 def _clock_family(
@@ -605,13 +725,19 @@ def _clock_family(
     pf: NDArray[np.float64],
     limit: NDArray[np.float64],
     target: NDArray[np.float64],
+    cap: NDArray[np.float64],
     count: TokenCount,
 ) -> _Realised:
     """Highest supported clock lock whose true power fits, with the limit held."""
     clocks = np.asarray(kind.supported_sm_clocks_mhz(), dtype=float)  # descending
-    p, t = _evaluate(kind, model, b[:, None], pf[:, None], limit[:, None], clocks[None, :], count)
-    p = np.broadcast_to(p, (len(b), len(clocks)))
-    t = np.broadcast_to(t, (len(b), len(clocks)))
+    shape = (len(b), len(clocks))
+    p, t, _ = (
+        np.broadcast_to(x, shape)
+        for x in _evaluate(
+            kind, model, b[:, None], pf[:, None], limit[:, None], clocks[None, :], count
+        )
+    )
+    t = np.minimum(t, cap[:, None])
     fits = p <= target[:, None] + _POWER_TOL_W
     first = np.argmax(fits, axis=1)  # highest clock that fits: the most tokens
     rows = np.arange(len(b))
@@ -640,14 +766,14 @@ def _realise(curves: Sequence[Curve], power_w: NDArray[np.float64]) -> _Realised
     vertices around the power: the limit with either vertex's lock held, and every
     supported clock with either vertex's limit held. Between two vertices that share a
     lock this interpolates the limit exactly as far as the true power allows. The most
-    tokens (capped at demand) win, then the least power, then the sampled setting.
+    useful tokens win, then the least power, then the sampled setting.
     """
     n = len(curves)
     out = _Realised(np.zeros(n), np.full(n, math.nan), np.zeros(n), np.zeros(n))
-    groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    groups: dict[tuple[str, str, str, bool], list[int]] = defaultdict(list)
     for i, c in enumerate(curves):
-        groups[(c.gpu_kind, c.model, c.count)].append(i)
-    for (gk, mn, count), idx_list in groups.items():
+        groups[(c.gpu_kind, c.model, c.count, c.allow_clock_lock)].append(i)
+    for (gk, mn, count, allow_lock), idx_list in groups.items():
         idx = np.asarray(idx_list)
         kind, model = physics.GPU_KINDS[gk], physics.MODELS[mn]
         cs = [curves[i] for i in idx_list]
@@ -656,7 +782,7 @@ def _realise(curves: Sequence[Curve], power_w: NDArray[np.float64]) -> _Realised
         b = np.asarray([c.batch for c in cs])
         pf = np.asarray([c.prefill_fraction for c in cs])
         cap = np.asarray(
-            [math.inf if c.demand_tokens_per_s is None else c.demand_tokens_per_s for c in cs]
+            [math.inf if c.cap_tokens_per_s is None else c.cap_tokens_per_s for c in cs]
         )
         best = _Realised(np.zeros(m), np.zeros(m), np.zeros(m), np.zeros(m))
         around = np.zeros((m, 4))  # limit below, lock below, limit above, lock above
@@ -678,12 +804,15 @@ def _realise(curves: Sequence[Curve], power_w: NDArray[np.float64]) -> _Realised
             )
         cands = [
             best,
-            _limit_family(kind, model, b, pf, around[:, 1], target, count),
-            _limit_family(kind, model, b, pf, around[:, 3], target, count),
-            _clock_family(kind, model, b, pf, around[:, 0], target, count),
-            _clock_family(kind, model, b, pf, around[:, 2], target, count),
+            _limit_family(kind, model, b, pf, around[:, 1], target, cap, count),
+            _limit_family(kind, model, b, pf, around[:, 3], target, cap, count),
         ]
-        tok = np.minimum(np.stack([c.tokens for c in cands], axis=1), cap[:, None])
+        if allow_lock:
+            cands += [
+                _clock_family(kind, model, b, pf, around[:, 0], target, cap, count),
+                _clock_family(kind, model, b, pf, around[:, 2], target, cap, count),
+            ]
+        tok = np.stack([c.tokens for c in cands], axis=1)
         pw = np.stack([c.power_w for c in cands], axis=1)
         pick = _pick(tok, pw)
         rows = np.arange(m)
@@ -777,12 +906,17 @@ def solve(
     allow_clock_lock: bool = True,
     points: int = 24,
     time_limit_s: float = 5.0,
-    count: TokenCount = "all",
+    count: TokenCount = "generated",
 ) -> OptimumResult:
     """Most tokens/s under ``budget_w`` over power limits, clock locks and node drains.
 
     With ``allow_drain=False`` every alive node stays up and the problem is a pure LP.
     Dead nodes (``alive=False``) and their replicas make nothing and draw nothing.
+    ``points`` sets the sampling of each curve (see :func:`replica_curve`);
+    ``time_limit_s`` bounds HiGHS over the first solve and any dives together; ``count``
+    picks the tokens that count (see :data:`TokenCount`). When nothing fits, the status
+    says "infeasible" and the result is the least allocation (everything drained, or
+    with ``allow_drain=False`` every replica at its floor), over budget.
     """
     if points < 2:
         raise ValueError("points must be >= 2")
@@ -809,7 +943,8 @@ def solve(
     floor_gpu = {n.node: nm[n.node].idle_gpu_w for n in alive_nodes}
     for i in active:
         floor_gpu[replicas[i].node] += curves[i].floor_w
-    # Facility power = standby_total + sum_n on_n * a_n + sum_r (1 + slope_n) * x_r
+    # What keeping each node up costs at the least (every replica at its floor), over
+    # its standby: the pre-checks below and the no-incumbent fallback use it.
     a_on = np.asarray(
         [
             nm[n.node].power_w(floor_gpu[n.node] - nm[n.node].idle_gpu_w) - n.standby_w
@@ -830,6 +965,9 @@ def solve(
         )
     if not allow_drain and standby_total + float(a_on.sum()) > budget_w:
         return result_for(all_on, floor_power, "infeasible", 0.0, 0.0)
+
+    if not alive_nodes:
+        return result_for({}, np.zeros(len(replicas)), "optimal", 0.0, 0.0)
 
     # Convex-combination (lambda) form: replica r takes weights lam_rv on its envelope's
     # vertices with sum_v lam_rv = on_n. Because that sum is on_n, this is the
@@ -864,54 +1002,129 @@ def solve(
     vals = np.concatenate([np.ones(n_lam), -np.ones(n_rep), lam_cost, on_cost])
     a_mat = sparse.csr_array((vals, (rows, cols)), shape=(n_rep + 1, n_var))
     row_lb = np.concatenate([np.zeros(n_rep), [-np.inf]])
-    row_ub = np.concatenate(
-        [np.zeros(n_rep), [budget_w * (1.0 - BUDGET_SLACK_RATIO) - standby_total]]
-    )
+    # The slack never takes away what the least allocation needs (the pre-check let it in).
+    least_w = standby_total if allow_drain else standby_total + float(a_on.sum())
+    slack = min(BUDGET_SLACK_RATIO * abs(budget_w), budget_w - least_w)
+    row_ub = np.concatenate([np.zeros(n_rep), [budget_w - standby_total - slack]])
 
     peak_t = sum(curves[i].peak_tokens_per_s for i in active)
     peak_p = sum(curves[i].peak_w for i in active) + 1.0
     eps = POWER_PENALTY_RATIO * max(peak_t / peak_p, 1e-9)
     c_obj = np.concatenate([-vert_t + eps * lam_cost, eps * on_cost])
     on_lo = np.zeros(n_on) if allow_drain else np.ones(n_on)
-    bounds = Bounds(np.concatenate([np.zeros(n_lam), on_lo]), np.ones(n_var))
     integrality = np.concatenate(
         [np.zeros(n_lam), np.ones(n_on) if allow_drain else np.zeros(n_on)]
     )
-    t0 = time.perf_counter()
-    res = milp(
-        c_obj,
-        integrality=integrality,
-        bounds=bounds,
-        constraints=LinearConstraint(a_mat, row_lb, row_ub),
-        options={"time_limit": time_limit_s, "mip_rel_gap": MIP_REL_GAP, "presolve": True},
-    )
-    solver_s = time.perf_counter() - t0
+    constraints = LinearConstraint(a_mat, row_lb, row_ub)
+    vert_start = np.concatenate([[0], np.cumsum(n_vert)[:-1]]) if n_rep else np.zeros(0, int)
+    started = time.perf_counter()
 
-    if res.x is None:
-        status = {1: "time_limit", 2: "infeasible"}.get(res.status, "error")
-        # No incumbent: fall back to a feasible allocation (everything drained; or the
-        # floor, which the pre-check showed fits, when draining is not allowed).
+    def run(lam_ub: NDArray[np.float64]) -> OptimumResult | None:
+        """One MILP with some vertices closed off (upper bound 0); None without a solution."""
+        left = max(time_limit_s - (time.perf_counter() - started), 0.05)
+        t0 = time.perf_counter()
+        res = milp(
+            c_obj,
+            integrality=integrality,
+            bounds=Bounds(
+                np.concatenate([np.zeros(n_lam), on_lo]), np.concatenate([lam_ub, np.ones(n_on)])
+            ),
+            constraints=constraints,
+            options={"time_limit": left, "mip_rel_gap": MIP_REL_GAP, "presolve": True},
+        )
+        solver_s = time.perf_counter() - t0
+        if res.x is None:
+            return None
+        x = np.asarray(res.x)
+        on = {n.node: bool(x[on0 + k] > 0.5) for k, n in enumerate(alive_nodes)}
+        power = np.zeros(len(replicas))
+        lam = np.clip(x[:n_lam], 0.0, 1.0)
+        chosen = np.bincount(vert_rep, weights=lam * vert_p, minlength=n_rep)
+        weight = np.bincount(vert_rep, weights=lam, minlength=n_rep)
+        for j, i in enumerate(active):
+            if on[replicas[i].node]:
+                # Renormalised: on_n is 1 up to HiGHS's integrality tolerance.
+                p_r = chosen[j] / weight[j] if weight[j] > 0 else curves[i].floor_w
+                power[i] = min(max(p_r, curves[i].floor_w), curves[i].peak_w)
+        power = _even_out(replicas, curves, nm, on, power)
+        status = "optimal" if res.status == 0 else ("time_limit" if res.status == 1 else "error")
+        gap = float(res.mip_gap) if allow_drain and res.mip_gap is not None else 0.0
+        return result_for(on, power, status, gap, solver_s)
+
+    lam_ub = np.ones(n_lam)
+    first = run(lam_ub)
+    if first is None:
+        status = "time_limit" if time.perf_counter() - started >= time_limit_s else "error"
+        # No incumbent: fall back to something feasible. Keeping every node up is a pure
+        # LP that solves in a fraction of the MILP's time, where the floor fits;
+        # otherwise everything drained (the pre-check showed the standbys fit).
+        if allow_drain and standby_total + float(a_on.sum()) <= budget_w:
+            kept = solve(
+                replicas,
+                nodes,
+                budget_w,
+                allow_drain=False,
+                allow_clock_lock=allow_clock_lock,
+                points=points,
+                time_limit_s=time_limit_s,
+                count=count,
+            )
+            spent = time.perf_counter() - started
+            return replace(kept, status=status, mip_gap=math.inf, solver_s=spent)
         if allow_drain:
             return result_for(
-                {k: False for k in all_on}, np.zeros(len(replicas)), status, math.inf, solver_s
+                {k: False for k in all_on}, np.zeros(len(replicas)), status, math.inf, 0.0
             )
-        return result_for(all_on, floor_power, status, math.inf, solver_s)
+        return result_for(all_on, floor_power, status, math.inf, 0.0)
 
-    x = np.asarray(res.x)
-    on = {n.node: bool(x[on0 + k] > 0.5) for k, n in enumerate(alive_nodes)}
-    power = np.zeros(len(replicas))
-    lam = np.clip(x[:n_lam], 0.0, 1.0)
-    chosen = np.bincount(vert_rep, weights=lam * vert_p, minlength=n_rep)
-    weight = np.bincount(vert_rep, weights=lam, minlength=n_rep)
-    for j, i in enumerate(active):
-        if on[replicas[i].node]:
-            # Renormalised: on_n is 1 up to HiGHS's integrality tolerance.
-            p_r = chosen[j] / weight[j] if weight[j] > 0 else curves[i].floor_w
-            power[i] = min(max(p_r, curves[i].floor_w), curves[i].peak_w)
-    power = _even_out(replicas, curves, nm, on, power)
-    status = "optimal" if res.status == 0 else ("time_limit" if res.status == 1 else "error")
-    gap = float(res.mip_gap) if allow_drain and getattr(res, "mip_gap", None) is not None else 0.0
-    return result_for(on, power, status, gap, solver_s)
+    # Dive past chords no setting reaches (the stall region; see the module docstring):
+    # a replica left inside such a segment is pushed to one side of it, each side tried,
+    # the better (by its LP bound) kept, until no replica falls short.
+    pos = {i: j for j, i in enumerate(active)}
+    best, current, spent = first, first, first.solver_s
+    for _ in range(MAX_DIVES):
+        short = _short_replica(current, curves, active)
+        if short is None or time.perf_counter() - started >= time_limit_s:
+            break
+        i, seg = short
+        start, k = int(vert_start[pos[i]]), int(n_vert[pos[i]])
+        down, up = lam_ub.copy(), lam_ub.copy()
+        down[start + seg + 1 : start + k] = 0.0
+        up[start : start + seg + 1] = 0.0
+        tries = [(ub, run(ub)) for ub in (down, up)]
+        tries = [(ub, r) for ub, r in tries if r is not None]
+        spent += sum(r.solver_s for _, r in tries)
+        if not tries:
+            break
+        lam_ub, current = max(tries, key=lambda t: t[1].tokens_per_s)
+        if _honest_tokens(current) > _honest_tokens(best):
+            best = current
+    return replace(best, solver_s=spent)
+
+
+def _short_replica(
+    res: OptimumResult, curves: Sequence[Curve], active: Sequence[int]
+) -> tuple[int, int] | None:
+    """The replica whose setting falls furthest short of its prediction (beyond
+    ``SHORT_TOLERANCE``), with the envelope segment its power sits inside; or None."""
+    worst: tuple[float, int, int] | None = None
+    for i in active:
+        d = res.replicas[i]
+        gap = d.tokens_per_s - d.realised_tokens_per_s
+        if d.power_w <= 0 or gap <= SHORT_TOLERANCE * d.tokens_per_s:
+            continue
+        c = curves[i]
+        seg = int(np.searchsorted(c.power_w, d.power_w, side="right")) - 1
+        if not 0 <= seg < len(c.power_w) - 1:
+            continue
+        if worst is None or gap > worst[0]:
+            worst = (gap, i, seg)
+    return None if worst is None else (worst[1], worst[2])
+
+
+def _honest_tokens(res: OptimumResult) -> float:
+    """Tokens a result can vouch for: realised, and no more than predicted per replica."""
+    return sum(min(d.tokens_per_s, d.realised_tokens_per_s) for d in res.replicas)
 
 
 def _even_out(
@@ -982,8 +1195,7 @@ def _finish(
             continue
         k = pos[i]
         c = curves[i]
-        demand = math.inf if r.demand_tokens_per_s is None else r.demand_tokens_per_s
-        pred_t = min(float(c.tokens_at(power[i])), demand)
+        pred_t = float(c.tokens_at(power[i]))  # the curve is already capped by the demand
         real_p = float(real.power_w[k])
         pred_p = max(float(power[i]), real_p)
         lock = real.lock_mhz[k]
@@ -994,7 +1206,7 @@ def _finish(
                 clock_lock_mhz=None if math.isnan(lock) else int(lock),
                 tokens_per_s=pred_t,
                 power_w=pred_p,
-                realised_tokens_per_s=max(min(float(real.tokens[k]), demand), 0.0),
+                realised_tokens_per_s=max(float(real.tokens[k]), 0.0),
                 realised_power_w=real_p,
             )
         )

@@ -147,7 +147,12 @@ class _Table:
         return self.data[key]
 
     def number(
-        self, key: str, default: Any = _REQUIRED, *, minimum: float | None = None, above: bool = False
+        self,
+        key: str,
+        default: Any = _REQUIRED,
+        *,
+        minimum: float | None = None,
+        above: bool = False,
     ) -> float:
         value = self.raw(key, default)
         if value is default and key not in self.data:
@@ -255,7 +260,9 @@ def _stream(t: _Table, duration_s: float, models: set[str]) -> Stream:
     if (d := t.table("diurnal")) is not None:
         amplitude = d.number("amplitude", minimum=0.0)
         if amplitude > 1.0:
-            raise d.fail("amplitude", f"must be at most 1 (a negative rate is no rate), got {amplitude}")
+            raise d.fail(
+                "amplitude", f"must be at most 1 (a negative rate is no rate), got {amplitude}"
+            )
         diurnal = Diurnal(
             amplitude=amplitude,
             period_s=d.number("period_s", duration_s, minimum=0.0, above=True),
@@ -301,7 +308,9 @@ def _budget(t: _Table | None) -> tuple[tuple[float, float], ...]:
     else:
         raw = t.raw("schedule")
         if not isinstance(raw, list) or not raw:
-            raise t.fail("schedule", f"expected a non-empty array of [time_s, watts], got {_kind(raw)}")
+            raise t.fail(
+                "schedule", f"expected a non-empty array of [time_s, watts], got {_kind(raw)}"
+            )
         entries = []
         for i, entry in enumerate(raw):
             key = f"schedule[{i}]"
@@ -352,7 +361,9 @@ def parse_scenario(data: Mapping[str, Any], source: str, default_name: str) -> S
         node = t.integer("node", minimum=0)
         if node >= n_nodes:
             raise t.fail("node", f"the fleet has nodes 0..{n_nodes - 1}, got {node}")
-        events.append(NodeEvent(t.number("at_s", minimum=0.0), node, t.string("kind", choices=EVENT_KINDS)))
+        events.append(
+            NodeEvent(t.number("at_s", minimum=0.0), node, t.string("kind", choices=EVENT_KINDS))
+        )
         t.done()
     scenario = Scenario(
         name=top.string("name", default_name),

@@ -304,7 +304,7 @@ def test_validation_names_the_bad_entry():
         BudgetTree.from_parents(["a", "b", "c"], [-1, 0, -1], [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="no root"):
         BudgetTree.from_parents(["a", "b"], [1, 0], [1.0, 1.0])
-    with pytest.raises(ValueError, match="'rack1' has limit -5.0 W"):
+    with pytest.raises(ValueError, match=r"'rack1' has limit -5\.0 W"):
         BudgetTree.from_parents(["f", "rack1"], [-1, 0], [1.0, -5.0])
     with pytest.raises(ValueError, match="'f' has limit nan"):
         BudgetTree.from_parents(["f"], [-1], [float("nan")])
@@ -315,7 +315,7 @@ def test_validation_names_the_bad_entry():
     with pytest.raises(ValueError, match="'b' has parent index 7"):
         BudgetTree.from_parents(["a", "b"], [-1, 7], [1.0, 1.0])
     tree = BudgetTree.from_parents(["f"], [-1], [1.0])
-    with pytest.raises(ValueError, match="GPU 1 has bounds 300.0..200.0"):
+    with pytest.raises(ValueError, match=r"GPU 1 has bounds 300\.0\.\.200\.0"):
         allocate_tree(tree, np.zeros(2, dtype=int), np.array([1.0, 300.0]), np.array([2.0, 200.0]))
     with pytest.raises(ValueError, match="GPU 0 has budget index 3"):
         allocate_tree(tree, np.array([3]), np.array([1.0]), np.array([2.0]))

@@ -132,15 +132,34 @@ class Proportional:
 
 
 class Optimum:
-    """The MILP's allocation on true curves, re-solved every control period."""
+    """The MILP's allocation on true curves, re-solved every control period.
 
-    def __init__(self, interval_s: float = CONTROL_INTERVAL_S) -> None:
+    It keeps the same 2% margin as the production controller: load drifts within a
+    control period, and an oracle that spends the last watt would be over budget as
+    often as not, which is not a result worth comparing against.
+
+    Drains are decided with the MILP too, but they take minutes in the facility
+    (in-flight requests finish first, a woken node needs ``wake_s``), so the drain set
+    is re-decided only when the budget changes or every ``drain_every_s``; between
+    those, each period's MILP sets limits and clock locks on the nodes that serve,
+    with what the draining or waking nodes draw charged against the budget.
+    """
+
+    def __init__(
+        self,
+        interval_s: float = CONTROL_INTERVAL_S,
+        margin_ratio: float = 0.02,
+        drain_every_s: float = 300.0,
+    ) -> None:
         self.interval_s = interval_s
+        self.margin = margin_ratio
+        self.drain_every_s = drain_every_s
         self._next = float("-inf")
+        self._drain_due = float("-inf")
+        self._budget: float | None = None
+        self._drained: frozenset[int] = frozenset()
 
     def step(self, f: SimFacility, t: float) -> None:
-        from wattkeeper.simulator import optimum
-
         if t < self._next:
             return
         self._next = t + self.interval_s
@@ -149,41 +168,96 @@ class Optimum:
         if budget is None:
             f.limit_requested[:] = hi
             return
-        demand = f.demand_tokens_per_s()
-        replicas = [
-            optimum.ReplicaState(
-                replica=r,
-                node=int(f.replica_node[r]),
-                gpu_kind=f.gpu_kind_names[int(np.flatnonzero(f.replica_of == r)[0])],
-                model=f.replica_model[r],
-                batch=float(f.replica_batch[r]),
-                prefill_fraction=float(f.replica_prefill_fraction[r]),
-                demand_tokens_per_s=float(demand[r]),
-            )
-            for r in range(f.n_replicas)
-            if f.node_alive[f.replica_node[r]]
-        ]
-        nodes = [
-            optimum.NodeState(
-                node=n,
-                host_kind=f.node_host_kind[n],
-                gpus=len(f.node_gpu_indices(n)),
-                alive=bool(f.node_alive[n]),
-            )
-            for n in range(f.n_nodes)
-        ]
-        result = optimum.solve(replicas, nodes, budget)
+        usable = budget * (1 - self.margin)
+        if budget != self._budget or t >= self._drain_due:
+            self._budget = budget
+            self._drain_due = t + self.drain_every_s
+            self._drained = self._solve(f, usable, exclude=set(), allow_drain=True).drained_nodes
         for n in range(f.n_nodes):
-            f.set_drained(n, n in result.drained_nodes)
+            f.set_drained(n, n in self._drained)
+        # Nodes drained (in any state) or still waking take no part in this period's
+        # plan: their GPUs sit at the floor and what they draw now is charged first.
+        aside = {n for n in range(f.n_nodes) if n in self._drained or not f.node_up(n)}
+        for n in aside:
+            gpus = list(f.node_gpu_indices(n))
+            f.limit_requested[gpus] = lo[gpus]
+            usable -= float(f.power_true[gpus].sum() + f.host_power[n])
+        result = self._solve(f, usable, exclude=aside, allow_drain=False)
         for d in result.replicas:
             gpus = np.flatnonzero(f.replica_of == d.replica)
-            f.limit_requested[gpus] = np.clip(d.power_limit_w, lo[gpus], hi[gpus])
+            # The chosen setting's power is a prediction at the steady-state batch; the
+            # limit also holds each GPU to it, so a batch that grows under a clock lock
+            # (Little's law) cannot carry the facility over the budget.
+            per_gpu = min(d.power_limit_w, d.power_w / len(gpus))
+            f.limit_requested[gpus] = np.clip(per_gpu, lo[gpus], hi[gpus])
             if d.clock_lock_mhz is None:
                 f.clock_lock[gpus] = np.nan
                 f.clock_lock_min[gpus] = np.nan
             else:
                 f.clock_lock[gpus] = d.clock_lock_mhz
                 f.clock_lock_min[gpus] = min(f.gpu_kind(int(g)).min_sm_clock_mhz for g in gpus)
+
+    @staticmethod
+    def _solve(f: SimFacility, budget_w: float, exclude: set[int], allow_drain: bool) -> Any:
+        """The MILP over the nodes that are up or in standby, on the load's true state.
+
+        Each replica's curve is taken at the uncapped steady state of the current
+        arrivals; a model with a backlog in the router is saturated (no demand cap), so
+        the optimum also pays for draining queues, not only for keeping up. Prefill-pool
+        replicas make no generated tokens themselves: where a scenario has them, the
+        objective counts prompt tokens too, or the optimum would starve its decoders.
+        """
+        from wattkeeper.simulator import optimum
+
+        demand = f.demand_tokens_per_s()
+        batch = f.demand_physics_batch()
+        share = f.demand_prefill_fraction()
+        backlog = {m: q for m, q in f.router_queue.items() if q >= 1.0}
+        for m, q in f.handoff_queue.items():
+            if q >= 1.0:
+                backlog[m] = backlog.get(m, 0.0) + q
+        disaggregated = "prefill" in f.replica_role
+        replicas = []
+        for r in range(f.n_replicas):
+            node = int(f.replica_node[r])
+            if node in exclude or not f.node_alive[node]:
+                continue
+            g0 = int(np.flatnonzero(f.replica_of == r)[0])
+            kind, model = f.gpu_kind_names[g0], f.replica_model[r]
+            saturated = model in backlog
+            if f.replica_role[r] == "prefill":
+                full = physics.operating_point(
+                    physics.GPU_KINDS[kind],
+                    physics.MODELS[model],
+                    batch=1.0,
+                    prefill_fraction=1.0,
+                )
+                want = None if saturated else float(share[r] * full.prefill_tokens_per_s)
+                state = optimum.ReplicaState(r, node, kind, model, 1.0, 1.0, want)
+            else:
+                n = float(f.max_inflight[r]) if saturated else max(float(batch[r]), 1.0)
+                want = None if saturated else float(demand[r])
+                if disaggregated and want is not None and f.replica_role[r] == "mixed":
+                    want += float(share[r] * demand[r])
+                state = optimum.ReplicaState(r, node, kind, model, n, float(share[r]), want)
+            replicas.append(state)
+        nodes = [
+            optimum.NodeState(
+                node=n,
+                host_kind=f.node_host_kind[n],
+                gpus=len(f.node_gpu_indices(n)),
+                alive=bool(f.node_alive[n]) and n not in exclude,
+                standby_w=f.scenario.standby_w,
+            )
+            for n in range(f.n_nodes)
+        ]
+        return optimum.solve(
+            replicas,
+            nodes,
+            budget_w,
+            allow_drain=allow_drain,
+            count="all" if disaggregated else "generated",
+        )
 
     def close(self) -> None:
         pass

@@ -81,8 +81,11 @@ def plan(nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float, s: PlanSet
     if usable > drawn:
         # Raising GPU power raises non-GPU power too: G + H0 + k (G - G0) <= B'.
         usable = drawn + (usable - drawn) / (1 + s.non_gpu_w_per_gpu_w)
-    stale = [g for g in gpus if g.sample_age_s is None or g.sample_age_s > s.stale_after_s]
-    fresh_gpus = [g for g in gpus if g not in stale]
+    stale: list[PlanGpu] = []
+    fresh_gpus: list[PlanGpu] = []
+    for g in gpus:
+        is_stale = g.sample_age_s is None or g.sample_age_s > s.stale_after_s
+        (stale if is_stale else fresh_gpus).append(g)
     targets: list[PlanTarget] = []
     for g in stale:
         held = (

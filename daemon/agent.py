@@ -7,19 +7,37 @@ the simulator calls it on a simulated clock, and both run exactly this code.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from wattkeeper.collectors.gpu import GpuBackend, GpuError, GpuInfo, GpuSample
+from wattkeeper.collectors.gpu import (
+    GpuBackend,
+    GpuError,
+    GpuInfo,
+    GpuSample,
+    PowerLimitConstraints,
+)
 from wattkeeper.collectors.host import HostSample
 from wattkeeper.collectors.tokens import CounterRate, TokenReading, TokenSourceError, parse_page
-from wattkeeper.store.repository import Store, TokenRow
+from wattkeeper.store.db import StoreError
+from wattkeeper.store.repository import LIMIT_TOLERANCE_W, Store, TokenRow
 
 log = logging.getLogger(__name__)
 
-LIMIT_TOLERANCE_W = 1.0
+MAX_PENDING_AUDIT = 10_000
+"""Audit entries kept while the store is away; beyond this the oldest are dropped."""
+
+
+@dataclass(frozen=True)
+class CachedTarget:
+    """A target as last read from the store, so reconcile survives a store outage."""
+
+    power_limit_w: float | None
+    lease_expires_at: float
+    reason: str
 
 
 @dataclass
@@ -41,6 +59,7 @@ class AgentState:
     endpoint_errors: dict[str, str] = field(default_factory=dict)
     endpoint_last_ok: dict[str, float] = field(default_factory=dict)
     tick_ts: float | None = None
+    store_ok: bool = True
     collectors: dict[str, tuple[float, bool]] = field(default_factory=dict)
     """Per collector ('gpu', 'host', 'tokens:<endpoint>'): last duration in s and success."""
     actuations: int = 0
@@ -81,15 +100,43 @@ class Agent:
         self._rates = CounterRate()
         self.tokens_interval_s = tokens_interval_s
         self._tokens_due = float("-inf")
+        self._targets: dict[str, CachedTarget] = {}
+        self._pending_audit: list[tuple[str, str, dict, float]] = []
+        self._persisted_originals: dict[str, float | None] = {}
 
     def register(self, now: float) -> None:
-        infos = self.backend.gpus()
+        """Record the node and its GPUs in the store, and load what a previous run of this
+        agent remembered of each GPU's original limit (it may have crashed while capped)."""
+        infos = [self._usable(i) for i in self.backend.gpus()]
         self.infos = {i.uuid: i for i in infos}
         self.gpu_ids = self.store.register_node(self.node, self.backend.name, infos, now)
+        self._persisted_originals = self.store.original_power_limits(self.node)
+
+    def _usable(self, info: GpuInfo) -> GpuInfo:
+        """A GPU whose limit constraints cannot be read is pinned to its current limit:
+        it still counts in the budget at that value, and nothing ever tries to change it."""
+        lim = info.power_limits
+        if all(math.isfinite(x) for x in (lim.min_w, lim.max_w, lim.default_w)):
+            return info
+        current: float | None = None
+        try:
+            current = self.backend.sample(info.uuid).power_limit_w
+        except GpuError:
+            pass
+        fixed = current if current is not None and math.isfinite(current) else 0.0
+        log.error(
+            "GPU %s: power limit constraints unreadable: not managed, counted at %.0f W",
+            info.uuid,
+            fixed,
+        )
+        return replace(info, power_limits=PowerLimitConstraints(fixed, fixed, fixed))
 
     def tick(self, now: float) -> None:
-        if not self.gpu_ids:
-            self.register(now)
+        """Observe, store, reconcile. A store that is down does not stop the GPUs from
+        being reconciled: targets are cached with their lease, so when the store stays
+        away past the lease, the GPUs fall back to the safe cap on their own."""
+        if not self.infos:
+            self.infos = {i.uuid: i for i in (self._usable(g) for g in self.backend.gpus())}
         samples = self._timed("gpu", self._sample_gpus, lambda r: len(r) == len(self.infos))
         host = self._timed("host", lambda: self._sample_host(now), lambda r: r is not None)
         tokens: list[TokenRow] = []
@@ -98,18 +145,39 @@ class Agent:
             # and token rates need no finer grain than the control period.
             self._tokens_due = now + self.tokens_interval_s - 1e-6
             tokens = self._read_tokens(now)
-        self.store.write_samples(
-            self.node,
-            self.gpu_ids,
-            samples.values(),
-            now,
-            host=(host.cpu_util_ratio, host.non_gpu_power_w, host.power_source) if host else None,
-            tokens=tokens,
-        )
         self.state.samples = samples
         self.state.host = host
         self.state.tick_ts = now
+        try:
+            if not self.gpu_ids:
+                self.register(now)
+            self.store.write_samples(
+                self.node,
+                self.gpu_ids,
+                samples.values(),
+                now,
+                host=(host.cpu_util_ratio, host.non_gpu_power_w, host.power_source)
+                if host
+                else None,
+                tokens=tokens,
+            )
+            self._targets = {
+                uuid: CachedTarget(t.power_limit_w, t.lease_expires_at, t.reason or "target")
+                for uuid, t in self.store.targets_for_node(self.node).items()
+            }
+            self._flush_audit()
+            self._store_ok(True, None)
+        except StoreError as exc:
+            self._store_ok(False, exc)
         self.reconcile(now, samples)
+
+    def _store_ok(self, ok: bool, exc: StoreError | None) -> None:
+        if ok and not self.state.store_ok:
+            log.warning("store reachable again")
+        elif not ok and self.state.store_ok:
+            log.error("store unavailable, reconciling on cached targets: %s", exc)
+        self.state.store_ok = ok
+        self.state.collectors["store"] = (0.0, ok)
 
     # -- observation -------------------------------------------------------------------
     def _timed(self, name: str, fn: Callable[[], Any], ok: Callable[[Any], bool]) -> Any:
@@ -173,54 +241,73 @@ class Agent:
         return rows
 
     # -- actuation ---------------------------------------------------------------------
+    def _audit(self, action: str, subject: str, detail: dict, now: float) -> None:
+        """Audit now, or keep the entry until the store is back: no actuation goes
+        unrecorded because the database was briefly away."""
+        self._pending_audit.append((action, subject, detail, now))
+        if self.state.store_ok:
+            try:
+                self._flush_audit()
+            except StoreError as exc:
+                self._store_ok(False, exc)
+
+    def _flush_audit(self) -> None:
+        while self._pending_audit:
+            action, subject, detail, ts = self._pending_audit[0]
+            self.store.audit(self.actor, action, subject, detail, ts)
+            self._pending_audit.pop(0)
+        del self._pending_audit[:-MAX_PENDING_AUDIT]
+
     def reconcile(self, now: float, samples: dict[str, GpuSample]) -> None:
         """Move each GPU toward its target; an expired lease falls back to the safe cap.
 
         Decreases are applied before increases so that, between the two, the facility
         never holds more power than either the old or the new plan allows.
         """
-        targets = self.store.targets_for_node(self.node)
         moves: list[tuple[str, float, str]] = []
-        for uuid, target in targets.items():
+        for uuid, target in self._targets.items():
             info = self.infos.get(uuid)
             if info is None or target.power_limit_w is None:
                 continue
+            lim = info.power_limits
             if target.lease_expires_at >= now:
-                want, why = target.power_limit_w, target.reason or "target"
+                want, why = target.power_limit_w, target.reason
             else:
-                lim = info.power_limits
                 fallback = max(lim.min_w, min(lim.max_w, self.fallback_ratio * lim.default_w))
                 want = min(fallback, target.power_limit_w)
                 why = f"lease expired at {target.lease_expires_at:.0f}: fallback safe cap"
+            want = min(max(want, lim.min_w), lim.max_w)
             current = samples[uuid].power_limit_requested_w if uuid in samples else None
             if current is not None and abs(current - want) < LIMIT_TOLERANCE_W:
                 continue
             moves.append((uuid, want, why))
-        moves.sort(
-            key=lambda m: (
-                m[1] - (samples[m[0]].power_limit_requested_w or 0) if m[0] in samples else 0
-            )
-        )
-        for uuid, want, why in moves:
+
+        def rise(move: tuple[str, float, str]) -> float:
+            s = samples.get(move[0])
+            current = s.power_limit_requested_w if s is not None else None
+            return move[1] - (current if current is not None else move[1])
+
+        for uuid, want, why in sorted(moves, key=rise):
             before = samples[uuid].power_limit_requested_w if uuid in samples else None
+            first_touch = self.backend.original_settings(uuid) is None
             try:
-                if self.backend.original_settings(uuid) is None:
-                    self.store.set_original_power_limit(self.gpu_ids[uuid], before)
                 self.backend.set_power_limit(uuid, want)
             except GpuError as exc:
                 self.state.errors += 1
                 log.error("cannot set power limit of %s to %.0f W: %s", uuid, want, exc)
-                self.store.audit(
-                    self.actor,
-                    "power_limit.failed",
-                    uuid,
-                    {"power_limit_w": want, "error": str(exc)},
-                    now,
+                self._audit(
+                    "power_limit.failed", uuid, {"power_limit_w": want, "error": str(exc)}, now
                 )
                 continue
+            if first_touch and uuid not in self._persisted_originals and uuid in self.gpu_ids:
+                # Persist what the GPU had, so a restart after a crash can still put it back.
+                self._persisted_originals[uuid] = before
+                try:
+                    self.store.set_original_power_limit(self.gpu_ids[uuid], before)
+                except StoreError as exc:
+                    self._store_ok(False, exc)
             self.state.actuations += 1
-            self.store.audit(
-                self.actor,
+            self._audit(
                 "power_limit.set",
                 uuid,
                 {"power_limit_w": want, "previous_w": before, "reason": why},
@@ -228,18 +315,36 @@ class Agent:
             )
 
     def shutdown(self, now: float) -> None:
-        """On a clean stop, put back what each GPU had before the agent touched it."""
+        """On a clean stop, put back what each GPU had before wattkeeper touched it.
+
+        Every GPU is restored before anything is written, and a store error only costs
+        the audit entries: never a GPU left capped. What a crashed earlier run changed is
+        restored from the original limits it persisted.
+        """
         if not self.restore_on_exit:
             return
-        for uuid in self.infos:
+        restored: dict[str, float | None] = {}
+        for uuid, info in self.infos.items():
             original = self.backend.original_settings(uuid)
-            if original is None:
-                continue
+            persisted = self._persisted_originals.get(uuid)
             try:
-                self.backend.restore(uuid)
+                if original is not None:
+                    self.backend.restore(uuid)  # also undoes clock locks this run made
+                    restored[uuid] = original.power_limit_w
+                if persisted is not None:
+                    # What the GPU had before the first run that capped it, which may
+                    # have crashed: this run's "original" would be that run's cap.
+                    lim = info.power_limits
+                    self.backend.set_power_limit(uuid, min(max(persisted, lim.min_w), lim.max_w))
+                    restored[uuid] = persisted
             except GpuError as exc:
                 log.error("cannot restore %s: %s", uuid, exc)
-                continue
-            self.store.audit(
-                self.actor, "gpu.restore", uuid, {"power_limit_w": original.power_limit_w}, now
+        for uuid, watts in restored.items():
+            self._audit("gpu.restore", uuid, {"power_limit_w": watts}, now)
+        try:
+            self.store.clear_original_power_limits(
+                [self.gpu_ids[u] for u in restored if u in self.gpu_ids]
             )
+            self._flush_audit()
+        except StoreError as exc:
+            log.error("restored %d GPU(s) but could not record it: %s", len(restored), exc)

@@ -18,7 +18,7 @@ from wattkeeper.clock import SimClock, WallClock
 from wattkeeper.config import Config
 from wattkeeper.controller import Controller
 from wattkeeper.policies.plan import PlanSettings
-from wattkeeper.store.db import check_schema, make_engine
+from wattkeeper.store.db import StoreError, check_schema, make_engine
 from wattkeeper.store.repository import Store
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,18 @@ class Runtime:
     lock: threading.Lock = field(default_factory=threading.Lock)
     _last_prune: float = float("-inf")
 
-    def tick_agents(self) -> None:
+    def tick_agents(self) -> bool:
+        """Tick every local agent; one failing agent never stops the others."""
+        ok = True
         with self.lock:
             now = self.clock.now()
             for agent in self.agents:
-                agent.tick(now)
+                try:
+                    agent.tick(now)
+                except Exception:
+                    ok = False
+                    log.exception("agent %s: tick failed", agent.node)
+        return ok
 
     def tick_controller(self) -> None:
         now = self.clock.now()
@@ -55,11 +62,16 @@ class Runtime:
             self.store.prune(now - self.cfg.store.retention_s)
 
     def shutdown(self) -> None:
+        """Restore every agent's GPUs; an error in one never skips the next."""
         with self.lock:
             now = self.clock.now()
             for agent in self.agents:
-                agent.shutdown(now)
-                agent.backend.close()
+                try:
+                    agent.shutdown(now)
+                except Exception:
+                    log.exception("agent %s: shutdown failed", agent.node)
+                finally:
+                    agent.backend.close()
         self.store.engine.dispose()
 
 
@@ -113,19 +125,43 @@ def build_on_facility(
     for node in range(facility.n_nodes):
         server = make_server(facility, node, clock.now)
         agents.append(
-            Agent(
+            make_agent(
+                cfg,
+                store,
                 f"sim-node-{node}",
                 SimGpuBackend(facility, node, clock.now),
-                store,
-                host=SimHost(facility, node),
-                endpoints=[TokenEndpoint(server.url, server.kind, server.render)],
-                fallback_power_limit_ratio=cfg.agent.fallback_power_limit_ratio,
-                restore_on_exit=cfg.agent.restore_on_exit,
-                tokens_interval_s=cfg.agent.tokens_interval_s,
+                SimHost(facility, node),
+                [TokenEndpoint(server.url, server.kind, server.render)],
             )
         )
-    controller = Controller(store, plan_settings(cfg), cfg.controller.lease_s)
-    return Runtime(cfg, store, clock, agents, controller, facility=facility)
+    return Runtime(cfg, store, clock, agents, make_controller(cfg, store), facility=facility)
+
+
+def make_agent(
+    cfg: Config,
+    store: Store,
+    node: str,
+    backend: Any,
+    host: Any,
+    endpoints: list[TokenEndpoint],
+) -> Agent:
+    """One agent with the configured agent settings, whatever its backend."""
+    return Agent(
+        node,
+        backend,
+        store,
+        host=host,
+        endpoints=endpoints,
+        fallback_power_limit_ratio=cfg.agent.fallback_power_limit_ratio,
+        restore_on_exit=cfg.agent.restore_on_exit,
+        tokens_interval_s=cfg.agent.tokens_interval_s,
+    )
+
+
+def make_controller(cfg: Config, store: Store) -> Controller:
+    return Controller(
+        store, plan_settings(cfg), cfg.controller.lease_s, cfg.controller.forget_after_s
+    )
 
 
 def build_local(cfg: Config, store: Store) -> Runtime:
@@ -150,20 +186,8 @@ def build_local(cfg: Config, store: Store) -> Runtime:
     endpoints = [
         TokenEndpoint(e.url, e.kind, reader(e.url, e.timeout_s)) for e in cfg.agent.endpoints
     ]
-    agent = Agent(
-        cfg.agent.node,
-        backend,
-        store,
-        host=host,
-        endpoints=endpoints,
-        fallback_power_limit_ratio=cfg.agent.fallback_power_limit_ratio,
-        restore_on_exit=cfg.agent.restore_on_exit,
-        tokens_interval_s=cfg.agent.tokens_interval_s,
-    )
-    controller = Controller(
-        store, plan_settings(cfg), cfg.controller.lease_s, cfg.controller.forget_after_s
-    )
-    return Runtime(cfg, store, WallClock(), [agent], controller)
+    agent = make_agent(cfg, store, cfg.agent.node, backend, host, endpoints)
+    return Runtime(cfg, store, WallClock(), [agent], make_controller(cfg, store))
 
 
 def run_fast(
@@ -261,17 +285,27 @@ def run_realtime(
     healthy = threading.Event()
 
     def agents_job() -> None:
-        try:
-            rt.tick_agents()
+        if rt.tick_agents():
             healthy.set()
-        except Exception:
-            log.exception("agent tick failed")
+
+    controller_down: list[str] = []
 
     def controller_job() -> None:
         try:
             rt.tick_controller()
+        except StoreError as exc:
+            # One line when the store goes away and one when it is back, not a
+            # traceback every period: the agents keep enforcing the leased targets.
+            if not controller_down:
+                log.error("controller: %s (caps held by the agents' leases)", exc)
+                controller_down.append(str(exc))
+            return
         except Exception:
             log.exception("controller tick failed")
+            return
+        if controller_down:
+            log.warning("controller: store reachable again")
+            controller_down.clear()
 
     sched = BackgroundScheduler(
         timezone="UTC",

@@ -6,11 +6,25 @@ and a long-held transaction would block the other side (SQLite has one writer).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, delete, func, insert, select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    FromClause,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    insert,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from wattkeeper.collectors.gpu import GpuInfo, GpuSample
@@ -27,6 +41,8 @@ from wattkeeper.store.models import (
 )
 
 FACILITY = "facility"
+LIMIT_TOLERANCE_W = 1.0
+"""Power limits closer than this are the same limit: not re-applied, not re-audited."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +125,7 @@ class Store:
     def session(self) -> Session:
         return self._session()
 
-    def _guard(self, exc: OperationalError) -> StoreError:
+    def _guard(self, exc: SQLAlchemyError) -> StoreError:
         orig = getattr(exc, "orig", exc)
         first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
         return StoreError(f"database {describe_url(str(self.engine.url))}: {first}")
@@ -175,6 +191,35 @@ class Store:
     def node_id(self, name: str) -> int | None:
         with self.session() as s:
             return s.scalar(select(Node.id).where(Node.name == name))
+
+    def original_power_limits(self, node_name: str) -> dict[str, float | None]:
+        """Original limits an agent persisted for the node's GPUs before it first capped
+        them (only GPUs that still have one recorded)."""
+        with self._errors(), self.session() as s:
+            rows = s.execute(
+                select(Gpu.uuid, Gpu.original_power_limit_w)
+                .join(Node, Node.id == Gpu.node_id)
+                .where(Node.name == node_name, Gpu.original_power_limit_w.is_not(None))
+            ).all()
+        return dict(rows)
+
+    def clear_original_power_limits(self, gpu_ids: Sequence[int]) -> None:
+        """Forget persisted originals once they are restored, so the next capping
+        records whatever an admin set in between."""
+        if not gpu_ids:
+            return
+        with self._errors(), self.engine.begin() as conn:
+            conn.execute(
+                update(Gpu).where(Gpu.id.in_(list(gpu_ids))).values(original_power_limit_w=None)
+            )
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn any database error into a StoreError with one clear line."""
+        try:
+            yield
+        except SQLAlchemyError as exc:
+            raise self._guard(exc) from None
 
     def set_original_power_limit(self, gpu_id: int, watts: float | None) -> None:
         with self.session() as s, s.begin():
@@ -288,49 +333,85 @@ class Store:
     def write_targets(
         self, specs: Sequence[TargetSpec], now: float, lease_s: float, actor: str = "controller"
     ) -> int:
-        """Upsert targets with a fresh lease; audit only those whose value changed."""
-        changed = 0
-        with self.session() as s, s.begin():
-            gpus = {g.uuid: g.id for g in s.scalars(select(Gpu))}
-            current = {t.gpu_id: t for t in s.scalars(select(Target))}
+        """Renew the lease of every GPU in ``specs``; write and audit only changed targets.
+
+        A target changes when its power limit moves by 1 W or more, when either side has no
+        limit, or when a clock bound differs. Unchanged targets keep their stored value and
+        reason and only get ``issued_at``/``lease_expires_at`` renewed, all in one
+        statement, so a tick where nothing changed costs one read and one ``UPDATE``.
+        Returns the number of changed targets (one ``target.set`` audit entry each).
+        """
+        lease = now + lease_s
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(
+                    Gpu.uuid,
+                    Gpu.id,
+                    Target.id,
+                    Target.power_limit_w,
+                    Target.sm_clock_min_mhz,
+                    Target.sm_clock_max_mhz,
+                ).outerjoin(Target, Target.gpu_id == Gpu.id)
+            ).all()
+            gpu_ids = {uuid: gpu_id for uuid, gpu_id, *_ in rows}
+            stored = {gpu_id: tuple(rest) for _, gpu_id, tid, *rest in rows if tid is not None}
+            current = {gpu_id: (None, None, None) for gpu_id in gpu_ids.values()} | stored
+            renew: set[int] = set()
+            changes: dict[int, dict] = {}
+            audit: list[dict] = []
             for spec in specs:
-                gpu_id = gpus.get(spec.uuid)
+                gpu_id = gpu_ids.get(spec.uuid)
                 if gpu_id is None:
                     continue
-                row = current.get(gpu_id)
-                if row is None:
-                    row = Target(gpu_id=gpu_id)
-                    s.add(row)
-                old = row.power_limit_w
-                is_change = (
+                old, clock_min, clock_max = current[gpu_id]
+                if not (
                     old is None
                     or spec.power_limit_w is None
-                    or abs(old - spec.power_limit_w) >= 1.0
-                    or row.sm_clock_min_mhz != spec.sm_clock_min_mhz
-                    or row.sm_clock_max_mhz != spec.sm_clock_max_mhz
+                    or abs(old - spec.power_limit_w) >= LIMIT_TOLERANCE_W
+                    or clock_min != spec.sm_clock_min_mhz
+                    or clock_max != spec.sm_clock_max_mhz
+                ):
+                    renew.add(gpu_id)
+                    continue
+                current[gpu_id] = (spec.power_limit_w, spec.sm_clock_min_mhz, spec.sm_clock_max_mhz)
+                changes[gpu_id] = {
+                    "power_limit_w": spec.power_limit_w,
+                    "sm_clock_min_mhz": spec.sm_clock_min_mhz,
+                    "sm_clock_max_mhz": spec.sm_clock_max_mhz,
+                    "issued_at": now,
+                    "lease_expires_at": lease,
+                    "reason": spec.reason,
+                }
+                audit.append(
+                    {
+                        "ts": now,
+                        "actor": actor,
+                        "action": "target.set",
+                        "subject": spec.uuid,
+                        "detail": {
+                            "power_limit_w": spec.power_limit_w,
+                            "previous_w": old,
+                            "reason": spec.reason,
+                        },
+                    }
                 )
-                row.power_limit_w = spec.power_limit_w
-                row.sm_clock_min_mhz = spec.sm_clock_min_mhz
-                row.sm_clock_max_mhz = spec.sm_clock_max_mhz
-                row.issued_at = now
-                row.lease_expires_at = now + lease_s
-                row.reason = spec.reason
-                if is_change:
-                    changed += 1
-                    s.add(
-                        AuditEntry(
-                            ts=now,
-                            actor=actor,
-                            action="target.set",
-                            subject=spec.uuid,
-                            detail={
-                                "power_limit_w": spec.power_limit_w,
-                                "previous_w": old,
-                                "reason": spec.reason,
-                            },
-                        )
-                    )
-        return changed
+            renew.difference_update(changes)
+            for chunk in _chunks(sorted(renew), _MAX_IDS_PER_STATEMENT):
+                conn.execute(
+                    update(Target)
+                    .where(Target.gpu_id.in_(chunk))
+                    .values(issued_at=now, lease_expires_at=lease)
+                )
+            updated = [{"b_gpu_id": g, **v} for g, v in changes.items() if g in stored]
+            if updated:
+                # Core executemany; the SET clause comes from the other parameter names.
+                conn.execute(update(Target).where(Target.gpu_id == bindparam("b_gpu_id")), updated)
+            inserted = [{"gpu_id": g, **v} for g, v in changes.items() if g not in stored]
+            if inserted:
+                conn.execute(insert(Target), inserted)
+            if audit:
+                conn.execute(insert(AuditEntry), audit)
+        return len(audit)
 
     def targets_for_node(self, node_name: str) -> dict[str, Target]:
         with self.session() as s:
@@ -352,114 +433,251 @@ class Store:
 
     # -- the snapshot -----------------------------------------------------------------
     def snapshot(self, now: float, window_s: float = 60.0) -> Snapshot:
-        """Newest sample of every GPU and node within ``window_s``, with targets and budget."""
+        """Newest sample of every GPU and node within ``window_s``, with targets and budget.
+
+        Samples count when ``now - window_s <= ts <= now``. Each GPU's (and node's) newest
+        one is found by one backward probe of its ``(gpu_id|node_id, ts)`` index, so the
+        cost follows the fleet size, not the rows in the window or the retention; rows are
+        read as plain columns, not ORM entities (see bench/README.md).
+        """
         since = now - window_s
         try:
-            with self.session() as s:
-                budget = s.scalar(select(Budget.limit_w).where(Budget.scope == FACILITY))
-                newest_gpu = (
-                    select(GpuSampleRow.gpu_id, func.max(GpuSampleRow.ts).label("ts"))
-                    .where(GpuSampleRow.ts >= since, GpuSampleRow.ts <= now)
-                    .group_by(GpuSampleRow.gpu_id)
-                    .subquery()
-                )
-                gpu_rows = s.execute(
-                    select(Gpu, Node.name, GpuSampleRow, Target)
-                    .join(Node, Node.id == Gpu.node_id)
-                    .outerjoin(newest_gpu, newest_gpu.c.gpu_id == Gpu.id)
-                    .outerjoin(
-                        GpuSampleRow,
-                        (GpuSampleRow.gpu_id == Gpu.id) & (GpuSampleRow.ts == newest_gpu.c.ts),
+            with self.engine.connect() as conn:
+                dialect = conn.dialect.name
+                budget = conn.scalar(select(Budget.limit_w).where(Budget.scope == FACILITY))
+                gpus = [
+                    GpuView(
+                        uuid=uuid,
+                        node=node,
+                        index=index,
+                        name=name,
+                        power_min_w=power_min_w,
+                        power_max_w=power_max_w,
+                        power_default_w=power_default_w,
+                        sample_ts=sample_ts,
+                        power_w=power_w,
+                        energy_j=energy_j,
+                        sm_clock_mhz=sm_clock_mhz,
+                        utilization_gpu_ratio=utilization,
+                        power_limit_w=power_limit_w,
+                        throttle_reasons=tuple(filter(None, (throttle or "").split(","))),
+                        target_power_limit_w=target_w,
+                        target_lease_expires_at=lease,
                     )
-                    .outerjoin(Target, Target.gpu_id == Gpu.id)
-                    .order_by(Node.name, Gpu.index)
-                ).all()
-                gpus: dict[str, GpuView] = {}
-                for gpu, node_name, smp, tgt in gpu_rows:
-                    gpus[gpu.uuid] = GpuView(
-                        uuid=gpu.uuid,
-                        node=node_name,
-                        index=gpu.index,
-                        name=gpu.name,
-                        power_min_w=gpu.power_min_w,
-                        power_max_w=gpu.power_max_w,
-                        power_default_w=gpu.power_default_w,
-                        sample_ts=smp.ts if smp else None,
-                        power_w=smp.power_w if smp else None,
-                        energy_j=smp.energy_j if smp else None,
-                        sm_clock_mhz=smp.sm_clock_mhz if smp else None,
-                        utilization_gpu_ratio=smp.utilization_gpu_ratio if smp else None,
-                        power_limit_w=smp.power_limit_w if smp else None,
-                        throttle_reasons=tuple(
-                            filter(None, (smp.throttle_reasons if smp else "").split(","))
-                        ),
-                        target_power_limit_w=tgt.power_limit_w if tgt else None,
-                        target_lease_expires_at=tgt.lease_expires_at if tgt else None,
-                    )
-                newest_host = (
-                    select(HostSampleRow.node_id, func.max(HostSampleRow.ts).label("ts"))
-                    .where(HostSampleRow.ts >= since, HostSampleRow.ts <= now)
-                    .group_by(HostSampleRow.node_id)
-                    .subquery()
-                )
-                host_rows = s.execute(
-                    select(Node, HostSampleRow)
-                    .outerjoin(newest_host, newest_host.c.node_id == Node.id)
-                    .outerjoin(
-                        HostSampleRow,
-                        (HostSampleRow.node_id == Node.id) & (HostSampleRow.ts == newest_host.c.ts),
-                    )
-                    .order_by(Node.name)
-                ).all()
-                newest_tok = (
-                    select(TokenSampleRow.node_id, func.max(TokenSampleRow.ts).label("ts"))
-                    .where(TokenSampleRow.ts >= since, TokenSampleRow.ts <= now)
-                    .group_by(TokenSampleRow.node_id)
-                    .subquery()
-                )
-                tok_rows = (
-                    s.execute(
-                        select(TokenSampleRow).join(
-                            newest_tok,
-                            (newest_tok.c.node_id == TokenSampleRow.node_id)
-                            & (newest_tok.c.ts == TokenSampleRow.ts),
-                        )
-                    )
-                    .scalars()
-                    .all()
-                )
-                tokens: dict[int, list[TokenSampleRow]] = {}
-                for t in tok_rows:
-                    tokens.setdefault(t.node_id, []).append(t)
+                    for (
+                        uuid,
+                        node,
+                        index,
+                        name,
+                        power_min_w,
+                        power_max_w,
+                        power_default_w,
+                        sample_ts,
+                        power_w,
+                        energy_j,
+                        sm_clock_mhz,
+                        utilization,
+                        power_limit_w,
+                        throttle,
+                        target_w,
+                        lease,
+                    ) in conn.execute(_gpu_snapshot_statement(dialect, since, now))
+                ]
+                tokens: dict[int, list[tuple[bool, float | None, float | None]]] = {}
+                for node_id, token_id, up, rate, total in conn.execute(
+                    _token_snapshot_statement(dialect, since, now)
+                ):
+                    if token_id is not None:
+                        tokens.setdefault(node_id, []).append((up, rate, total))
                 nodes = []
-                for node, host in host_rows:
-                    toks = tokens.get(node.id, [])
-                    rates = [
-                        t.generation_tokens_per_s
-                        for t in toks
-                        if t.generation_tokens_per_s is not None
-                    ]
-                    totals = [
-                        t.generation_tokens_total
-                        for t in toks
-                        if t.generation_tokens_total is not None
-                    ]
+                for (
+                    node_id,
+                    name,
+                    drained,
+                    last_seen_at,
+                    host_ts,
+                    non_gpu_w,
+                    source,
+                ) in conn.execute(_node_snapshot_statement(dialect, since, now)):
+                    toks = tokens.get(node_id, [])
+                    rates = [rate for _, rate, _ in toks if rate is not None]
+                    totals = [total for _, _, total in toks if total is not None]
                     nodes.append(
                         NodeView(
-                            name=node.name,
-                            drained=node.drained,
-                            last_seen_at=node.last_seen_at,
-                            host_ts=host.ts if host else None,
-                            non_gpu_power_w=host.non_gpu_power_w if host else None,
-                            power_source=host.power_source if host else None,
+                            name=name,
+                            drained=drained,
+                            last_seen_at=last_seen_at,
+                            host_ts=host_ts,
+                            non_gpu_power_w=non_gpu_w,
+                            power_source=source,
                             generation_tokens_per_s=sum(rates) if rates else None,
                             generation_tokens_total=sum(totals) if totals else None,
-                            endpoints_up=sum(1 for t in toks if t.up),
+                            endpoints_up=sum(1 for up, _, _ in toks if up),
                             endpoints_total=len(toks),
                         )
                     )
-                return Snapshot(
-                    ts=now, budget_w=budget, nodes=tuple(nodes), gpus=tuple(gpus.values())
-                )
+                return Snapshot(ts=now, budget_w=budget, nodes=tuple(nodes), gpus=tuple(gpus))
         except OperationalError as exc:
             raise self._guard(exc) from None
+
+
+# -- snapshot queries -----------------------------------------------------------------
+_GPUS = Gpu.__table__
+_NODES = Node.__table__
+_GPU_SAMPLES = GpuSampleRow.__table__
+_HOST_SAMPLES = HostSampleRow.__table__
+_TOKEN_SAMPLES = TokenSampleRow.__table__
+
+
+def _newest(
+    dialect: str,
+    samples: Table,
+    key: str,
+    owner: Table,
+    columns: Sequence[str],
+    since: float,
+    now: float,
+    *,
+    with_ties: bool = False,
+) -> tuple[FromClause, ColumnElement[bool]]:
+    """``(FROM item, ON clause)`` to outer-join each row of ``owner`` to its newest row of
+    ``samples`` (``samples.<key> = owner.id``) with ``since <= ts <= now``; ``with_ties``
+    joins every row at that newest ``ts`` (token rows: one per endpoint and model per
+    tick). Only ``columns`` (and the key) are selectable from the FROM item.
+
+    The snapshot's one dialect switch. Either way each owner costs one backward probe of
+    the ``(<key>, ts)`` index (``ORDER BY ts DESC LIMIT 1``), whatever the retention.
+    PostgreSQL gets it as a LATERAL subquery (``FETCH FIRST 1 ROWS WITH TIES``, from
+    PostgreSQL 13, for the ties): as a correlated scalar in a join condition, its
+    planner hashes or scans the whole sample table instead once the table is big. SQLite
+    has no LATERAL, but it only does nested loops, and a LEFT JOIN keeps ``owner`` the
+    outer loop, so the correlated scalar is evaluated once per owner and probes.
+    """
+    if dialect == "postgresql":
+        rows = (
+            select(*(samples.c[c] for c in columns))
+            .where(samples.c[key] == owner.c.id, samples.c.ts >= since, samples.c.ts <= now)
+            .order_by(samples.c.ts.desc())
+        )
+        rows = rows.fetch(1, with_ties=True) if with_ties else rows.limit(1)
+        return rows.correlate(owner).lateral(f"newest_{samples.name}"), true()
+    probe = samples.alias(f"{samples.name}_probe")
+    newest = (
+        select(probe.c.ts if with_ties else probe.c.id)
+        .where(probe.c[key] == owner.c.id, probe.c.ts >= since, probe.c.ts <= now)
+        .order_by(probe.c.ts.desc())
+        .limit(1)
+        .correlate(owner)
+        .scalar_subquery()
+    )
+    if with_ties:
+        return samples, and_(samples.c[key] == owner.c.id, samples.c.ts == newest)
+    return samples, samples.c.id == newest
+
+
+def _gpu_snapshot_statement(dialect: str, since: float, now: float) -> Select:
+    sample, on = _newest(
+        dialect,
+        _GPU_SAMPLES,
+        "gpu_id",
+        _GPUS,
+        (
+            "ts",
+            "power_w",
+            "energy_j",
+            "sm_clock_mhz",
+            "utilization_gpu_ratio",
+            "power_limit_w",
+            "throttle_reasons",
+        ),
+        since,
+        now,
+    )
+    return (
+        select(
+            _GPUS.c.uuid,
+            _NODES.c.name,
+            _GPUS.c.index,
+            _GPUS.c.name,
+            _GPUS.c.power_min_w,
+            _GPUS.c.power_max_w,
+            _GPUS.c.power_default_w,
+            sample.c.ts,
+            sample.c.power_w,
+            sample.c.energy_j,
+            sample.c.sm_clock_mhz,
+            sample.c.utilization_gpu_ratio,
+            sample.c.power_limit_w,
+            sample.c.throttle_reasons,
+            Target.power_limit_w,
+            Target.lease_expires_at,
+        )
+        .select_from(_GPUS)
+        .join(_NODES, _NODES.c.id == _GPUS.c.node_id)
+        .outerjoin(sample, on)
+        .outerjoin(Target, Target.gpu_id == _GPUS.c.id)
+        .order_by(_NODES.c.name, _GPUS.c.index, _GPUS.c.id)
+    )
+
+
+def _node_snapshot_statement(dialect: str, since: float, now: float) -> Select:
+    host, on = _newest(
+        dialect,
+        _HOST_SAMPLES,
+        "node_id",
+        _NODES,
+        ("ts", "non_gpu_power_w", "power_source"),
+        since,
+        now,
+    )
+    return (
+        select(
+            _NODES.c.id,
+            _NODES.c.name,
+            _NODES.c.drained,
+            _NODES.c.last_seen_at,
+            host.c.ts,
+            host.c.non_gpu_power_w,
+            host.c.power_source,
+        )
+        .select_from(_NODES)
+        .outerjoin(host, on)
+        .order_by(_NODES.c.name)
+    )
+
+
+def _token_snapshot_statement(dialect: str, since: float, now: float) -> Select:
+    """Every token row at each node's newest token ``ts``, in insertion (id) order so the
+    per-node sums add up the same way each time. Outer join (SQLite keeps nodes as the
+    outer loop that way): a node without token rows comes back once with NULLs."""
+    tok, on = _newest(
+        dialect,
+        _TOKEN_SAMPLES,
+        "node_id",
+        _NODES,
+        ("id", "up", "generation_tokens_per_s", "generation_tokens_total"),
+        since,
+        now,
+        with_ties=True,
+    )
+    return (
+        select(
+            _NODES.c.id,
+            tok.c.id,
+            tok.c.up,
+            tok.c.generation_tokens_per_s,
+            tok.c.generation_tokens_total,
+        )
+        .select_from(_NODES)
+        .outerjoin(tok, on)
+        .order_by(tok.c.id)
+    )
+
+
+_MAX_IDS_PER_STATEMENT = 30_000
+"""Bound parameters per ``IN`` list: under SQLite's 32,766 and PostgreSQL's 65,535."""
+
+
+def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -346,5 +346,9 @@ class Agent:
                 [self.gpu_ids[u] for u in restored if u in self.gpu_ids]
             )
             self._flush_audit()
+            if restored and self.gpu_ids:
+                # A last sample, so the controller budgets these GPUs at their restored
+                # limits rather than at the targets they no longer follow.
+                self.store.write_samples(self.node, self.gpu_ids, self._sample_gpus().values(), now)
         except StoreError as exc:
             log.error("restored %d GPU(s) but could not record it: %s", len(restored), exc)

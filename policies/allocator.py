@@ -112,7 +112,8 @@ def allocate(gpus: list[GpuState], gpu_budget_w: float) -> AllocationResult:
             why = f"draws {g.power_w or 0:.0f} W: limit {lim:.0f} W leaves headroom"
         else:
             why = f"demand {d:.0f} W held to equal share {lim:.0f} W"
-        allocs.append(Allocation(g.uuid, float(np.floor(lim)), why))
+        # Whole watts, rounded down, but never below a fractional hardware floor.
+        allocs.append(Allocation(g.uuid, max(g.min_w, float(np.floor(lim))), why))
     return AllocationResult(
         tuple(allocs), gpu_budget_w, True, f"{len(gpus)} GPUs share {gpu_budget_w:.0f} W"
     )

@@ -88,20 +88,18 @@ def plan(nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float, s: PlanSet
         (stale if is_stale else fresh_gpus).append(g)
     targets: list[PlanTarget] = []
     for g in stale:
-        held = (
-            g.target_w
-            if g.target_w is not None
-            else g.limit_w
-            if g.limit_w is not None
-            else g.max_w
-        )
-        held = min(max(held, g.min_w), g.max_w)
-        usable -= held
-        if g.target_w is not None or g.limit_w is not None:
-            targets.append(PlanTarget(g.uuid, held, "no fresh sample: cap held, not relaxed"))
-        else:
+        if g.target_w is None and g.limit_w is None:
             targets.append(PlanTarget(g.uuid, g.min_w, "never sampled: held at the floor"))
-            usable -= g.min_w - held
+            usable -= g.min_w
+            continue
+        keep = g.target_w if g.target_w is not None else g.limit_w
+        assert keep is not None
+        keep = min(max(keep, g.min_w), g.max_w)
+        targets.append(PlanTarget(g.uuid, keep, "no fresh sample: cap held, not relaxed"))
+        # Budget the larger of what we asked and what the GPU last had: a cleanly
+        # stopped agent restores its GPUs above their target, a crashed one leaves the
+        # target in force; either way that is what the GPU may draw now.
+        usable -= min(max(keep, g.limit_w or 0.0), g.max_w)
     result = allocate(
         [
             GpuState(g.uuid, g.min_w, g.max_w, g.power_w, g.limit_w, g.power_capped)

@@ -117,8 +117,14 @@ def _store_down(rt, monkeypatch):
     def down(*_a, **_k):
         raise StoreError("database sqlite:///x: disk I/O error")
 
-    for name in ("write_samples", "targets_for_node", "audit", "register_node",
-                 "set_original_power_limit", "clear_original_power_limits"):
+    for name in (
+        "write_samples",
+        "targets_for_node",
+        "audit",
+        "register_node",
+        "set_original_power_limit",
+        "clear_original_power_limits",
+    ):
         monkeypatch.setattr(rt.store, name, down)
 
 

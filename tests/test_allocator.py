@@ -85,3 +85,23 @@ def test_unknown_node_power_is_assumed_conservatively():
     )
     assert p.non_gpu_power_w == 2500.0
     assert p.targets[0].power_limit_w == 500.0
+
+
+def test_stale_gpu_restored_above_its_target_is_budgeted_at_the_restored_limit():
+    nodes = [PlanNode("n0", 1000.0, 1.0)]
+    # target 300 W, but the agent stopped cleanly and put the GPU back to 700 W
+    gpus = [
+        PlanGpu("gone", "n0", 200, 700, None, 700, 300.0, 60.0, False),
+        PlanGpu("live", "n0", 200, 700, 650, 700, 700.0, 1.0, True),
+    ]
+    p = plan(nodes, gpus, 2200.0, PlanSettings(margin_ratio=0.0, non_gpu_w_per_gpu_w=0.0))
+    t = {x.uuid: x.power_limit_w for x in p.targets}
+    assert t["gone"] == 300.0
+    assert t["live"] == 2200 - 1000 - 700
+
+
+def test_fractional_floor_is_never_rounded_below():
+    res = allocate(
+        [GpuState("a", 100.5, 400, None, None), GpuState("b", 100.5, 400, None, None)], 201.0
+    )
+    assert [a.limit_w for a in res.allocations] == [100.5, 100.5]

@@ -85,7 +85,7 @@ def test_node_samples_nvml_host_and_tokens_and_applies_targets(local):
 
 def test_bad_endpoint_is_isolated(local):
     rt, _nvml, page = local
-    page["page"] = b"vllm:generation_tokens_total{model_name=\"m\"} 12\nthis is not metrics\n"
+    page["page"] = b'vllm:generation_tokens_total{model_name="m"} 12\nthis is not metrics\n'
     rt.tick_agents()
     agent = rt.agents[0]
     assert len(agent.state.samples) == 2, "GPUs are still sampled"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 from wattkeeper.policies.plan import Plan, PlanGpu, PlanNode, PlanSettings, plan
 from wattkeeper.store.repository import Snapshot, Store, TargetSpec
@@ -17,6 +18,15 @@ class ControllerState:
     last_tick_ts: float | None = None
     targets_changed: int = 0
     no_budget_warned: bool = False
+    coupling: float | None = None
+    """Learned rise of non-GPU power per watt of GPU power (None until observed)."""
+    emergencies: int = 0
+    _last_measure: tuple[float, float] | None = None
+
+
+COUPLING_MAX = 2.0
+LEARN_STEP_RATIO = 0.02
+"""GPU power must move by this share of the budget before a coupling is read off it."""
 
 
 class Controller:
@@ -29,8 +39,11 @@ class Controller:
         self.lease_s = lease_s
         self.state = ControllerState()
 
-    def tick(self, now: float) -> Plan | None:
-        snap = self.store.snapshot(now, window_s=max(60.0, 3 * self.settings.stale_after_s))
+    def _snapshot(self, now: float) -> Snapshot:
+        return self.store.snapshot(now, window_s=max(60.0, 3 * self.settings.stale_after_s))
+
+    def tick(self, now: float, snap: Snapshot | None = None) -> Plan | None:
+        snap = snap or self._snapshot(now)
         self.state.last_tick_ts = now
         if snap.budget_w is None:
             if not self.state.no_budget_warned:
@@ -38,13 +51,75 @@ class Controller:
                 self.state.no_budget_warned = True
             return None
         self.state.no_budget_warned = False
-        result = plan(*planning_inputs(snap, self.forget_after_s), snap.budget_w, self.settings)
+        nodes, gpus = planning_inputs(snap, self.forget_after_s)
+        self._learn_coupling(nodes, gpus, snap.budget_w)
+        settings = self.settings
+        if self.state.coupling is not None and self.state.coupling > settings.non_gpu_w_per_gpu_w:
+            settings = replace(settings, non_gpu_w_per_gpu_w=self.state.coupling)
+        result = plan(nodes, gpus, snap.budget_w, settings)
         self.state.last_plan = result
         specs = [TargetSpec(t.uuid, t.power_limit_w, reason=t.reason) for t in result.targets]
         self.state.targets_changed += self.store.write_targets(specs, now, self.lease_s)
         if not result.feasible:
             log.warning("%s", result.explanation)
         return result
+
+    def guard(self, now: float) -> Plan | None:
+        """The emergency path, run between control periods: when measured facility power
+        is over the budget, re-plan at once on the measurement instead of waiting."""
+        snap = self._snapshot(now)
+        if snap.budget_w is None:
+            return None
+        nodes, gpus = planning_inputs(snap, self.forget_after_s)
+        measured = sum(_fresh_gpu_power(gpus, self.settings)) + sum(
+            _fresh_node_power(nodes, self.settings)
+        )
+        if measured <= snap.budget_w:
+            return None
+        self.state.emergencies += 1
+        log.warning(
+            "facility at %.0f W over its %.0f W budget: re-planning now", measured, snap.budget_w
+        )
+        return self.tick(now, snap)
+
+    def _learn_coupling(self, nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float) -> None:
+        """Read how much non-GPU power (fans, PSU losses) follows GPU power, from how the
+        two moved together since the last plan; the configured value is a floor."""
+        gpu_w = sum(_fresh_gpu_power(gpus, self.settings))
+        host = list(_fresh_node_power(nodes, self.settings))
+        if len(host) != len(nodes) or not gpus:
+            return
+        host_w = sum(host)
+        last = self.state._last_measure
+        self.state._last_measure = (gpu_w, host_w)
+        if last is None:
+            return
+        d_gpu, d_host = gpu_w - last[0], host_w - last[1]
+        if abs(d_gpu) < LEARN_STEP_RATIO * budget_w:
+            return
+        observed = min(max(d_host / d_gpu, 0.0), COUPLING_MAX)
+        prior = self.state.coupling if self.state.coupling is not None else observed
+        self.state.coupling = 0.5 * prior + 0.5 * observed
+
+
+def _fresh_gpu_power(gpus: list[PlanGpu], s: PlanSettings) -> Iterator[float]:
+    for g in gpus:
+        if (
+            g.power_w is not None
+            and g.sample_age_s is not None
+            and g.sample_age_s <= s.stale_after_s
+        ):
+            yield g.power_w
+
+
+def _fresh_node_power(nodes: list[PlanNode], s: PlanSettings) -> Iterator[float]:
+    for n in nodes:
+        if (
+            n.non_gpu_power_w is not None
+            and n.sample_age_s is not None
+            and n.sample_age_s <= s.stale_after_s
+        ):
+            yield n.non_gpu_power_w
 
 
 def planning_inputs(

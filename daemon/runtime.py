@@ -54,6 +54,15 @@ class Runtime:
                     log.exception("agent %s: tick failed", agent.node)
         return ok
 
+    def step(self, controller_due: bool) -> None:
+        """One agent interval on a simulated clock: agents, then the controller's period
+        or, between periods, its emergency check."""
+        self.tick_agents()
+        if controller_due:
+            self.tick_controller()
+        else:
+            self.controller.guard(self.clock.now())
+
     def tick_controller(self) -> None:
         now = self.clock.now()
         self.controller.tick(now)
@@ -205,10 +214,10 @@ def run_fast(
         t = start + k * a
         clock.set(t)
         rt.facility.advance_to(t)
-        rt.tick_agents()
-        if t >= next_controller - 1e-9:
-            rt.tick_controller()
+        controller_due = t >= next_controller - 1e-9
+        if controller_due:
             next_controller += c
+        rt.step(controller_due)
         if progress is not None:
             progress((k * a) / duration_s)
     return summarize(rt, duration_s)
@@ -287,6 +296,13 @@ def run_realtime(
     def agents_job() -> None:
         if rt.tick_agents():
             healthy.set()
+        try:
+            with rt.lock:
+                rt.controller.guard(rt.clock.now())
+        except StoreError:
+            pass  # the controller job reports the store; the agents hold the caps
+        except Exception:
+            log.exception("emergency check failed")
 
     controller_down: list[str] = []
 

@@ -291,10 +291,10 @@ class Wattkeeper:
         if budget is not None and budget != self._budget:
             self.rt.store.set_budget(budget, "scenario", t)
             self._budget = budget
-        self.rt.tick_agents()
-        if t >= self._next:
+        due = t >= self._next
+        if due:
             self._next = t + self.interval_s
-            self.rt.tick_controller()
+        self.rt.step(due)
 
     def close(self) -> None:
         self.rt.store.engine.dispose()

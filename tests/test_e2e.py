@@ -66,8 +66,11 @@ def test_capped_run_stays_under_budget_and_status_reports_it(db_url):
     assert 0 < s["facility_power_w"] <= res["budget_w"]
     assert s["tokens_per_s"] > 0 and s["tokens_per_joule"] > 0
     assert s["newest_sample_age_s"] is not None and s["newest_sample_age_s"] < 30
+    # the run capped every GPU, and its clean stop put each one back to 700 W
+    targets = [g["target_power_limit_w"] for n in s["nodes"] for g in n["gpu_list"]]
+    assert all(200 <= lim < 700 for lim in targets)
     limits = [g["power_limit_w"] for n in s["nodes"] for g in n["gpu_list"]]
-    assert all(200 <= lim < 700 for lim in limits)
+    assert limits == [700.0] * 16
 
     engine = create_engine(url)
     with engine.connect() as c:

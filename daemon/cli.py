@@ -299,7 +299,9 @@ def _run_live(rt: Any, duration_s: float | None, output: Output, listen: str | N
         typer.echo(f"metrics on http://{listen}/metrics", err=True)
 
     def snapshot() -> dict:
-        return facility_summary(rt.store.snapshot(rt.clock.now()))
+        return facility_summary(
+            rt.store.snapshot(rt.clock.now()), stale_after_s=rt.cfg.controller.stale_after_s
+        )
 
     try:
         if output is Output.json:
@@ -335,8 +337,9 @@ def _live_table(s: dict) -> Any:
     title = (
         f"facility {format_power(s['facility_power_w'])} of {format_power(budget)}"
         + (f" ({used:.0%})" if used is not None else "")
-        + f" | {s['tokens_per_s'] or 0:,.0f} tok/s | "
-        + (f"{s['tokens_per_joule']:.3f} tok/J" if s["tokens_per_joule"] else "- tok/J")
+        + (f" | {s['tokens_per_s']:,.0f} tok/s" if s["tokens_per_s"] is not None else " | - tok/s")
+        + (f" | {s['tokens_per_joule']:.3f} tok/J" if s["tokens_per_joule"] else " | - tok/J")
+        + (f" | {s['stale_nodes']} node(s) silent, not counted" if s["stale_nodes"] else "")
     )
     t = Table(title=title)
     for col in ("node", "GPUs", "power", "GPU power", "non-GPU", "tok/s", "tok/J", "age"):
@@ -350,7 +353,9 @@ def _live_table(s: dict) -> Any:
             format_power(n["non_gpu_power_w"]),
             "-" if n["tokens_per_s"] is None else f"{n['tokens_per_s']:,.0f}",
             "-" if n["tokens_per_joule"] is None else f"{n['tokens_per_joule']:.3f}",
-            "-" if n["sample_age_s"] is None else f"{n['sample_age_s']:.0f}s",
+            ("-" if n["sample_age_s"] is None else f"{n['sample_age_s']:.0f}s")
+            + (" stale" if n["stale"] else ""),
+            style="dim" if n["stale"] else None,
         )
     return t
 
@@ -371,7 +376,9 @@ def status(
     store = _store(cfg, db)
     try:
         s = facility_summary(
-            store.snapshot(time.time(), window_s=cfg.store.retention_s), with_gpus=gpus
+            store.snapshot(time.time(), window_s=cfg.store.retention_s),
+            with_gpus=gpus,
+            stale_after_s=cfg.controller.stale_after_s,
         )
     except StoreError as exc:
         fail(str(exc))

@@ -438,7 +438,8 @@ class WattkeeperCollector(Collector):
             value=time.perf_counter() - t0,
         )
         if snap is not None:
-            yield from _facility(snap, facility_summary(snap))
+            summary = facility_summary(snap, stale_after_s=self.rt.cfg.controller.stale_after_s)
+            yield from _facility(snap, summary)
 
 
 def _facility(snap: Snapshot, s: dict) -> Iterator[Metric]:

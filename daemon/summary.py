@@ -20,7 +20,11 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
-def facility_summary(snap: Snapshot, *, with_gpus: bool = False) -> dict[str, Any]:
+def facility_summary(
+    snap: Snapshot, *, with_gpus: bool = False, stale_after_s: float = float("inf")
+) -> dict[str, Any]:
+    """Totals count only nodes heard from within ``stale_after_s``; a silent node is
+    listed with its last values and ``stale: true``, never added in as if current."""
     now = snap.ts
     by_node: dict[str, list] = {}
     for g in snap.gpus:
@@ -29,6 +33,7 @@ def facility_summary(snap: Snapshot, *, with_gpus: bool = False) -> dict[str, An
     newest: float | None = None
     tot_gpu = tot_host = tot_tps = 0.0
     any_tps = False
+    stale_nodes = 0
     for n in snap.nodes:
         gpus = by_node.get(n.name, [])
         gpu_w = sum(g.power_w for g in gpus if g.power_w is not None)
@@ -40,11 +45,15 @@ def facility_summary(snap: Snapshot, *, with_gpus: bool = False) -> dict[str, An
         if node_newest is not None:
             newest = node_newest if newest is None else max(newest, node_newest)
         tps = n.generation_tokens_per_s
-        if tps is not None:
-            any_tps = True
-            tot_tps += tps
-        tot_gpu += gpu_w
-        tot_host += host_w
+        stale = node_newest is None or now - node_newest > stale_after_s
+        if stale:
+            stale_nodes += 1
+        else:
+            if tps is not None:
+                any_tps = True
+                tot_tps += tps
+            tot_gpu += gpu_w
+            tot_host += host_w
         row: dict[str, Any] = {
             "name": n.name,
             "drained": n.drained,
@@ -58,6 +67,7 @@ def facility_summary(snap: Snapshot, *, with_gpus: bool = False) -> dict[str, An
             "endpoints_up": n.endpoints_up,
             "endpoints": n.endpoints_total,
             "sample_age_s": None if node_newest is None else round(now - node_newest, 1),
+            "stale": stale,
         }
         if with_gpus:
             row["gpu_list"] = [
@@ -91,6 +101,7 @@ def facility_summary(snap: Snapshot, *, with_gpus: bool = False) -> dict[str, An
         "tokens_per_s": None if tps_total is None else round(tps_total, 1),
         "tokens_per_joule": _round(_ratio(tps_total, facility_w)),
         "newest_sample_age_s": None if newest is None else round(now - newest, 1),
+        "stale_nodes": stale_nodes,
         "nodes": nodes,
     }
 

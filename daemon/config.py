@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from wattkeeper.paths import default_db_url
 from wattkeeper.units import parse_duration_s, parse_power_w
@@ -112,6 +120,29 @@ class Config(_Section):
     controller: ControllerConfig = ControllerConfig()
     metrics: MetricsConfig = MetricsConfig()
 
+    @model_validator(mode="after")
+    def _timings_fit_together(self) -> Config:
+        """A lease shorter than a control period expires between plans and flips every
+        GPU to the fallback cap and back; stale data must span a few agent samples."""
+        c, a = self.controller, self.agent
+        need = 2 * c.interval_s + a.interval_s
+        if c.lease_s < need:
+            raise ValueError(
+                f"controller.lease_s ({c.lease_s:g} s) must be at least 2 x "
+                f"controller.interval_s + agent.interval_s ({need:g} s)"
+            )
+        if c.stale_after_s < 2 * a.interval_s:
+            raise ValueError(
+                f"controller.stale_after_s ({c.stale_after_s:g} s) must be at least 2 x "
+                f"agent.interval_s ({2 * a.interval_s:g} s)"
+            )
+        if c.forget_after_s < c.lease_s:
+            raise ValueError(
+                f"controller.forget_after_s ({c.forget_after_s:g} s) must be at least "
+                f"controller.lease_s ({c.lease_s:g} s)"
+            )
+        return self
+
 
 def parse_listen(value: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 as [::1]:PORT), refusing anything else with the expected form."""
@@ -153,6 +184,8 @@ def _describe(error: ValidationError, origin: str) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
+        elif not err["loc"]:
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"  {key}: {msg} (got {err.get('input')!r})")

@@ -70,3 +70,10 @@ def test_example_config_is_valid():
     example = Path(__file__).parent.parent / "wattkeeper.example.toml"
     cfg = load_config(example, environ={})
     assert cfg.agent.endpoints, "the example should show an endpoint"
+
+
+def test_lease_shorter_than_the_control_period_is_refused():
+    with pytest.raises(ConfigError, match=r"controller\.lease_s \(2 s\) must be at least"):
+        load_config(None, environ={"WATTKEEPER_CONTROLLER__LEASE_S": "2s"})
+    with pytest.raises(ConfigError, match=r"stale_after_s"):
+        load_config(None, environ={"WATTKEEPER_CONTROLLER__STALE_AFTER_S": "1s"})

@@ -71,12 +71,12 @@ def _config(path: Path | None) -> Any:
         fail(str(exc), 2)
 
 
-def _store(cfg: Any, db: str | None) -> Any:
+def _store(cfg: Any, db: str | None, *, read_only: bool = False) -> Any:
     from wattkeeper.runtime import open_store
     from wattkeeper.store.db import StoreError
 
     try:
-        return open_store(cfg, db)
+        return open_store(cfg, db, read_only=read_only)
     except StoreError as exc:
         fail(str(exc))
 
@@ -99,7 +99,7 @@ def _parse_power(value: str, option: str) -> float:
     from wattkeeper.units import parse_power_w
 
     try:
-        return parse_power_w(value)
+        return parse_power_w(value, require_unit=True)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint=option) from None
 
@@ -207,7 +207,7 @@ def run(
     store = _store(cfg, db)
 
     from wattkeeper.clock import SimClock, WallClock
-    from wattkeeper.runtime import SetupError, build_local, build_simulated
+    from wattkeeper.runtime import SetupError, build_local, build_simulated, claim_store
     from wattkeeper.store.db import StoreError
 
     if fast:
@@ -217,26 +217,48 @@ def run(
         clock = WallClock()
     try:
         rt = build_simulated(cfg, store, spec, clock) if spec else build_local(cfg, store)
-    except SetupError as exc:
+        claim_store(rt)
+    except (SetupError, StoreError) as exc:
         fail(str(exc))
-    if budget_w is not None:
-        store.set_budget(budget_w, "cli:run", clock.now())
+    listen = (
+        None
+        if no_metrics or fast
+        else (metrics_listen or (cfg.metrics.listen if cfg.metrics.enabled else None))
+    )
+    server = None
     try:
+        # Everything that can fail on the way in fails before anything is changed.
+        if listen:
+            server = _serve_metrics(rt, listen)
+        if budget_w is not None:
+            store.set_budget(budget_w, "cli:run", clock.now())
         if fast:
             _run_fast(rt, duration_s or 0.0, output)
         else:
-            _run_live(
-                rt,
-                duration_s,
-                output,
-                None
-                if no_metrics
-                else (metrics_listen or (cfg.metrics.listen if cfg.metrics.enabled else None)),
-            )
+            _run_live(rt, duration_s, output)
     except StoreError as exc:
         fail(str(exc))
     finally:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut restore
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         rt.shutdown()
+
+
+def _serve_metrics(rt: Any, listen: str) -> Any:
+    from wattkeeper.config import parse_listen
+    from wattkeeper.exporter import serve
+
+    host, port = parse_listen(listen)
+    try:
+        server = serve(rt, host, port)
+    except OSError as exc:
+        fail(f"cannot serve /metrics on {listen}: {exc.strerror or exc}")
+    typer.echo(f"metrics on http://{listen}/metrics", err=True)
+    return server
 
 
 def _run_fast(rt: Any, duration_s: float, output: Output) -> None:
@@ -277,7 +299,8 @@ def _run_fast(rt: Any, duration_s: float, output: Output) -> None:
     Console().print(t)
 
 
-def _run_live(rt: Any, duration_s: float | None, output: Output, listen: str | None) -> None:
+def _run_live(rt: Any, duration_s: float | None, output: Output) -> None:
+    """Real time until --duration, SIGTERM or Ctrl-C; both signals stop it the same way."""
     import signal
     import threading
 
@@ -286,45 +309,36 @@ def _run_live(rt: Any, duration_s: float | None, output: Output, listen: str | N
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    server = None
-    if listen:
-        from wattkeeper.config import parse_listen
-        from wattkeeper.exporter import serve
-
-        host, port = parse_listen(listen)
-        try:
-            server = serve(rt, host, port)
-        except OSError as exc:
-            fail(f"cannot serve /metrics on {listen}: {exc.strerror or exc}")
-        typer.echo(f"metrics on http://{listen}/metrics", err=True)
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     def snapshot() -> dict:
         return facility_summary(
             rt.store.snapshot(rt.clock.now()), stale_after_s=rt.cfg.controller.stale_after_s
         )
 
-    try:
-        if output is Output.json:
-            run_realtime(rt, duration_s, stop=stop)
-            _emit_json(snapshot())
-            return
-        if not sys.stdout.isatty():
-            # Under systemd or a pipe a redrawn table is noise: print it once at the end.
-            run_realtime(rt, duration_s, stop=stop)
-            from rich.console import Console
+    if output is Output.json:
+        run_realtime(rt, duration_s, stop=stop)
+        _emit_json(snapshot())
+        return
+    if not sys.stdout.isatty():
+        # Under systemd or a pipe a redrawn table is noise: print it once at the end.
+        run_realtime(rt, duration_s, stop=stop)
+        from rich.console import Console
 
-            Console().print(_live_table(snapshot()))
-            return
-        from rich.live import Live
+        Console().print(_live_table(snapshot()))
+        return
+    from rich.live import Live
 
-        with Live(_live_table(snapshot()), refresh_per_second=2, transient=False) as live:
-            run_realtime(rt, duration_s, lambda: live.update(_live_table(snapshot())), stop=stop)
-    except KeyboardInterrupt:
-        stop.set()
-    finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+    from wattkeeper.store.db import StoreError
+
+    def refresh(live: Live) -> None:
+        try:
+            live.update(_live_table(snapshot()))
+        except StoreError as exc:
+            live.update(f"store unavailable: {exc}")
+
+    with Live(_live_table(snapshot()), refresh_per_second=2, transient=False) as live:
+        run_realtime(rt, duration_s, lambda: refresh(live), stop=stop)
 
 
 def _live_table(s: dict) -> Any:
@@ -373,7 +387,7 @@ def status(
     from wattkeeper.summary import facility_summary
 
     cfg = _config(config)
-    store = _store(cfg, db)
+    store = _store(cfg, db, read_only=True)
     try:
         s = facility_summary(
             store.snapshot(time.time(), window_s=cfg.store.retention_s),
@@ -453,10 +467,14 @@ def budget_show(
 ) -> None:
     """Show the facility budget, who set it and when."""
     cfg = _config(config)
-    store = _store(cfg, db)
+    store = _store(cfg, db, read_only=True)
+    from wattkeeper.store.db import StoreError
     from wattkeeper.units import format_power
 
-    row = store.get_budget()
+    try:
+        row = store.get_budget()
+    except StoreError as exc:
+        fail(str(exc))
     data = {
         "format_version": 1,
         "scope": "facility",
@@ -500,10 +518,16 @@ def db_upgrade(
 @db_app.command("downgrade")
 def db_downgrade(
     revision: Annotated[str, typer.Argument(help="Target revision, or 'base' for empty.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask before dropping data.")] = False,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Roll migrations back (``base`` drops every wattkeeper table)."""
+    """Roll migrations back (``base`` drops every wattkeeper table and its data)."""
+    if not yes and not typer.confirm(
+        f"Roll the schema back to {revision}? Tables and their data may be dropped.",
+        default=False,
+    ):
+        fail("not confirmed: nothing changed (pass --yes to skip the question)")
     from wattkeeper.store.db import (
         StoreError,
         current_revision,
@@ -562,7 +586,7 @@ def probe(
 
     result = probe_source(source, kind.value, timeout_s=_parse_duration(timeout, "--timeout"))
     if output is Output.json:
-        _emit_json(result)
+        _emit_json({"format_version": 1, **result})
     else:
         _print_probe(result)
     if result["kind"] is None:
@@ -637,7 +661,7 @@ def simulate_point(
     except ValueError as exc:
         fail(str(exc), 2)
     if output is Output.json:
-        _emit_json(result)
+        _emit_json({"format_version": 1, **result})
         return
     from rich.console import Console
     from rich.table import Table
@@ -660,7 +684,7 @@ def simulate_calibration(output: OutputOpt = Output.table) -> None:
 
     result = calibration()
     if output is Output.json:
-        _emit_json(result)
+        _emit_json({"format_version": 1, **result})
         return
     from rich.console import Console
     from rich.table import Table
@@ -701,7 +725,9 @@ def simulate_list(output: OutputOpt = Output.table) -> None:
 
     items = list_scenarios()
     if output is Output.json:
-        _emit_json([{"name": n, "description": d} for n, d in items])
+        _emit_json(
+            {"format_version": 1, "scenarios": [{"name": n, "description": d} for n, d in items]}
+        )
         return
     width = max((len(n) for n, _ in items), default=0)
     for name, description in items:

@@ -18,7 +18,7 @@ from wattkeeper.clock import SimClock, WallClock
 from wattkeeper.config import Config
 from wattkeeper.controller import Controller
 from wattkeeper.policies.plan import PlanSettings
-from wattkeeper.store.db import StoreError, check_schema, make_engine
+from wattkeeper.store.db import StoreError, check_schema, describe_url, make_engine
 from wattkeeper.store.repository import Store
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,35 @@ class Runtime:
         self.store.engine.dispose()
 
 
-def open_store(cfg: Config, url: str | None = None) -> Store:
+def claim_store(rt: Runtime) -> None:
+    """Keep simulated and real nodes out of each other's store.
+
+    A simulated run on a store that real nodes report to would set their budget and
+    targets, so it is refused. Simulated nodes left in a store by an earlier run (of
+    another shape, or before real agents took over) are removed: they are not hardware,
+    and until forgotten they would hold budget.
+    """
+    backends = rt.store.node_backends()
+    mine = {a.node for a in rt.agents}
+    simulated = rt.facility is not None
+    if simulated:
+        real = sorted(n for n, b in backends.items() if b != "sim")
+        if real:
+            where = describe_url(str(rt.store.engine.url))
+            raise SetupError(
+                f"the database {where} holds real nodes ({', '.join(real[:5])}): a simulated"
+                " run would change their budget; give the simulation its own database,"
+                " e.g. --db sqlite:///./simulation.db"
+            )
+    leftovers = [n for n, b in backends.items() if b == "sim" and n not in mine]
+    if leftovers:
+        log.warning("removing %d simulated node(s) left by an earlier run", len(leftovers))
+        rt.store.remove_nodes(leftovers, "wattkeeper run", rt.clock.now())
+
+
+def open_store(cfg: Config, url: str | None = None, *, read_only: bool = False) -> Store:
     """Engine for the configured store, refusing a schema that is not at head."""
-    engine = make_engine(url or cfg.store.resolved_url())
+    engine = make_engine(url or cfg.store.resolved_url(), must_exist=read_only)
     check_schema(engine, migrate=cfg.store.migrate_on_start)
     return Store(engine)
 
@@ -255,6 +281,7 @@ def summarize(rt: Runtime, duration_s: float) -> dict:
     kinds = sorted(set(f.gpu_kind_names))
     models = sorted(set(f.replica_model))
     return {
+        "format_version": 1,
         "budget_w": budget_w,
         "duration_s": float(duration_s),
         "settle_s": float(settle_s),

@@ -11,7 +11,7 @@ _DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_SCALE = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def parse_power_w(text: str | float | int) -> float:
+def parse_power_w(text: str | float | int, *, require_unit: bool = False) -> float:
     """Turn '18kW', '750 W', '1.5MW' or a bare number of watts into watts.
 
     'MW' is megawatts (nobody caps a facility in milliwatts); anything that is not a
@@ -27,6 +27,10 @@ def parse_power_w(text: str | float | int) -> float:
             raise ValueError(
                 f"invalid power {text!r}: expected a positive number with a unit W, kW or MW "
                 "(for example 18kW, 750W, 1.5MW)"
+            )
+        if require_unit and not m.group(2):
+            raise ValueError(
+                f"invalid power {text!r}: give a unit, W, kW or MW (18 could mean 18 W or 18 kW)"
             )
         value = float(m.group(1))
         unit = (m.group(2) or "w").lower()

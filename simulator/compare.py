@@ -401,6 +401,7 @@ def compare(
         out[name] = PolicyResult(**{**asdict(res), "fraction_of_optimum": frac})
     budgets = [b for b in scenario_budgets(scenario) if b is not None]
     return {
+        "format_version": 1,
         "scenario": scenario.name,
         "description": scenario.description,
         "duration_s": float(duration_s if duration_s is not None else scenario.duration_s),

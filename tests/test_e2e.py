@@ -219,3 +219,87 @@ def test_default_database_lives_in_the_state_dir(tmp_path):
     r = cli("db", "upgrade")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "state" / "wattkeeper.db").exists()
+
+
+def test_budget_without_a_unit_is_refused_on_the_command_line(sqlite_url):
+    url = upgraded(sqlite_url)
+    r = runner.invoke(app, ["budget", "set", "18", "--db", url])
+    assert r.exit_code == 2 and "give a unit" in r.output
+    assert "no facility budget" in cli("budget", "show", "--db", url).stdout
+
+
+def test_read_only_commands_leave_no_file_behind(tmp_path):
+    url = f"sqlite:///{tmp_path / 'nowhere' / 'x.db'}"
+    for cmd in (["status"], ["budget", "show"]):
+        r = runner.invoke(app, [*cmd, "--db", url])
+        assert r.exit_code == 1 and "no database at" in r.output
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_downgrade_asks_first(sqlite_url):
+    url = upgraded(sqlite_url)
+    r = runner.invoke(app, ["db", "downgrade", "base", "--db", url], input="n\n")
+    assert r.exit_code == 1 and "nothing changed" in r.output
+    assert "0001" in cli("db", "current", "--db", url).stdout
+    r = runner.invoke(app, ["db", "downgrade", "base", "--db", url, "--yes"])
+    assert r.exit_code == 0 and "empty" in r.stdout
+
+
+def test_simulation_refuses_a_store_with_real_nodes(sqlite_url):
+    from wattkeeper.collectors.gpu import GpuInfo, PowerLimitConstraints
+    from wattkeeper.store.db import make_engine
+    from wattkeeper.store.repository import Store
+
+    url = upgraded(sqlite_url)
+    gpu = GpuInfo(
+        "GPU-real-0",
+        0,
+        "NVIDIA H100 80GB HBM3",
+        "00000000:18:00.0",
+        80 * 2**30,
+        PowerLimitConstraints(200, 700, 700),
+    )
+    Store(make_engine(url)).register_node("gpu-node-7", "nvml", [gpu], 0.0)
+    r = runner.invoke(
+        app,
+        ["run", "--simulate", "1x2", "--budget", "1kW", "--duration", "5s", "--fast", "--db", url],
+    )
+    assert r.exit_code == 1 and "holds real nodes (gpu-node-7)" in r.output
+    assert "no facility budget" in cli("budget", "show", "--db", url).stdout
+
+
+def test_a_simulation_of_another_shape_replaces_the_last_one(sqlite_url):
+    url = upgraded(sqlite_url)
+    fast = ("--budget", "20kW", "--duration", "20s", "--fast", "-o", "json", "--db", url)
+    assert cli("run", "--simulate", "3x2", *fast).exit_code == 0
+    assert cli("run", "--simulate", "1x2", *fast).exit_code == 0
+    s = json.loads(cli("status", "--db", url, "-o", "json").stdout)
+    assert [n["name"] for n in s["nodes"]] == ["sim-node-0"]
+
+
+def test_busy_metrics_port_fails_before_the_budget_changes(sqlite_url):
+    import socket
+
+    url = upgraded(sqlite_url)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = runner.invoke(
+            app,
+            [
+                "run",
+                "--simulate",
+                "1x2",
+                "--budget",
+                "9kW",
+                "--duration",
+                "2s",
+                "--metrics-listen",
+                f"127.0.0.1:{port}",
+                "--db",
+                url,
+            ],
+        )
+    assert r.exit_code == 1 and "cannot serve /metrics" in r.output
+    assert "no facility budget" in cli("budget", "show", "--db", url).stdout

@@ -39,8 +39,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str, *, create_dirs: bool = True) -> Engine:
-    """An engine for ``url``; refuses a malformed URL or an unknown driver by name."""
+def make_engine(url: str, *, create_dirs: bool = True, must_exist: bool = False) -> Engine:
+    """An engine for ``url``; refuses a malformed URL or an unknown driver by name.
+
+    ``must_exist`` is for commands that only read: they must not leave an empty SQLite
+    file (and its directory) behind when pointed at the wrong path.
+    """
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -51,7 +55,11 @@ def make_engine(url: str, *, create_dirs: bool = True) -> Engine:
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         db = parsed.database
-        if db and db != ":memory:" and create_dirs:
+        if db and db != ":memory:" and must_exist and not Path(db).expanduser().exists():
+            raise StoreError(
+                f"no database at {db}: create it with `wattkeeper db upgrade --db {url}`"
+            )
+        if db and db != ":memory:" and create_dirs and not must_exist:
             Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(parsed, connect_args={"timeout": 10, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -124,14 +132,16 @@ def check_schema(engine: Engine, *, migrate: bool = False) -> None:
         upgrade(engine)
         return
     where = describe_url(str(engine.url))
+    # A URL whose password is masked cannot be pasted back: name the option instead.
+    db_arg = where if engine.url.password is None else "URL"
     if current is None:
         raise SchemaOutdatedError(
             f"the database {where} has no wattkeeper schema: run `wattkeeper db upgrade"
-            f" --db {where}` (or set store.migrate_on_start = true)"
+            f" --db {db_arg}` (or set store.migrate_on_start = true)"
         )
     raise SchemaOutdatedError(
         f"the database {where} is at schema {current}, this wattkeeper needs {head}: "
-        f"run `wattkeeper db upgrade --db {where}` (or set store.migrate_on_start = true)"
+        f"run `wattkeeper db upgrade --db {db_arg}` (or set store.migrate_on_start = true)"
     )
 
 

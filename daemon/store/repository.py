@@ -213,6 +213,29 @@ class Store:
                 update(Gpu).where(Gpu.id.in_(list(gpu_ids))).values(original_power_limit_w=None)
             )
 
+    def node_backends(self) -> dict[str, str]:
+        """Every registered node and the GPU backend it reported (``nvml``, ``sim``)."""
+        with self._errors(), self.session() as s:
+            return dict(s.execute(select(Node.name, Node.backend)).all())
+
+    def remove_nodes(self, names: Sequence[str], actor: str, now: float) -> None:
+        """Drop nodes with their GPUs, samples and targets, and audit it."""
+        if not names:
+            return
+        with self._errors(), self.session() as s, s.begin():
+            node_ids = list(s.scalars(select(Node.id).where(Node.name.in_(list(names)))))
+            gpu_ids = list(s.scalars(select(Gpu.id).where(Gpu.node_id.in_(node_ids))))
+            # Children first: this must not depend on the database enforcing cascades.
+            for model in (GpuSampleRow, Target):
+                s.execute(delete(model).where(model.gpu_id.in_(gpu_ids)))
+            for model in (HostSampleRow, TokenSampleRow, Gpu):
+                s.execute(delete(model).where(model.node_id.in_(node_ids)))
+            s.execute(delete(Node).where(Node.id.in_(node_ids)))
+            s.add_all(
+                AuditEntry(ts=now, actor=actor, action="node.removed", subject=name, detail={})
+                for name in names
+            )
+
     @contextmanager
     def _errors(self) -> Iterator[None]:
         """Turn any database error into a StoreError with one clear line."""

@@ -129,6 +129,8 @@ def _main(
     ] = False,
 ) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
+    # Alembic narrates every migration step at INFO: only worth reading at -vv.
+    logging.getLogger("alembic").setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

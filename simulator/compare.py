@@ -105,13 +105,11 @@ class Uniform:
         pass
 
 
-class Proportional:
-    """Limits proportional to measured draw, scaled so that their sum fits the budget."""
+class Periodic:
+    """A policy that acts once per control period, and lifts every cap without a budget."""
 
-    def __init__(self, interval_s: float = CONTROL_INTERVAL_S, margin_ratio: float = 0.02) -> None:
-        self.interval_s = interval_s
-        self.margin = margin_ratio
-        self._next = float("-inf")
+    interval_s: float = CONTROL_INTERVAL_S
+    _next: float = float("-inf")
 
     def step(self, f: SimFacility, t: float) -> None:
         if t < self._next:
@@ -122,16 +120,34 @@ class Proportional:
         if budget is None:
             f.limit_requested[:] = hi
             return
-        draw = np.maximum(f.power_avg_1s(), lo)
-        gpu_budget = budget * (1 - self.margin) - float(f.host_power.sum())
-        scale = gpu_budget / float(draw.sum()) if draw.sum() > 0 else 1.0
-        f.limit_requested[:] = np.clip(draw * scale, lo, hi)
+        self.control(f, t, budget, lo, hi)
+
+    def control(
+        self, f: SimFacility, t: float, budget: float, lo: np.ndarray, hi: np.ndarray
+    ) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         pass
 
 
-class Optimum:
+class Proportional(Periodic):
+    """Limits proportional to measured draw, scaled so that their sum fits the budget."""
+
+    def __init__(self, interval_s: float = CONTROL_INTERVAL_S, margin_ratio: float = 0.02) -> None:
+        self.interval_s = interval_s
+        self.margin = margin_ratio
+
+    def control(
+        self, f: SimFacility, t: float, budget: float, lo: np.ndarray, hi: np.ndarray
+    ) -> None:
+        draw = np.maximum(f.power_avg_1s(), lo)
+        gpu_budget = budget * (1 - self.margin) - float(f.host_power.sum())
+        scale = gpu_budget / float(draw.sum()) if draw.sum() > 0 else 1.0
+        f.limit_requested[:] = np.clip(draw * scale, lo, hi)
+
+
+class Optimum(Periodic):
     """The MILP's allocation on true curves, re-solved every control period.
 
     It keeps the same 2% margin as the production controller: load drifts within a
@@ -154,20 +170,13 @@ class Optimum:
         self.interval_s = interval_s
         self.margin = margin_ratio
         self.drain_every_s = drain_every_s
-        self._next = float("-inf")
         self._drain_due = float("-inf")
         self._budget: float | None = None
         self._drained: frozenset[int] = frozenset()
 
-    def step(self, f: SimFacility, t: float) -> None:
-        if t < self._next:
-            return
-        self._next = t + self.interval_s
-        budget = f.budget_at(t)
-        lo, hi = gpu_power_range(f)
-        if budget is None:
-            f.limit_requested[:] = hi
-            return
+    def control(
+        self, f: SimFacility, t: float, budget: float, lo: np.ndarray, hi: np.ndarray
+    ) -> None:
         usable = budget * (1 - self.margin)
         if budget != self._budget or t >= self._drain_due:
             self._budget = budget
@@ -258,9 +267,6 @@ class Optimum:
             allow_drain=allow_drain,
             count="all" if disaggregated else "generated",
         )
-
-    def close(self) -> None:
-        pass
 
 
 class Wattkeeper:

@@ -33,9 +33,24 @@ def main() -> None:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         proc = subprocess.run(
-            [*wk, "run", "--simulate", args.simulate, "--budget", args.budget, "--duration",
-             args.duration, "--fast", "-o", "json", "--db", db],
-            check=True, capture_output=True, text=True,
+            [
+                *wk,
+                "run",
+                "--simulate",
+                args.simulate,
+                "--budget",
+                args.budget,
+                "--duration",
+                args.duration,
+                "--fast",
+                "-o",
+                "json",
+                "--db",
+                db,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         wall = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -43,7 +58,7 @@ def main() -> None:
     run = json.loads(proc.stdout)
     out = {
         "command": f"wattkeeper run --simulate {args.simulate} --budget {args.budget} "
-                   f"--duration {args.duration} --fast -o json",
+        f"--duration {args.duration} --fast -o json",
         "wall_s": round(wall, 1),
         "cpu_s": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1),
         "peak_rss_mib": round(after.ru_maxrss / 1024, 1),

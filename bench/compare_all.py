@@ -29,8 +29,19 @@ def main() -> None:
     names = args.only or [name for name, _ in list_scenarios()]
     sections = []
     for name in names:
-        cmd = [sys.executable, "-m", "wattkeeper", "simulate", "run", name, "--compare",
-               "-o", "json", "--report", str(OUT / name)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "wattkeeper",
+            "simulate",
+            "run",
+            name,
+            "--compare",
+            "-o",
+            "json",
+            "--report",
+            str(OUT / name),
+        ]
         if args.duration:
             cmd += ["--duration", args.duration]
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from wattkeeper import __version__
 
@@ -27,8 +28,23 @@ app = typer.Typer(
 )
 budget_app = typer.Typer(help="Show or set the facility power budget.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
+
+
+class _ScenarioGroup(TyperGroup):
+    """``wattkeeper simulate SCENARIO --compare`` is ``simulate run SCENARIO --compare``:
+    a first word that is not a subcommand names a scenario."""
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]) -> Any:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().resolve_command(ctx, args)
+
+
 simulate_app = typer.Typer(
-    help="Ask the calibrated simulator what-if questions.", no_args_is_help=True
+    cls=_ScenarioGroup,
+    help="Run scenarios (simulate SCENARIO --compare) and ask the calibrated simulator "
+    "what-if questions.",
+    no_args_is_help=True,
 )
 app.add_typer(budget_app, name="budget")
 app.add_typer(db_app, name="db")

@@ -82,6 +82,24 @@ def write_report(result: dict[str, Any], directory: Path) -> Path:
     fig.savefig(directory / "tokens.png", dpi=110)
     plt.close(fig)
 
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for pname, res in policies.items():
+        series = res.series or {}
+        tps, power = series.get("tokens_per_s", []), series.get("power_w", [])
+        tpj = []
+        for i, rate in enumerate(tps):
+            window = power[10 * i : 10 * i + 10] or power[-1:]
+            mean_w = sum(window) / len(window) if window else 0.0
+            tpj.append(rate / mean_w if mean_w else 0.0)
+        ax.plot([10 * i for i in range(len(tpj))], tpj, label=pname, linewidth=0.8)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("tokens per joule (10-s mean)")
+    ax.set_title(f"{name}: tokens per joule of facility energy")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(directory / "tokens_per_joule.png", dpi=110)
+    plt.close(fig)
+
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     names = list(policies)
     for ax, (key, title) in zip(
@@ -120,6 +138,8 @@ def write_report(result: dict[str, Any], directory: Path) -> Path:
             "![facility power against budget](power.png)",
             "",
             "![tokens per second](tokens.png)",
+            "",
+            "![tokens per joule](tokens_per_joule.png)",
             "",
             "![per-policy totals](policies.png)",
             "",

@@ -1,4 +1,4 @@
-"""Every built-in scenario through ``wattkeeper simulate run NAME --compare``.
+"""Every built-in scenario through ``wattkeeper simulate NAME --compare``.
 
 Writes ``bench/results/compare/NAME.json`` (the CLI's JSON) and ``summary.md`` (one table
 per scenario, and how long each took), the tables quoted in the README and issue notes.
@@ -34,7 +34,6 @@ def main() -> None:
             "-m",
             "wattkeeper",
             "simulate",
-            "run",
             name,
             "--compare",
             "-o",

@@ -67,7 +67,6 @@ def test_cli_compare_json_and_report(tmp_path):
         app,
         [
             "simulate",
-            "run",
             "hetero",
             "--compare",
             "--duration",
@@ -87,7 +86,7 @@ def test_cli_compare_json_and_report(tmp_path):
     assert set(data["policies"]) == {"uniform", "wattkeeper"}
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "| wattkeeper |" in report
-    for png in ("power.png", "tokens.png", "policies.png"):
+    for png in ("power.png", "tokens.png", "tokens_per_joule.png", "policies.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
 
 

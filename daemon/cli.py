@@ -199,6 +199,10 @@ def run(
     config: ConfigOpt = None,
 ) -> None:
     """Run agent and controller in one process (SQLite by default)."""
+    if no_metrics and metrics_listen is not None:
+        raise typer.BadParameter(
+            "--metrics-listen and --no-metrics contradict each other", param_hint="--no-metrics"
+        )
     budget_w = _parse_power(budget, "--budget") if budget is not None else None
     duration_s = _parse_duration(duration, "--duration") if duration is not None else None
     if fast and (simulate is None or duration_s is None):
@@ -249,6 +253,10 @@ def run(
         if listen:
             server = _serve_metrics(rt, listen)
         if budget_w is not None:
+            _check_floor(
+                budget_w,
+                [g.power_limits.min_w for a in rt.agents for g in a.backend.gpus()],
+            )
             store.set_budget(budget_w, "cli:run", clock.now())
         if fast:
             _run_fast(rt, duration_s or 0.0, output)
@@ -462,6 +470,9 @@ def status(
 @budget_app.command("set", context_settings={"ignore_unknown_options": True})
 def budget_set(
     value: Annotated[str, typer.Argument(help="Power with a unit: W, kW or MW (e.g. 18kW).")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Set a budget below the GPUs' hardware floor anyway.")
+    ] = False,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -473,10 +484,30 @@ def budget_set(
     from wattkeeper.units import format_power
 
     try:
-        previous = store.set_budget(watts, _actor(), time.time())
+        now = time.time()
+        snap = store.snapshot(now, window_s=cfg.controller.forget_after_s)
+        live = {n.name for n in snap.nodes if now - n.last_seen_at <= cfg.controller.forget_after_s}
+        floors = [g.power_min_w for g in snap.gpus if g.node in live]
+        if not force:
+            _check_floor(watts, floors)
+        previous = store.set_budget(watts, _actor(), now)
     except StoreError as exc:
         fail(str(exc))
     typer.echo(f"facility budget: {format_power(watts)} (was {format_power(previous)})")
+
+
+def _check_floor(watts: float, floors: list[float]) -> None:
+    """A budget below what the GPUs draw at their lowest limits cannot be met by capping:
+    refuse it, unless forced (then the controller holds every GPU at its floor)."""
+    from wattkeeper.units import format_power
+
+    floor = sum(floors)
+    if watts < floor:
+        fail(
+            f"budget {format_power(watts)} is below the hardware floor: {len(floors)} GPUs at "
+            f"their lowest power limits draw {format_power(floor)}, before any non-GPU power; "
+            "only draining nodes could meet it (--force sets it anyway)"
+        )
 
 
 @budget_app.command("show")
@@ -511,6 +542,50 @@ def budget_show(
         )
 
 
+# -- audit --------------------------------------------------------------------------------------
+@app.command()
+def audit(
+    limit: Annotated[int, typer.Option(help="How many entries, newest first.")] = 50,
+    output: OutputOpt = Output.table,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The audit log: every budget, target, power-limit change and restore, and who did it."""
+    from wattkeeper.store.db import StoreError
+
+    cfg = _config(config)
+    store = _store(cfg, db, read_only=True)
+    try:
+        entries = store.audit_log(limit)
+    except StoreError as exc:
+        fail(str(exc))
+    rows = [
+        {"ts": e.ts, "actor": e.actor, "action": e.action, "subject": e.subject, "detail": e.detail}
+        for e in entries
+    ]
+    if output is Output.json:
+        _emit_json({"format_version": 1, "entries": rows})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"audit log, newest {len(rows)}")
+    for col in ("time", "actor", "action", "subject", "detail"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["ts"])),
+            r["actor"],
+            r["action"],
+            r["subject"],
+            ", ".join(
+                f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in r["detail"].items()
+            ),
+        )
+    Console().print(t)
+
+
 # -- db -----------------------------------------------------------------------------------------
 @db_app.command("upgrade")
 def db_upgrade(
@@ -541,6 +616,12 @@ def db_downgrade(
     config: ConfigOpt = None,
 ) -> None:
     """Roll migrations back (``base`` drops every wattkeeper table and its data)."""
+    from wattkeeper.store.db import StoreError, check_revision
+
+    try:
+        check_revision(revision)
+    except StoreError as exc:
+        fail(str(exc), 2)
     if not yes and not typer.confirm(
         f"Roll the schema back to {revision}? Tables and their data may be dropped.",
         default=False,

@@ -30,7 +30,7 @@ def parse_power_w(text: str | float | int, *, require_unit: bool = False) -> flo
             )
         if require_unit and not m.group(2):
             raise ValueError(
-                f"invalid power {text!r}: give a unit, W, kW or MW (18 could mean 18 W or 18 kW)"
+                f"invalid power {text!r}: give a unit, W, kW or MW ({text}W or {text}kW?)"
             )
         value = float(m.group(1))
         unit = (m.group(2) or "w").lower()

@@ -224,7 +224,7 @@ def test_default_database_lives_in_the_state_dir(tmp_path):
 def test_budget_without_a_unit_is_refused_on_the_command_line(sqlite_url):
     url = upgraded(sqlite_url)
     r = runner.invoke(app, ["budget", "set", "18", "--db", url])
-    assert r.exit_code == 2 and "give a unit" in r.output
+    assert r.exit_code == 2 and "give a unit" in r.output and "18kW?" in r.output
     assert "no facility budget" in cli("budget", "show", "--db", url).stdout
 
 
@@ -303,3 +303,39 @@ def test_busy_metrics_port_fails_before_the_budget_changes(sqlite_url):
         )
     assert r.exit_code == 1 and "cannot serve /metrics" in r.output
     assert "no facility budget" in cli("budget", "show", "--db", url).stdout
+
+
+def test_budget_below_the_hardware_floor_is_refused_unless_forced(sqlite_url):
+    url = upgraded(sqlite_url)
+    r = cli(
+        "run", "--simulate", "1x8", "--budget", "1kW", "--duration", "5s", "--fast", "--db", url
+    )
+    assert r.exit_code == 1 and "below the hardware floor" in r.output and "1.60 kW" in r.output
+    assert cli("run", "--simulate", "1x8", "--duration", "5s", "--fast", "--db", url).exit_code == 0
+    r = cli("budget", "set", "750W", "--db", url)
+    assert r.exit_code == 1 and "8 GPUs" in r.output
+    assert "no facility budget" in cli("budget", "show", "--db", url).stdout
+    assert cli("budget", "set", "750W", "--force", "--db", url).exit_code == 0
+
+
+def test_unknown_revision_is_named():
+    r = runner.invoke(app, ["db", "downgrade", "9999", "--yes"])
+    assert r.exit_code == 2 and "unknown schema revision '9999'" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_audit_command_shows_who_did_what(sqlite_url):
+    url = upgraded(sqlite_url)
+    cli("budget", "set", "10kW", "--db", url)
+    cli("run", "--simulate", "1x2", "--budget", "1.5kW", "--duration", "20s", "--fast", "--db", url)
+    entries = json.loads(cli("audit", "--db", url, "-o", "json", "--limit", "500").stdout)[
+        "entries"
+    ]
+    actions = {(e["actor"].split(":")[0], e["action"]) for e in entries}
+    assert {
+        ("cli", "budget.set"),
+        ("controller", "target.set"),
+        ("agent", "power_limit.set"),
+        ("agent", "gpu.restore"),
+    } <= actions
+    assert entries[0]["ts"] >= entries[-1]["ts"]

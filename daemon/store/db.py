@@ -14,6 +14,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError as AlembicError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
@@ -112,12 +113,28 @@ def _first_line(exc: SQLAlchemyError) -> str:
     return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
 
 
+def check_revision(revision: str) -> None:
+    """Refuse a revision the migrations do not know, naming the ones they do."""
+    if revision in ("head", "base"):
+        return
+    script = ScriptDirectory.from_config(alembic_config())
+    try:
+        found = script.get_revision(revision)
+    except AlembicError:
+        found = None
+    if found is None:
+        known = ", ".join(["base", *(r.revision for r in script.walk_revisions()), "head"])
+        raise StoreError(f"unknown schema revision {revision!r}: known are {known}")
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
+    check_revision(revision)
     current_revision(engine)  # reachability check with a clean message
     command.upgrade(alembic_config(engine), revision)
 
 
 def downgrade(engine: Engine, revision: str = "base") -> None:
+    check_revision(revision)
     current_revision(engine)
     command.downgrade(alembic_config(engine), revision)
 

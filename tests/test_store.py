@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import insert, select
 
 from wattkeeper.collectors.gpu import GpuInfo, GpuSample, PowerLimitConstraints
+from wattkeeper.store import repository
 from wattkeeper.store.db import make_engine, upgrade
 from wattkeeper.store.models import (
     Budget,
@@ -279,6 +280,17 @@ def test_write_targets_renews_leases_and_audits_only_changes(store: Store) -> No
         "target.set",
         T + 15,
     )
+
+
+def test_write_targets_renews_many_leases(store: Store, monkeypatch) -> None:
+    """Renewal ids go in IN lists of bounded size (one array parameter on PostgreSQL)."""
+    monkeypatch.setattr(repository, "_MAX_IDS_PER_STATEMENT", 2)
+    store.register_node("n", "sim", _infos("n", 5), T)
+    specs = [TargetSpec(f"GPU-n-{k}", 300.0 + k) for k in range(5)]
+    assert store.write_targets(specs, T, 30.0) == 5
+    assert store.write_targets(specs[:4], T + 5, 30.0) == 0
+    leases = {u: t.lease_expires_at for u, t in store.targets_for_node("n").items()}
+    assert leases == {**{f"GPU-n-{k}": T + 35 for k in range(4)}, "GPU-n-4": T + 30}
 
 
 # -- snapshot against a reference computed from all rows -------------------------------

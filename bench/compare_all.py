@@ -50,7 +50,7 @@ def main() -> None:
         (OUT / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
         table = (OUT / name / "report.md").read_text().split("\n\n")
         rows = next(part for part in table if part.startswith("| policy"))
-        shown = " ".join(cmd[2:]).replace(str(OUT / name), f"bench/results/compare/{name}")
+        shown = " ".join(cmd[3:]).replace(str(OUT / name), f"bench/results/compare/{name}")
         sections.append(f"## {name}\n\n`wattkeeper {shown}` ({wall:.0f} s wall)\n\n{rows}\n")
         print(f"{name}: {wall:.0f} s", file=sys.stderr, flush=True)
     (OUT / "summary.md").write_text("# Policy comparison, every scenario\n\n" + "\n".join(sections))

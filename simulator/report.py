@@ -52,53 +52,45 @@ def write_report(result: dict[str, Any], directory: Path) -> Path:
     name = result["scenario"]
     policies = result["policies"]
 
-    fig, ax = plt.subplots(figsize=(10, 4))
-    budget_drawn = False
+    def time_plot(filename: str, ylabel: str, title: str, lines: dict[str, tuple]) -> None:
+        fig, ax = plt.subplots(figsize=(10, 4))
+        for label, (xs, ys, style) in lines.items():
+            ax.plot(xs, ys, style, label=label, linewidth=1.2 if style else 0.8)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{name}: {title}")
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(directory / filename, dpi=110)
+        plt.close(fig)
+
+    power_lines: dict[str, tuple] = {}
+    tokens_lines: dict[str, tuple] = {}
+    tpj_lines: dict[str, tuple] = {}
     for pname, res in policies.items():
         series = res.series or {}
         power = series.get("power_w", [])
-        ax.plot([p / 1e3 for p in power], label=pname, linewidth=0.8)
-        if not budget_drawn:
-            budget = [None if b is None else b / 1e3 for b in series.get("budget_w", [])]
-            ax.plot(budget, "k--", label="budget", linewidth=1.2)
-            budget_drawn = True
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("facility power (kW)")
-    ax.set_title(f"{name}: facility power against budget")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(directory / "power.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(10, 4))
-    for pname, res in policies.items():
-        tps = (res.series or {}).get("tokens_per_s", [])
-        ax.plot([10 * i for i in range(len(tps))], tps, label=pname, linewidth=0.8)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("tokens/s (10-s mean)")
-    ax.set_title(f"{name}: generated tokens per second")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(directory / "tokens.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(10, 4))
-    for pname, res in policies.items():
-        series = res.series or {}
-        tps, power = series.get("tokens_per_s", []), series.get("power_w", [])
+        tps = series.get("tokens_per_s", [])
+        power_lines[pname] = (range(len(power)), [p / 1e3 for p in power], "")
+        tens = [10 * i for i in range(len(tps))]
+        tokens_lines[pname] = (tens, tps, "")
         tpj = []
         for i, rate in enumerate(tps):
             window = power[10 * i : 10 * i + 10] or power[-1:]
             mean_w = sum(window) / len(window) if window else 0.0
             tpj.append(rate / mean_w if mean_w else 0.0)
-        ax.plot([10 * i for i in range(len(tpj))], tpj, label=pname, linewidth=0.8)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("tokens per joule (10-s mean)")
-    ax.set_title(f"{name}: tokens per joule of facility energy")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(directory / "tokens_per_joule.png", dpi=110)
-    plt.close(fig)
+        tpj_lines[pname] = (tens, tpj, "")
+        if "budget" not in power_lines:
+            budget = [None if b is None else b / 1e3 for b in series.get("budget_w", [])]
+            power_lines["budget"] = (range(len(budget)), budget, "k--")
+    time_plot("power.png", "facility power (kW)", "facility power against budget", power_lines)
+    time_plot("tokens.png", "tokens/s (10-s mean)", "generated tokens per second", tokens_lines)
+    time_plot(
+        "tokens_per_joule.png",
+        "tokens per joule (10-s mean)",
+        "tokens per joule of facility energy",
+        tpj_lines,
+    )
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     names = list(policies)

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from wattkeeper.policies.plan import Plan, PlanGpu, PlanNode, PlanSettings, plan
+from wattkeeper.policies.plan import (
+    Plan,
+    PlanGpu,
+    PlanNode,
+    PlanSettings,
+    fresh_gpu_power,
+    fresh_node_power,
+    plan,
+)
 from wattkeeper.store.repository import Snapshot, Store, TargetSpec
 
 log = logging.getLogger(__name__)
@@ -71,8 +78,8 @@ class Controller:
         if snap.budget_w is None:
             return None
         nodes, gpus = planning_inputs(snap, self.forget_after_s)
-        measured = sum(_fresh_gpu_power(gpus, self.settings)) + sum(
-            _fresh_node_power(nodes, self.settings)
+        measured = sum(fresh_gpu_power(gpus, self.settings)) + sum(
+            fresh_node_power(nodes, self.settings)
         )
         if measured <= snap.budget_w:
             return None
@@ -85,8 +92,8 @@ class Controller:
     def _learn_coupling(self, nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float) -> None:
         """Read how much non-GPU power (fans, PSU losses) follows GPU power, from how the
         two moved together since the last plan; the configured value is a floor."""
-        gpu_w = sum(_fresh_gpu_power(gpus, self.settings))
-        host = list(_fresh_node_power(nodes, self.settings))
+        gpu_w = sum(fresh_gpu_power(gpus, self.settings))
+        host = list(fresh_node_power(nodes, self.settings))
         if len(host) != len(nodes) or not gpus:
             return
         host_w = sum(host)
@@ -100,26 +107,6 @@ class Controller:
         observed = min(max(d_host / d_gpu, 0.0), COUPLING_MAX)
         prior = self.state.coupling if self.state.coupling is not None else observed
         self.state.coupling = 0.5 * prior + 0.5 * observed
-
-
-def _fresh_gpu_power(gpus: list[PlanGpu], s: PlanSettings) -> Iterator[float]:
-    for g in gpus:
-        if (
-            g.power_w is not None
-            and g.sample_age_s is not None
-            and g.sample_age_s <= s.stale_after_s
-        ):
-            yield g.power_w
-
-
-def _fresh_node_power(nodes: list[PlanNode], s: PlanSettings) -> Iterator[float]:
-    for n in nodes:
-        if (
-            n.non_gpu_power_w is not None
-            and n.sample_age_s is not None
-            and n.sample_age_s <= s.stale_after_s
-        ):
-            yield n.non_gpu_power_w
 
 
 def planning_inputs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from wattkeeper.policies.allocator import GpuState, allocate
@@ -16,6 +17,10 @@ class PlanSettings:
     non_gpu_w_per_gpu_w: float = 0.2
     """How much non-GPU power rises per watt of added GPU power: fans follow the heat and
     power supplies lose a share of what they deliver (assumption, configurable)."""
+
+    def is_fresh(self, age_s: float | None) -> bool:
+        """A reading counts as current only if it exists and is within ``stale_after_s``."""
+        return age_s is not None and age_s <= self.stale_after_s
 
 
 @dataclass(frozen=True)
@@ -64,28 +69,17 @@ def plan(nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float, s: PlanSet
     """
     non_gpu = 0.0
     for n in nodes:
-        fresh = n.sample_age_s is not None and n.sample_age_s <= s.stale_after_s
-        non_gpu += (
-            n.non_gpu_power_w
-            if fresh and n.non_gpu_power_w is not None
-            else (s.default_node_overhead_w)
-        )
+        measured = n.non_gpu_power_w if s.is_fresh(n.sample_age_s) else None
+        non_gpu += measured if measured is not None else s.default_node_overhead_w
     usable = budget_w * (1 - s.margin_ratio) - non_gpu
-    drawn = sum(
-        g.power_w
-        for g in gpus
-        if g.power_w is not None
-        and g.sample_age_s is not None
-        and g.sample_age_s <= s.stale_after_s
-    )
+    drawn = sum(fresh_gpu_power(gpus, s))
     if usable > drawn:
         # Raising GPU power raises non-GPU power too: G + H0 + k (G - G0) <= B'.
         usable = drawn + (usable - drawn) / (1 + s.non_gpu_w_per_gpu_w)
     stale: list[PlanGpu] = []
     fresh_gpus: list[PlanGpu] = []
     for g in gpus:
-        is_stale = g.sample_age_s is None or g.sample_age_s > s.stale_after_s
-        (stale if is_stale else fresh_gpus).append(g)
+        (fresh_gpus if s.is_fresh(g.sample_age_s) else stale).append(g)
     targets: list[PlanTarget] = []
     for g in stale:
         if g.target_w is None and g.limit_w is None:
@@ -115,3 +109,17 @@ def plan(nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float, s: PlanSet
     if stale:
         explanation += f"; {len(stale)} GPU(s) without fresh samples held at their cap"
     return Plan(tuple(targets), budget_w, usable, non_gpu, result.feasible, len(stale), explanation)
+
+
+def fresh_gpu_power(gpus: list[PlanGpu], s: PlanSettings) -> Iterator[float]:
+    """Power of every GPU whose sample is current."""
+    return (g.power_w for g in gpus if g.power_w is not None and s.is_fresh(g.sample_age_s))
+
+
+def fresh_node_power(nodes: list[PlanNode], s: PlanSettings) -> Iterator[float]:
+    """Non-GPU power of every node whose host sample is current."""
+    return (
+        n.non_gpu_power_w
+        for n in nodes
+        if n.non_gpu_power_w is not None and s.is_fresh(n.sample_age_s)
+    )

@@ -87,12 +87,14 @@ def _config(path: Path | None) -> Any:
         fail(str(exc), 2)
 
 
-def _store(cfg: Any, db: str | None, *, read_only: bool = False) -> Any:
+def _store(cfg: Any, db: str | None, *, read_only: bool = False, create: bool = False) -> Any:
     from wattkeeper.runtime import open_store
     from wattkeeper.store.db import StoreError
 
     try:
-        return open_store(cfg, db, read_only=read_only)
+        return open_store(
+            cfg, db, read_only=read_only, create=create, announce=lambda m: typer.echo(m, err=True)
+        )
     except StoreError as exc:
         fail(str(exc))
 
@@ -226,7 +228,7 @@ def run(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--metrics-listen") from None
     cfg = _config(config)
-    store = _store(cfg, db)
+    store = _store(cfg, db, create=True)
 
     from wattkeeper.clock import SimClock, WallClock
     from wattkeeper.runtime import SetupError, build_local, build_simulated, claim_store
@@ -415,10 +417,12 @@ def status(
     cfg = _config(config)
     store = _store(cfg, db, read_only=True)
     try:
+        as_of, clock = _status_moment(store)
         s = facility_summary(
-            store.snapshot(time.time(), window_s=cfg.store.retention_s),
+            store.snapshot(as_of, window_s=cfg.store.retention_s),
             with_gpus=gpus,
             stale_after_s=cfg.controller.stale_after_s,
+            clock=clock,
         )
     except StoreError as exc:
         fail(str(exc))
@@ -433,7 +437,11 @@ def status(
     console = Console()
     console.print(_live_table(s))
     age = s["newest_sample_age_s"]
-    console.print(f"newest sample: {'none' if age is None else f'{age:.0f} s ago'}")
+    if s["clock"] == "simulated":
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["ts"]))
+        console.print(f"simulated facility, as of its last samples ({when})")
+    else:
+        console.print(f"newest sample: {'none' if age is None else f'{age:.0f} s ago'}")
     if gpus:
         t = Table(title="GPUs")
         for col in (
@@ -464,6 +472,23 @@ def status(
                     "-" if g["sample_age_s"] is None else f"{g['sample_age_s']:.0f}s",
                 )
         console.print(t)
+
+
+def _status_moment(store: Any) -> tuple[float, str]:
+    """The moment ``status`` describes, and on which clock.
+
+    Real nodes are judged now, on the wall clock: a silent node is stale. A store that
+    only simulated nodes report to is described as of its newest sample: a ``--fast``
+    run simulates the minutes that end when it started, so on the wall clock its
+    samples are as old as the run took to compute, and every node would look stale
+    on a slow machine. A simulation shows what it last did, and says it is one.
+    """
+    now = time.time()
+    backends = store.node_backends()
+    if not backends or any(b != "sim" for b in backends.values()):
+        return now, "wall"
+    newest = store.newest_sample_ts()
+    return (now if newest is None else min(newest, now)), "simulated"
 
 
 # -- budget ------------------------------------------------------------------------------------
@@ -877,6 +902,10 @@ def simulate_run(
         sc = load_scenario(scenario)
     except (ValueError, OSError) as exc:
         fail(str(exc), 2)
+    if "optimum" in names:
+        _require_extra("scipy")
+    if report is not None:
+        _require_extra("matplotlib")
     if output is Output.json or not sys.stderr.isatty():
         result = run_compare(sc, names, duration_s=duration_s)
     else:
@@ -904,8 +933,40 @@ def simulate_run(
     typer.echo(markdown_table(result))
 
 
+EXTRAS = {"scipy": "sim", "matplotlib": "sim"}
+"""Modules that only an optional extra installs, and the extra that brings each."""
+
+
+def _require_extra(*modules: str) -> None:
+    """Refuse, before any work starts, a command whose extra is not installed."""
+    from importlib.util import find_spec
+
+    for module in modules:
+        if find_spec(module) is None:
+            _missing_extra(module)
+
+
+def _missing_extra(module: str) -> NoReturn:
+    extra = EXTRAS[module]
+    fail(
+        f"this command needs the '{extra}' extra ({module} is not installed): "
+        f"pip install 'wattkeeper[{extra}]'"
+    )
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        # The safety net behind _require_extra: a command that reaches an optional
+        # module it did not check for still ends in one line, not a traceback.
+        module = (exc.name or "").partition(".")[0]
+        if module not in EXTRAS:
+            raise
+        try:
+            _missing_extra(module)
+        except typer.Exit as stop:
+            sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

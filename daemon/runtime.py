@@ -18,7 +18,14 @@ from wattkeeper.clock import SimClock, WallClock
 from wattkeeper.config import Config
 from wattkeeper.controller import Controller
 from wattkeeper.policies.plan import PlanSettings
-from wattkeeper.store.db import StoreError, check_schema, describe_url, make_engine
+from wattkeeper.store.db import (
+    StoreError,
+    check_schema,
+    create_if_empty,
+    describe_url,
+    head_revision,
+    make_engine,
+)
 from wattkeeper.store.repository import Store
 
 log = logging.getLogger(__name__)
@@ -110,9 +117,24 @@ def claim_store(rt: Runtime) -> None:
         rt.store.remove_nodes(leftovers, "wattkeeper run", rt.clock.now())
 
 
-def open_store(cfg: Config, url: str | None = None, *, read_only: bool = False) -> Store:
-    """Engine for the configured store, refusing a schema that is not at head."""
+def open_store(
+    cfg: Config,
+    url: str | None = None,
+    *,
+    read_only: bool = False,
+    create: bool = False,
+    announce: Callable[[str], None] | None = None,
+) -> Store:
+    """Engine for the configured store, refusing a schema that is not at head.
+
+    ``create`` (the daemon's first start) builds a missing or empty SQLite store at head
+    and tells ``announce`` so in one line; a read-only command never creates anything.
+    """
     engine = make_engine(url or cfg.store.resolved_url(), must_exist=read_only)
+    if create and not read_only and create_if_empty(engine):
+        if announce is not None:
+            where = describe_url(str(engine.url))
+            announce(f"created a new store at {where} (schema {head_revision()})")
     check_schema(engine, migrate=cfg.store.migrate_on_start)
     return Store(engine)
 

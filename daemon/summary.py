@@ -21,10 +21,17 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 
 def facility_summary(
-    snap: Snapshot, *, with_gpus: bool = False, stale_after_s: float = float("inf")
+    snap: Snapshot,
+    *,
+    with_gpus: bool = False,
+    stale_after_s: float = float("inf"),
+    clock: str = "wall",
 ) -> dict[str, Any]:
     """Totals count only nodes heard from within ``stale_after_s``; a silent node is
-    listed with its last values and ``stale: true``, never added in as if current."""
+    listed with its last values and ``stale: true``, never added in as if current.
+
+    Ages and staleness are judged at ``snap.ts``: the wall clock for real nodes, the
+    simulated run's last moment for a simulation (``clock``, reported as is)."""
     now = snap.ts
     by_node: dict[str, list] = {}
     for g in snap.gpus:
@@ -93,6 +100,7 @@ def facility_summary(
     return {
         "format_version": FORMAT_VERSION,
         "ts": now,
+        "clock": clock,
         "budget_w": snap.budget_w,
         "facility_power_w": round(facility_w, 1),
         "gpu_power_w": round(tot_gpu, 1),

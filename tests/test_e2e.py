@@ -65,7 +65,11 @@ def test_capped_run_stays_under_budget_and_status_reports_it(db_url):
     assert all(n["gpus"] == 8 and len(n["gpu_list"]) == 8 for n in s["nodes"])
     assert 0 < s["facility_power_w"] <= res["budget_w"]
     assert s["tokens_per_s"] > 0 and s["tokens_per_joule"] > 0
-    assert s["newest_sample_age_s"] is not None and s["newest_sample_age_s"] < 30
+    # A --fast run simulates minutes that end when it started: status describes the
+    # simulation as of its last samples, however long the run took on this machine.
+    assert s["clock"] == "simulated"
+    assert not any(n["stale"] for n in s["nodes"]) and s["stale_nodes"] == 0
+    assert s["newest_sample_age_s"] == 0
     # the run capped every GPU, and its clean stop put each one back to 700 W
     targets = [g["target_power_limit_w"] for n in s["nodes"] for g in n["gpu_list"]]
     assert all(200 <= lim < 700 for lim in targets)
@@ -174,12 +178,68 @@ def test_malformed_database_url():
     assert "invalid database URL" in r.output or "unsupported database" in r.output
 
 
-def test_daemon_refuses_an_unmigrated_database_and_names_the_command(sqlite_url):
+def test_run_creates_a_new_sqlite_store_and_says_so_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'new' / 'fresh.db'}"
+    args = ["run", "--simulate", "1x2", "--budget", "2kW", "--duration", "20s", "--fast"]
+    first = runner.invoke(app, [*args, "-o", "json", "--db", url])
+    assert first.exit_code == 0, first.output
+    assert first.stderr.count("created a new store") == 1
+    assert json.loads(first.stdout)["tokens"] > 0
+    current = cli("db", "current", "--db", url)
+    assert current.stdout.split()[1] == current.stdout.split()[3], current.stdout  # at head
+    again = runner.invoke(app, [*args, "-o", "json", "--db", url])
+    assert again.exit_code == 0, again.output
+    assert "created" not in again.stderr
+
+
+def test_run_creates_nothing_in_a_sqlite_file_that_holds_other_tables(tmp_path):
+    path = tmp_path / "other.db"
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as c:
+        c.execute(text("CREATE TABLE theirs (x INTEGER)"))
     r = runner.invoke(
-        app, ["run", "--simulate", "1x2", "--duration", "5s", "--fast", "--db", sqlite_url]
+        app, ["run", "--simulate", "1x2", "--duration", "5s", "--fast", "--db", f"sqlite:///{path}"]
     )
     assert r.exit_code == 1
     assert "wattkeeper db upgrade" in r.output
+    with engine.connect() as c:
+        tables = set(c.scalars(text("SELECT name FROM sqlite_master WHERE type = 'table'")))
+    assert tables == {"theirs"}
+
+
+@pytest.mark.postgres
+def test_run_never_creates_the_schema_on_postgresql(pg_url):
+    r = runner.invoke(
+        app, ["run", "--simulate", "1x2", "--duration", "5s", "--fast", "--db", pg_url]
+    )
+    assert r.exit_code == 1
+    assert "no wattkeeper schema" in r.output and "wattkeeper db upgrade" in r.output
+    with create_engine(pg_url).connect() as c:
+        assert c.scalar(text("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")) == 0
+
+
+def test_a_store_at_another_revision_still_refuses(sqlite_url):
+    url = upgraded(sqlite_url)
+    engine = create_engine(url)
+    with engine.begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = '0000_older'"))
+    r = runner.invoke(
+        app, ["run", "--simulate", "1x2", "--duration", "5s", "--fast", "--db", url]
+    )
+    assert r.exit_code == 1
+    assert "at schema 0000_older" in r.output and "wattkeeper db upgrade" in r.output
+    with engine.connect() as c:
+        assert c.scalar(text("SELECT version_num FROM alembic_version")) == "0000_older"
+        assert c.scalar(select(func.count()).select_from(GpuSampleRow)) == 0
+
+
+def test_read_only_commands_never_create_a_schema(tmp_path):
+    path = tmp_path / "empty.db"
+    path.touch()
+    for cmd in (["status"], ["budget", "show"], ["audit"]):
+        r = runner.invoke(app, [*cmd, "--db", f"sqlite:///{path}"])
+        assert r.exit_code == 1 and "no wattkeeper schema" in r.output, r.output
+    assert path.stat().st_size == 0
 
 
 def test_migrate_on_start(tmp_path, sqlite_url, monkeypatch):
@@ -230,7 +290,7 @@ def test_budget_without_a_unit_is_refused_on_the_command_line(sqlite_url):
 
 def test_read_only_commands_leave_no_file_behind(tmp_path):
     url = f"sqlite:///{tmp_path / 'nowhere' / 'x.db'}"
-    for cmd in (["status"], ["budget", "show"]):
+    for cmd in (["status"], ["budget", "show"], ["audit"]):
         r = runner.invoke(app, [*cmd, "--db", url])
         assert r.exit_code == 1 and "no database at" in r.output
     assert not (tmp_path / "nowhere").exists()

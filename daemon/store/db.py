@@ -15,9 +15,9 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError as AlembicError
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 import wattkeeper.migrations as _migrations
@@ -34,6 +34,18 @@ class SchemaOutdatedError(StoreError):
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
+    _sqlite_session_pragmas(cur)
+
+
+def _sqlite_reader_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    """A reader leaves the journal mode alone: setting it writes the file's header, and a
+    read-only command must not change (or turn into a database) a file it was pointed at.
+    The mode is stored in the file, so a reader of a WAL store reads it as WAL anyway."""
+    cur = dbapi_conn.cursor()
+    _sqlite_session_pragmas(cur)
+
+
+def _sqlite_session_pragmas(cur: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.execute("PRAGMA synchronous=NORMAL")
@@ -48,9 +60,9 @@ def make_engine(url: str, *, create_dirs: bool = True, must_exist: bool = False)
     """
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         raise StoreError(
-            f"invalid database URL {url!r}: expected sqlite:///PATH or "
+            f"invalid database URL {describe_url(url)!r}: expected sqlite:///PATH or "
             "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB"
         ) from None
     backend = parsed.get_backend_name()
@@ -63,7 +75,7 @@ def make_engine(url: str, *, create_dirs: bool = True, must_exist: bool = False)
         if db and db != ":memory:" and create_dirs and not must_exist:
             Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(parsed, connect_args={"timeout": 10, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_reader_pragmas if must_exist else _sqlite_pragmas)
         return engine
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
@@ -73,15 +85,48 @@ def make_engine(url: str, *, create_dirs: bool = True, must_exist: bool = False)
             pool_pre_ping=True,
             connect_args={"connect_timeout": 5, "options": "-c statement_timeout=30000"},
         )
-    raise StoreError(f"unsupported database {backend!r} in {url!r}: use sqlite or postgresql")
+    raise StoreError(
+        f"unsupported database {backend!r} in {describe_url(url)}: use sqlite:///PATH or "
+        "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB"
+    )
 
 
 def describe_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password, for messages and logs.
+
+    A URL too malformed to parse is not echoed at all: whatever stands between ``://``
+    and ``@`` may be a password.
+    """
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
+        scheme, sep, rest = url.partition("://")
+        if sep and "@" in rest:
+            return f"{scheme}://***@{rest.rpartition('@')[2]}"
         return url
+
+
+def error_line(exc: BaseException, url: str | Engine | None = None) -> str:
+    """One line for a database error, with any password in ``url`` masked.
+
+    Drivers put the server's words in the message and never the password, but a DSN
+    echoed back by a driver or a hand-written message could carry one: scrub it here,
+    where every store error is made, rather than trust each message.
+    """
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip()
+    line = text.splitlines()[0] if text else type(orig).__name__
+    password = None
+    if isinstance(url, Engine):
+        password = url.url.password
+    elif url:
+        try:
+            password = make_url(url).password
+        except (ArgumentError, ValueError):
+            password = None
+    if password:
+        line = line.replace(str(password), "***")
+    return line
 
 
 def alembic_config(engine: Engine | None = None) -> AlembicConfig:
@@ -102,15 +147,14 @@ def current_revision(engine: Engine) -> str | None:
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
-    except OperationalError as exc:
+    except SQLAlchemyError as exc:
         raise StoreError(
-            f"cannot reach the database {describe_url(str(engine.url))}: {_first_line(exc)}"
+            f"cannot reach the database {engine_name(engine)}: {error_line(exc, engine)}"
         ) from None
 
 
-def _first_line(exc: SQLAlchemyError) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+def engine_name(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
 
 
 def check_revision(revision: str) -> None:
@@ -137,6 +181,30 @@ def downgrade(engine: Engine, revision: str = "base") -> None:
     check_revision(revision)
     current_revision(engine)
     command.downgrade(alembic_config(engine), revision)
+
+
+def create_if_empty(engine: Engine) -> bool:
+    """Create the schema at head in an embedded store that holds nothing yet.
+
+    The single-host default should just work on first use, as Grafana's and Prefect's
+    embedded SQLite stores do. Only SQLite, and only when the database has no table at
+    all: a database with tables is someone's data (ours at another revision, or not
+    ours), and PostgreSQL is migrated by an administrator, since many agents starting
+    at once must not race each other's DDL and a least-privilege role cannot run it.
+    Returns whether the schema was created.
+    """
+    if engine.dialect.name != "sqlite":
+        return False
+    try:
+        with engine.connect() as conn:
+            if inspect(conn).get_table_names():
+                return False
+    except SQLAlchemyError as exc:
+        raise StoreError(
+            f"cannot reach the database {engine_name(engine)}: {error_line(exc, engine)}"
+        ) from None
+    upgrade(engine)
+    return True
 
 
 def check_schema(engine: Engine, *, migrate: bool = False) -> None:
@@ -167,6 +235,7 @@ __all__ = [
     "SchemaOutdatedError",
     "StoreError",
     "check_schema",
+    "create_if_empty",
     "current_revision",
     "downgrade",
     "head_revision",

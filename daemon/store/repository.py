@@ -6,9 +6,11 @@ and a long-held transaction would block the other side (SQLite has one writer).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+import functools
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     ARRAY,
@@ -22,16 +24,17 @@ from sqlalchemy import (
     any_,
     bindparam,
     delete,
+    func,
     insert,
     select,
     true,
     update,
 )
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from wattkeeper.collectors.gpu import GpuInfo, GpuSample
-from wattkeeper.store.db import StoreError, describe_url
+from wattkeeper.store.db import StoreError, engine_name, error_line
 from wattkeeper.store.models import (
     AuditEntry,
     Budget,
@@ -120,7 +123,34 @@ class Snapshot:
     gpus: tuple[GpuView, ...]
 
 
+def _translated(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: Store, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except SQLAlchemyError as exc:
+            raise self._guard(exc) from None
+
+    return call
+
+
+def _translate_errors(cls: type[Store]) -> type[Store]:
+    """Every public method of the store raises ``StoreError`` on any database failure.
+
+    Done once here, for the whole class, as ``collectors/nvml.py`` maps NVML errors in
+    one place: callers (the agent around reconcile, the controller's outage logging, the
+    CLI) catch one exception type, and a method added later cannot forget it.
+    """
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(member):
+            setattr(cls, name, _translated(member))
+    return cls
+
+
+@_translate_errors
 class Store:
+    """Reads and writes of the store; any database failure is a ``StoreError``."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._session = sessionmaker(engine, expire_on_commit=False)
@@ -129,67 +159,62 @@ class Store:
         return self._session()
 
     def _guard(self, exc: SQLAlchemyError) -> StoreError:
-        orig = getattr(exc, "orig", exc)
-        first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
-        return StoreError(f"database {describe_url(str(self.engine.url))}: {first}")
+        return StoreError(f"database {engine_name(self.engine)}: {error_line(exc, self.engine)}")
 
     # -- nodes and GPUs ---------------------------------------------------------------
     def register_node(
         self, name: str, backend: str, gpus: Sequence[GpuInfo], now: float
     ) -> dict[str, int]:
         """Create or refresh the node and its GPUs; returns GPU ids by UUID."""
-        try:
-            with self.session() as s, s.begin():
-                node = s.scalar(select(Node).where(Node.name == name))
-                if node is None:
-                    node = Node(name=name, registered_at=now, last_seen_at=now, backend=backend)
-                    s.add(node)
-                    s.flush()
-                node.last_seen_at = now
-                node.backend = backend
-                ids: dict[str, int] = {}
-                existing = {
-                    g.uuid: g
-                    for g in s.scalars(select(Gpu).where(Gpu.uuid.in_([i.uuid for i in gpus])))
-                }
-                for info in gpus:
-                    row = existing.get(info.uuid)
-                    if row is None:
-                        row = Gpu(uuid=info.uuid)
-                        s.add(row)
-                    row.node_id = node.id
-                    row.index = info.index
-                    row.name = info.name
-                    row.pci_bus_id = info.pci_bus_id
-                    row.memory_total_bytes = info.memory_total_bytes
-                    row.power_min_w = info.power_limits.min_w
-                    row.power_max_w = info.power_limits.max_w
-                    row.power_default_w = info.power_limits.default_w
-                    row.max_sm_clock_mhz = info.max_sm_clock_mhz
-                    s.flush()
-                    ids[info.uuid] = row.id
-                gone = list(
-                    s.scalars(
-                        select(Gpu.uuid).where(Gpu.node_id == node.id, Gpu.uuid.not_in(list(ids)))
-                    )
+        with self.session() as s, s.begin():
+            node = s.scalar(select(Node).where(Node.name == name))
+            if node is None:
+                node = Node(name=name, registered_at=now, last_seen_at=now, backend=backend)
+                s.add(node)
+                s.flush()
+            node.last_seen_at = now
+            node.backend = backend
+            ids: dict[str, int] = {}
+            existing = {
+                g.uuid: g
+                for g in s.scalars(select(Gpu).where(Gpu.uuid.in_([i.uuid for i in gpus])))
+            }
+            for info in gpus:
+                row = existing.get(info.uuid)
+                if row is None:
+                    row = Gpu(uuid=info.uuid)
+                    s.add(row)
+                row.node_id = node.id
+                row.index = info.index
+                row.name = info.name
+                row.pci_bus_id = info.pci_bus_id
+                row.memory_total_bytes = info.memory_total_bytes
+                row.power_min_w = info.power_limits.min_w
+                row.power_max_w = info.power_limits.max_w
+                row.power_default_w = info.power_limits.default_w
+                row.max_sm_clock_mhz = info.max_sm_clock_mhz
+                s.flush()
+                ids[info.uuid] = row.id
+            gone = list(
+                s.scalars(
+                    select(Gpu.uuid).where(Gpu.node_id == node.id, Gpu.uuid.not_in(list(ids)))
                 )
-                if gone:
-                    # A GPU the node no longer enumerates (replaced, or fell off the bus) must
-                    # not hold budget: drop it, its samples and targets, and say so.
-                    s.execute(delete(Gpu).where(Gpu.uuid.in_(gone)))
-                    s.add_all(
-                        AuditEntry(
-                            ts=now,
-                            actor=f"agent:{name}",
-                            action="gpu.removed",
-                            subject=uuid,
-                            detail={"node": name},
-                        )
-                        for uuid in gone
+            )
+            if gone:
+                # A GPU the node no longer enumerates (replaced, or fell off the bus) must
+                # not hold budget: drop it, its samples and targets, and say so.
+                s.execute(delete(Gpu).where(Gpu.uuid.in_(gone)))
+                s.add_all(
+                    AuditEntry(
+                        ts=now,
+                        actor=f"agent:{name}",
+                        action="gpu.removed",
+                        subject=uuid,
+                        detail={"node": name},
                     )
-                return ids
-        except OperationalError as exc:
-            raise self._guard(exc) from None
+                    for uuid in gone
+                )
+            return ids
 
     def node_id(self, name: str) -> int | None:
         with self.session() as s:
@@ -198,7 +223,7 @@ class Store:
     def original_power_limits(self, node_name: str) -> dict[str, float | None]:
         """Original limits an agent persisted for the node's GPUs before it first capped
         them (only GPUs that still have one recorded)."""
-        with self._errors(), self.session() as s:
+        with self.session() as s:
             rows = s.execute(
                 select(Gpu.uuid, Gpu.original_power_limit_w)
                 .join(Node, Node.id == Gpu.node_id)
@@ -211,21 +236,21 @@ class Store:
         records whatever an admin set in between."""
         if not gpu_ids:
             return
-        with self._errors(), self.engine.begin() as conn:
+        with self.engine.begin() as conn:
             conn.execute(
                 update(Gpu).where(Gpu.id.in_(list(gpu_ids))).values(original_power_limit_w=None)
             )
 
     def node_backends(self) -> dict[str, str]:
         """Every registered node and the GPU backend it reported (``nvml``, ``sim``)."""
-        with self._errors(), self.session() as s:
+        with self.session() as s:
             return dict(s.execute(select(Node.name, Node.backend)).all())
 
     def remove_nodes(self, names: Sequence[str], actor: str, now: float) -> None:
         """Drop nodes with their GPUs, samples and targets, and audit it."""
         if not names:
             return
-        with self._errors(), self.session() as s, s.begin():
+        with self.session() as s, s.begin():
             node_ids = list(s.scalars(select(Node.id).where(Node.name.in_(list(names)))))
             gpu_ids = list(s.scalars(select(Gpu.id).where(Gpu.node_id.in_(node_ids))))
             # Children first: this must not depend on the database enforcing cascades.
@@ -238,14 +263,6 @@ class Store:
                 AuditEntry(ts=now, actor=actor, action="node.removed", subject=name, detail={})
                 for name in names
             )
-
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Turn any database error into a StoreError with one clear line."""
-        try:
-            yield
-        except SQLAlchemyError as exc:
-            raise self._guard(exc) from None
 
     def set_original_power_limit(self, gpu_id: int, watts: float | None) -> None:
         with self.session() as s, s.begin():
@@ -284,33 +301,30 @@ class Store:
             }
             for g in gpu_samples
         ]
-        try:
-            with self.engine.begin() as conn:
-                node_id = conn.scalar(select(Node.id).where(Node.name == node_name))
-                if node_id is None:
-                    raise StoreError(f"node {node_name!r} is not registered")
-                conn.execute(update(Node).where(Node.id == node_id).values(last_seen_at=now))
-                if gpu_rows:
-                    conn.execute(insert(GpuSampleRow), gpu_rows)
-                if host is not None:
-                    cpu, power, source = host
-                    conn.execute(
-                        insert(HostSampleRow),
-                        [
-                            {
-                                "node_id": node_id,
-                                "ts": now,
-                                "cpu_util_ratio": cpu,
-                                "non_gpu_power_w": power,
-                                "power_source": source,
-                            }
-                        ],
-                    )
-                token_rows = [{"node_id": node_id, "ts": now, **t.__dict__} for t in tokens]
-                if token_rows:
-                    conn.execute(insert(TokenSampleRow), token_rows)
-        except OperationalError as exc:
-            raise self._guard(exc) from None
+        with self.engine.begin() as conn:
+            node_id = conn.scalar(select(Node.id).where(Node.name == node_name))
+            if node_id is None:
+                raise StoreError(f"node {node_name!r} is not registered")
+            conn.execute(update(Node).where(Node.id == node_id).values(last_seen_at=now))
+            if gpu_rows:
+                conn.execute(insert(GpuSampleRow), gpu_rows)
+            if host is not None:
+                cpu, power, source = host
+                conn.execute(
+                    insert(HostSampleRow),
+                    [
+                        {
+                            "node_id": node_id,
+                            "ts": now,
+                            "cpu_util_ratio": cpu,
+                            "non_gpu_power_w": power,
+                            "power_source": source,
+                        }
+                    ],
+                )
+            token_rows = [{"node_id": node_id, "ts": now, **t.__dict__} for t in tokens]
+            if token_rows:
+                conn.execute(insert(TokenSampleRow), token_rows)
 
     def prune(self, before_ts: float) -> int:
         """Drop raw samples older than the retention window; returns rows removed."""
@@ -323,38 +337,32 @@ class Store:
 
     # -- budgets, targets, audit --------------------------------------------------------
     def get_budget(self, scope: str = FACILITY) -> Budget | None:
-        try:
-            with self.session() as s:
-                return s.scalar(select(Budget).where(Budget.scope == scope))
-        except OperationalError as exc:
-            raise self._guard(exc) from None
+        with self.session() as s:
+            return s.scalar(select(Budget).where(Budget.scope == scope))
 
     def set_budget(
         self, limit_w: float, actor: str, now: float, scope: str = FACILITY
     ) -> float | None:
         """Set a budget and audit it in one transaction; returns the previous limit."""
-        try:
-            with self.session() as s, s.begin():
-                row = s.scalar(select(Budget).where(Budget.scope == scope))
-                previous = row.limit_w if row else None
-                if row is None:
-                    row = Budget(scope=scope, limit_w=limit_w, updated_at=now, updated_by=actor)
-                    s.add(row)
-                row.limit_w = limit_w
-                row.updated_at = now
-                row.updated_by = actor
-                s.add(
-                    AuditEntry(
-                        ts=now,
-                        actor=actor,
-                        action="budget.set",
-                        subject=scope,
-                        detail={"limit_w": limit_w, "previous_w": previous},
-                    )
+        with self.session() as s, s.begin():
+            row = s.scalar(select(Budget).where(Budget.scope == scope))
+            previous = row.limit_w if row else None
+            if row is None:
+                row = Budget(scope=scope, limit_w=limit_w, updated_at=now, updated_by=actor)
+                s.add(row)
+            row.limit_w = limit_w
+            row.updated_at = now
+            row.updated_by = actor
+            s.add(
+                AuditEntry(
+                    ts=now,
+                    actor=actor,
+                    action="budget.set",
+                    subject=scope,
+                    detail={"limit_w": limit_w, "previous_w": previous},
                 )
-                return previous
-        except OperationalError as exc:
-            raise self._guard(exc) from None
+            )
+            return previous
 
     def write_targets(
         self, specs: Sequence[TargetSpec], now: float, lease_s: float, actor: str = "controller"
@@ -455,6 +463,15 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)))
 
+    def newest_sample_ts(self) -> float | None:
+        """Time of the newest GPU or host sample of any node (one probe of each ts index)."""
+        with self.engine.connect() as conn:
+            stamps = [
+                conn.scalar(select(func.max(model.ts))) for model in (GpuSampleRow, HostSampleRow)
+            ]
+        found = [ts for ts in stamps if ts is not None]
+        return max(found) if found else None
+
     # -- the snapshot -----------------------------------------------------------------
     def snapshot(self, now: float, window_s: float = 60.0) -> Snapshot:
         """Newest sample of every GPU and node within ``window_s``, with targets and budget.
@@ -465,84 +482,81 @@ class Store:
         read as plain columns, not ORM entities (see bench/README.md).
         """
         since = now - window_s
-        try:
-            with self.engine.connect() as conn:
-                dialect = conn.dialect.name
-                budget = conn.scalar(select(Budget.limit_w).where(Budget.scope == FACILITY))
-                gpus = [
-                    GpuView(
-                        uuid=uuid,
-                        node=node,
-                        index=index,
-                        name=name,
-                        power_min_w=power_min_w,
-                        power_max_w=power_max_w,
-                        power_default_w=power_default_w,
-                        sample_ts=sample_ts,
-                        power_w=power_w,
-                        energy_j=energy_j,
-                        sm_clock_mhz=sm_clock_mhz,
-                        utilization_gpu_ratio=utilization,
-                        power_limit_w=power_limit_w,
-                        throttle_reasons=tuple(filter(None, (throttle or "").split(","))),
-                        target_power_limit_w=target_w,
-                        target_lease_expires_at=lease,
-                    )
-                    for (
-                        uuid,
-                        node,
-                        index,
-                        name,
-                        power_min_w,
-                        power_max_w,
-                        power_default_w,
-                        sample_ts,
-                        power_w,
-                        energy_j,
-                        sm_clock_mhz,
-                        utilization,
-                        power_limit_w,
-                        throttle,
-                        target_w,
-                        lease,
-                    ) in conn.execute(_gpu_snapshot_statement(dialect, since, now))
-                ]
-                tokens: dict[int, list[tuple[bool, float | None, float | None]]] = {}
-                for node_id, token_id, up, rate, total in conn.execute(
-                    _token_snapshot_statement(dialect, since, now)
-                ):
-                    if token_id is not None:
-                        tokens.setdefault(node_id, []).append((up, rate, total))
-                nodes = []
+        with self.engine.connect() as conn:
+            dialect = conn.dialect.name
+            budget = conn.scalar(select(Budget.limit_w).where(Budget.scope == FACILITY))
+            gpus = [
+                GpuView(
+                    uuid=uuid,
+                    node=node,
+                    index=index,
+                    name=name,
+                    power_min_w=power_min_w,
+                    power_max_w=power_max_w,
+                    power_default_w=power_default_w,
+                    sample_ts=sample_ts,
+                    power_w=power_w,
+                    energy_j=energy_j,
+                    sm_clock_mhz=sm_clock_mhz,
+                    utilization_gpu_ratio=utilization,
+                    power_limit_w=power_limit_w,
+                    throttle_reasons=tuple(filter(None, (throttle or "").split(","))),
+                    target_power_limit_w=target_w,
+                    target_lease_expires_at=lease,
+                )
                 for (
-                    node_id,
+                    uuid,
+                    node,
+                    index,
                     name,
-                    drained,
-                    last_seen_at,
-                    host_ts,
-                    non_gpu_w,
-                    source,
-                ) in conn.execute(_node_snapshot_statement(dialect, since, now)):
-                    toks = tokens.get(node_id, [])
-                    rates = [rate for _, rate, _ in toks if rate is not None]
-                    totals = [total for _, _, total in toks if total is not None]
-                    nodes.append(
-                        NodeView(
-                            name=name,
-                            drained=drained,
-                            last_seen_at=last_seen_at,
-                            host_ts=host_ts,
-                            non_gpu_power_w=non_gpu_w,
-                            power_source=source,
-                            generation_tokens_per_s=sum(rates) if rates else None,
-                            generation_tokens_total=sum(totals) if totals else None,
-                            endpoints_up=sum(1 for up, _, _ in toks if up),
-                            endpoints_total=len(toks),
-                        )
+                    power_min_w,
+                    power_max_w,
+                    power_default_w,
+                    sample_ts,
+                    power_w,
+                    energy_j,
+                    sm_clock_mhz,
+                    utilization,
+                    power_limit_w,
+                    throttle,
+                    target_w,
+                    lease,
+                ) in conn.execute(_gpu_snapshot_statement(dialect, since, now))
+            ]
+            tokens: dict[int, list[tuple[bool, float | None, float | None]]] = {}
+            for node_id, token_id, up, rate, total in conn.execute(
+                _token_snapshot_statement(dialect, since, now)
+            ):
+                if token_id is not None:
+                    tokens.setdefault(node_id, []).append((up, rate, total))
+            nodes = []
+            for (
+                node_id,
+                name,
+                drained,
+                last_seen_at,
+                host_ts,
+                non_gpu_w,
+                source,
+            ) in conn.execute(_node_snapshot_statement(dialect, since, now)):
+                toks = tokens.get(node_id, [])
+                rates = [rate for _, rate, _ in toks if rate is not None]
+                totals = [total for _, _, total in toks if total is not None]
+                nodes.append(
+                    NodeView(
+                        name=name,
+                        drained=drained,
+                        last_seen_at=last_seen_at,
+                        host_ts=host_ts,
+                        non_gpu_power_w=non_gpu_w,
+                        power_source=source,
+                        generation_tokens_per_s=sum(rates) if rates else None,
+                        generation_tokens_total=sum(totals) if totals else None,
+                        endpoints_up=sum(1 for up, _, _ in toks if up),
+                        endpoints_total=len(toks),
                     )
-                return Snapshot(ts=now, budget_w=budget, nodes=tuple(nodes), gpus=tuple(gpus))
-        except OperationalError as exc:
-            raise self._guard(exc) from None
+                )
+            return Snapshot(ts=now, budget_w=budget, nodes=tuple(nodes), gpus=tuple(gpus))
 
 
 # -- snapshot queries -----------------------------------------------------------------

@@ -133,7 +133,7 @@ def open_store(
     engine = make_engine(url or cfg.store.resolved_url(), must_exist=read_only)
     if create and not read_only and create_if_empty(engine):
         if announce is not None:
-            where = describe_url(str(engine.url))
+            where = engine.url.database or describe_url(str(engine.url))
             announce(f"created a new store at {where} (schema {head_revision()})")
     check_schema(engine, migrate=cfg.store.migrate_on_start)
     return Store(engine)

@@ -223,9 +223,7 @@ def test_a_store_at_another_revision_still_refuses(sqlite_url):
     engine = create_engine(url)
     with engine.begin() as c:
         c.execute(text("UPDATE alembic_version SET version_num = '0000_older'"))
-    r = runner.invoke(
-        app, ["run", "--simulate", "1x2", "--duration", "5s", "--fast", "--db", url]
-    )
+    r = runner.invoke(app, ["run", "--simulate", "1x2", "--duration", "5s", "--fast", "--db", url])
     assert r.exit_code == 1
     assert "at schema 0000_older" in r.output and "wattkeeper db upgrade" in r.output
     with engine.connect() as c:

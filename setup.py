@@ -4,7 +4,7 @@ The import namespace is ``wattkeeper`` while the code lives in top-level folders
 after their role (``daemon/``, ``collectors/``, ...). setuptools' own discovery cannot
 map several folders into one namespace, and a hand-written package list forgets the
 next subpackage. So every folder below a mapped root that holds an ``__init__.py`` is a
-package, and every other file below it (scenario files, calibration data, Alembic's
+package, and every data file below it (scenario files, calibration data, Alembic's
 template) ships as that package's data: nothing added to the tree can be left out of
 the wheel. Metadata stays in ``pyproject.toml``.
 """
@@ -24,7 +24,10 @@ ROOTS = {
     "wattkeeper.migrations": "migrations",
 }
 SKIP_DIRS = {"__pycache__"}
-SKIP_SUFFIXES = {".py", ".pyc", ".pyo"}
+DATA_SUFFIXES = {".toml", ".csv", ".json", ".mako", ".txt", ".md"}
+"""Kinds of data file that ship. An allow-list, so that what a working tree collects
+(editor swap files, a local ``.db``) never lands in a wheel built from it; a tracked
+file of another kind fails ``tests/test_install.py`` until it is added here."""
 
 
 def discover() -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
@@ -47,7 +50,8 @@ def discover() -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
             path.relative_to(folder).as_posix()
             for path in sorted(folder.rglob("*"))
             if path.is_file()
-            and path.suffix not in SKIP_SUFFIXES
+            and path.suffix in DATA_SUFFIXES
+            and not path.name.startswith(".")
             and not SKIP_DIRS & set(path.relative_to(folder).parts)
             and _owner(path, folder) == folder
         ]

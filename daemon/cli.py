@@ -340,8 +340,10 @@ def _run_live(rt: Any, duration_s: float | None, output: Output) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     def snapshot() -> dict:
+        # The same moment and clock as `status` on this store, so the two agree.
+        as_of, clock = _status_moment(rt.store)
         return facility_summary(
-            rt.store.snapshot(rt.clock.now()), stale_after_s=rt.cfg.controller.stale_after_s
+            rt.store.snapshot(as_of), stale_after_s=rt.cfg.controller.stale_after_s, clock=clock
         )
 
     if output is Output.json:
@@ -663,7 +665,7 @@ def db_downgrade(
     cfg = _config(config)
     url = db or cfg.store.resolved_url()
     try:
-        engine = make_engine(url)
+        engine = make_engine(url, must_exist=True)
         downgrade(engine, revision)
         after = current_revision(engine)
     except StoreError as exc:
@@ -678,7 +680,7 @@ def db_current(db: DbOpt = None, config: ConfigOpt = None) -> None:
 
     cfg = _config(config)
     try:
-        current = current_revision(make_engine(db or cfg.store.resolved_url()))
+        current = current_revision(make_engine(db or cfg.store.resolved_url(), must_exist=True))
     except StoreError as exc:
         fail(str(exc))
     typer.echo(f"current: {current or 'empty'}  head: {head_revision()}")

@@ -192,19 +192,74 @@ def test_run_creates_a_new_sqlite_store_and_says_so_once(tmp_path):
     assert "created" not in again.stderr
 
 
-def test_run_creates_nothing_in_a_sqlite_file_that_holds_other_tables(tmp_path):
+def test_a_sqlite_file_that_holds_other_tables_is_left_as_it_was(tmp_path):
     path = tmp_path / "other.db"
     engine = create_engine(f"sqlite:///{path}")
     with engine.begin() as c:
         c.execute(text("CREATE TABLE theirs (x INTEGER)"))
+    engine.dispose()
+    before = path.read_bytes()
+    url = f"sqlite:///{path}"
+    for args in (
+        ["run", "--simulate", "1x2", "--duration", "5s", "--fast"],
+        ["db", "current"],
+        ["status"],
+        ["budget", "set", "18kW"],
+    ):
+        r = runner.invoke(app, [*args, "--db", url])
+        assert r.exit_code in (0, 1), r.output
+    assert path.read_bytes() == before, "the file was changed (journal mode, tables)"
+    assert not (tmp_path / "other.db-wal").exists()
+
+
+def test_commands_that_do_not_create_a_store_leave_no_file(tmp_path):
+    for args in (
+        ["db", "current"],
+        ["budget", "set", "18kW"],
+        ["db", "downgrade", "base", "--yes"],
+    ):
+        url = f"sqlite:///{tmp_path / 'nowhere' / 'x.db'}"
+        r = runner.invoke(app, [*args, "--db", url])
+        assert r.exit_code == 1 and "no database at" in r.output, (args, r.output)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_store_downgraded_to_base_counts_as_empty(sqlite_url):
+    url = upgraded(sqlite_url)
+    assert cli("db", "downgrade", "base", "--yes", "--db", url).exit_code == 0
     r = runner.invoke(
-        app, ["run", "--simulate", "1x2", "--duration", "5s", "--fast", "--db", f"sqlite:///{path}"]
+        app, ["run", "--simulate", "1x2", "--duration", "10s", "--fast", "-o", "json", "--db", url]
     )
-    assert r.exit_code == 1
-    assert "wattkeeper db upgrade" in r.output
-    with engine.connect() as c:
-        tables = set(c.scalars(text("SELECT name FROM sqlite_master WHERE type = 'table'")))
-    assert tables == {"theirs"}
+    assert r.exit_code == 0, r.output
+    assert "created a new store" in r.stderr
+
+
+def test_two_runs_starting_together_on_a_new_store_both_work(tmp_path):
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'new' / 'together.db'}"
+    args = [sys.executable, "-m", "wattkeeper", "run", "--simulate", "1x2", "--duration"]
+    procs = [
+        subprocess.Popen(
+            [*args, "10s", "--fast", "-o", "json", "--db", url, "--no-metrics"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
+    assert sum(err.count("created a new store") for _, err in outs) == 1
+
+
+def test_an_unknown_revision_is_refused_by_upgrade_with_one_line(sqlite_url):
+    url = upgraded(sqlite_url)
+    with create_engine(url).begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = '9999_newer'"))
+    r = runner.invoke(app, ["db", "upgrade", "--db", url])
+    assert r.exit_code == 1 and "does not know" in r.output and "9999_newer" in r.output
 
 
 @pytest.mark.postgres
@@ -397,3 +452,27 @@ def test_audit_command_shows_who_did_what(sqlite_url):
         ("agent", "gpu.restore"),
     } <= actions
     assert entries[0]["ts"] >= entries[-1]["ts"]
+
+
+def test_live_run_json_and_status_describe_the_same_moment_and_clock(sqlite_url):
+    r = runner.invoke(
+        app,
+        [
+            "run",
+            "--simulate",
+            "1x2",
+            "--duration",
+            "3s",
+            "--no-metrics",
+            "-o",
+            "json",
+            "--db",
+            sqlite_url,
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    live = json.loads(r.stdout)
+    st = json.loads(cli("status", "--db", sqlite_url, "-o", "json").stdout)
+    assert live["clock"] == st["clock"] == "simulated"
+    assert live["ts"] == st["ts"]
+    assert [n["name"] for n in live["nodes"]] == [n["name"] for n in st["nodes"]]

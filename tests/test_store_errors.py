@@ -192,3 +192,51 @@ def test_unreachable_or_bad_database_is_one_line_without_the_password(url, comma
     assert "secret" not in r.stderr + r.stdout
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u@127.0.0.1:1/x?password=secret",
+        "u:secret@127.0.0.1/x",
+        "postgresql:/u:secret@127.0.0.1/x",
+        "postgresql//u:secret@h/x",
+        "sqlite://u:secret@/nonexistent-dir/none.db",
+        "postgresql+pg8000://u:secret@127.0.0.1:1/x",
+        "postgresql+nope://u:secret@127.0.0.1:1/x",
+    ],
+)
+def test_malformed_urls_and_unknown_drivers_are_one_line_without_the_password(url):
+    r = _cli("audit", "--db", url)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and "secret" not in r.stderr + r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("password", ["o", "1"])
+def test_a_short_password_does_not_garble_the_message(password):
+    r = _cli("audit", "--db", f"postgresql+psycopg://u:{password}@127.0.0.1:1/x")
+    assert r.returncode == 1
+    assert "127.0.0.1" in r.stderr and "***@127.0.0.1:1/x" in r.stderr, r.stderr
+    assert "connection" in r.stderr.lower()
+
+
+def test_a_file_where_the_store_directory_should_be_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    url = f"sqlite:///{tmp_path / 'afile' / 'x.db'}"
+    for args in (["db", "upgrade"], ["run", "--simulate", "1x2", "--duration", "5s", "--fast"]):
+        r = _cli(*args, "--db", url)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "cannot create the directory" in r.stderr
+
+
+@pytest.mark.parametrize("content", [None, b"\xff\xfe[agent]\n"])
+def test_a_config_that_is_a_directory_or_not_utf8_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "cfg"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    r = _cli("status", "--config", str(path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert ("is a directory" if content is None else "not UTF-8") in r.stderr

@@ -7,6 +7,11 @@ connect timeout so a database that is down is an error within seconds, not a han
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +21,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError as AlembicError
 from sqlalchemy import Engine, create_engine, event, inspect
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 import wattkeeper.migrations as _migrations
@@ -32,20 +37,11 @@ class SchemaOutdatedError(StoreError):
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    """Per-connection settings. The journal mode is not among them: setting it writes the
+    file's header, and a command pointed at a file that is not (yet) a wattkeeper store
+    must leave it as it was. WAL is set once, when the migrations create the schema
+    (``upgrade``), and SQLite keeps it in the file for every later connection."""
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    _sqlite_session_pragmas(cur)
-
-
-def _sqlite_reader_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    """A reader leaves the journal mode alone: setting it writes the file's header, and a
-    read-only command must not change (or turn into a database) a file it was pointed at.
-    The mode is stored in the file, so a reader of a WAL store reads it as WAL anyway."""
-    cur = dbapi_conn.cursor()
-    _sqlite_session_pragmas(cur)
-
-
-def _sqlite_session_pragmas(cur: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.execute("PRAGMA synchronous=NORMAL")
@@ -55,8 +51,9 @@ def _sqlite_session_pragmas(cur: Any) -> None:
 def make_engine(url: str, *, create_dirs: bool = True, must_exist: bool = False) -> Engine:
     """An engine for ``url``; refuses a malformed URL or an unknown driver by name.
 
-    ``must_exist`` is for commands that only read: they must not leave an empty SQLite
-    file (and its directory) behind when pointed at the wrong path.
+    ``must_exist`` is for every command but the two that may create a store (``run`` on
+    SQLite and ``db upgrade``): they must not leave an empty SQLite file (and its
+    directory) behind when pointed at the wrong path.
     """
     try:
         parsed = make_url(url)
@@ -70,17 +67,24 @@ def make_engine(url: str, *, create_dirs: bool = True, must_exist: bool = False)
         db = parsed.database
         if db and db != ":memory:" and must_exist and not Path(db).expanduser().exists():
             raise StoreError(
-                f"no database at {db}: create it with `wattkeeper db upgrade --db {url}`"
+                f"no database at {db}: create it with `wattkeeper db upgrade --db "
+                f"{describe_url(url)}`"
             )
         if db and db != ":memory:" and create_dirs and not must_exist:
-            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"timeout": 10, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_reader_pragmas if must_exist else _sqlite_pragmas)
+            parent = Path(db).expanduser().parent
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create the directory {parent} for {db}: {exc.strerror or exc}"
+                ) from None
+        engine = _create(parsed, connect_args={"timeout": 10, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
-        return create_engine(
+        return _create(
             parsed,
             pool_pre_ping=True,
             connect_args={"connect_timeout": 5, "options": "-c statement_timeout=30000"},
@@ -91,42 +95,53 @@ def make_engine(url: str, *, create_dirs: bool = True, must_exist: bool = False)
     )
 
 
-def describe_url(url: str) -> str:
-    """The URL without its password, for messages and logs.
-
-    A URL too malformed to parse is not echoed at all: whatever stands between ``://``
-    and ``@`` may be a password.
-    """
+def _create(url: URL, **kwargs: Any) -> Engine:
+    """``create_engine``, with a driver that is not installed or not known named in one
+    line (``postgresql+pg8000`` without pg8000, a typo in the driver)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return create_engine(url, **kwargs)
+    except (ImportError, NoSuchModuleError, ArgumentError) as exc:
+        raise StoreError(
+            f"cannot use the database driver {url.drivername!r} ({type(exc).__name__}: "
+            f"{scrub(str(exc))}): wattkeeper ships sqlite and postgresql+psycopg"
+        ) from None
+
+
+_USERINFO = re.compile(r"(?P<user>[^\s:/@?#]*):(?P<secret>[^\s@/]*)@")
+_SECRET_PARAM = re.compile(r"(?i)(?P<key>password|passwd|pass|pwd)=(?P<secret>[^\s&;]*)")
+
+
+def scrub(text: str) -> str:
+    """``text`` with anything in the places a password goes masked: the ``user:secret@``
+    of a URL and ``password=`` parameters. By position, not by the password's value, so
+    a short password does not mask its letters all over the message."""
+    text = _USERINFO.sub(lambda m: f"{m['user']}:***@", text)
+    return _SECRET_PARAM.sub(lambda m: f"{m['key']}=***", text)
+
+
+def describe_url(url: str) -> str:
+    """The URL without its password (in the user part or a query parameter), for
+    messages and logs; a URL too malformed to parse is scrubbed the same way."""
+    try:
+        parsed = make_url(url)
     except (ArgumentError, ValueError):
-        scheme, sep, rest = url.partition("://")
-        if sep and "@" in rest:
-            return f"{scheme}://***@{rest.rpartition('@')[2]}"
-        return url
+        return scrub(url)
+    query = {
+        k: ("***" if _SECRET_PARAM.fullmatch(f"{k}=x") else v) for k, v in parsed.query.items()
+    }
+    return parsed.set(query=query).render_as_string(hide_password=True)
 
 
-def error_line(exc: BaseException, url: str | Engine | None = None) -> str:
-    """One line for a database error, with any password in ``url`` masked.
+def error_line(exc: BaseException, _url: str | Engine | None = None) -> str:
+    """One line for a database error, with anything shaped like a password masked.
 
     Drivers put the server's words in the message and never the password, but a DSN
-    echoed back by a driver or a hand-written message could carry one: scrub it here,
-    where every store error is made, rather than trust each message.
+    echoed back by a driver could carry one: scrub it here, where every store error is
+    made, rather than trust each message.
     """
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip()
-    line = text.splitlines()[0] if text else type(orig).__name__
-    password = None
-    if isinstance(url, Engine):
-        password = url.url.password
-    elif url:
-        try:
-            password = make_url(url).password
-        except (ArgumentError, ValueError):
-            password = None
-    if password:
-        line = line.replace(str(password), "***")
-    return line
+    return scrub(text.splitlines()[0] if text else type(orig).__name__)
 
 
 def alembic_config(engine: Engine | None = None) -> AlembicConfig:
@@ -154,7 +169,7 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def engine_name(engine: Engine) -> str:
-    return engine.url.render_as_string(hide_password=True)
+    return describe_url(engine.url.render_as_string(hide_password=False))
 
 
 def check_revision(revision: str) -> None:
@@ -173,14 +188,48 @@ def check_revision(revision: str) -> None:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     check_revision(revision)
-    current_revision(engine)  # reachability check with a clean message
-    command.upgrade(alembic_config(engine), revision)
+    current = current_revision(engine)  # reachability check with a clean message
+    _known(engine, current)
+    try:
+        command.upgrade(alembic_config(engine), revision)
+    except SQLAlchemyError as exc:
+        raise StoreError(
+            f"migrating {engine_name(engine)} failed: {error_line(exc, engine)}"
+        ) from None
+    if engine.dialect.name == "sqlite":
+        # Agent, controller and CLI read and write at once: WAL lets readers go on while
+        # one writes. Stored in the file, so set once here, where the store is made.
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+
+
+def _known(engine: Engine, current: str | None) -> None:
+    """Refuse to migrate from a revision these migrations do not know (a newer
+    wattkeeper wrote the schema): Alembic could only fail half-way."""
+    if current is None:
+        return
+    script = ScriptDirectory.from_config(alembic_config())
+    try:
+        found = script.get_revision(current)
+    except AlembicError:
+        found = None
+    if found is None:
+        raise SchemaOutdatedError(
+            f"the database {engine_name(engine)} is at schema {current}, which this "
+            f"wattkeeper does not know (its newest is {head_revision()}): a newer "
+            "wattkeeper wrote it; run that version, or restore a backup"
+        )
 
 
 def downgrade(engine: Engine, revision: str = "base") -> None:
     check_revision(revision)
-    current_revision(engine)
-    command.downgrade(alembic_config(engine), revision)
+    _known(engine, current_revision(engine))
+    try:
+        command.downgrade(alembic_config(engine), revision)
+    except SQLAlchemyError as exc:
+        raise StoreError(
+            f"migrating {engine_name(engine)} failed: {error_line(exc, engine)}"
+        ) from None
 
 
 def create_if_empty(engine: Engine) -> bool:
@@ -195,16 +244,39 @@ def create_if_empty(engine: Engine) -> bool:
     """
     if engine.dialect.name != "sqlite":
         return False
+    path = engine.url.database
+    with _exclusive(Path(path).expanduser().parent if path and path != ":memory:" else None):
+        # Under the lock: a second `run` starting at the same moment waits here, then
+        # finds the schema the first one made, rather than half of it.
+        try:
+            with engine.connect() as conn:
+                tables = set(inspect(conn).get_table_names())
+                current = MigrationContext.configure(conn).get_current_revision()
+        except SQLAlchemyError as exc:
+            raise StoreError(
+                f"cannot reach the database {engine_name(engine)}: {error_line(exc, engine)}"
+            ) from None
+        # After `db downgrade base` only Alembic's bookkeeping table is left: empty too.
+        if current is not None or tables - {"alembic_version"}:
+            return False
+        upgrade(engine)
+        return True
+
+
+@contextmanager
+def _exclusive(directory: Path | None) -> Iterator[None]:
+    """An advisory lock on the store's directory (``flock``), held while a store is
+    created, so concurrent first starts do not race each other's migrations. A lock on
+    the directory leaves no file behind; SQLite's own locks (``fcntl``) are unaffected."""
+    if directory is None or not directory.is_dir():
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        with engine.connect() as conn:
-            if inspect(conn).get_table_names():
-                return False
-    except SQLAlchemyError as exc:
-        raise StoreError(
-            f"cannot reach the database {engine_name(engine)}: {error_line(exc, engine)}"
-        ) from None
-    upgrade(engine)
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_schema(engine: Engine, *, migrate: bool = False) -> None:

@@ -60,7 +60,14 @@ def test_migrate_on_start_brings_an_empty_database_to_head(sqlite_url):
 
 
 def test_sqlite_pragmas(sqlite_url):
+    """WAL is set where the schema is made and stays in the file; merely connecting
+    changes no file's journal mode."""
     engine = make_engine(sqlite_url)
     with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "delete"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    upgrade(engine)
+    engine.dispose()
+    with make_engine(sqlite_url).connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1

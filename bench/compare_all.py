@@ -1,59 +1,125 @@
-"""Every built-in scenario through ``wattkeeper simulate NAME --compare``.
+"""Every built-in scenario through the comparison, and the headline ratios.
 
-Writes ``bench/results/compare/NAME.json`` (the CLI's JSON) and ``summary.md`` (one table
-per scenario, and how long each took), the tables quoted in the README and issue notes.
+Writes ``bench/results/compare/NAME.json`` (what ``wattkeeper simulate NAME --compare -o
+json`` prints), a report per scenario in ``bench/results/compare/NAME/`` and
+``summary.md``: one table per scenario, how long each took, and the headlines, each
+against ``nocap``, ``best-static`` and the oracle:
 
-    .venv/bin/python bench/compare_all.py [--duration 1h] [--only NAME ...]
+- H1, energy at SLO with no budget: steady-decode and diurnal with ``--budget none``,
+  joules per good token;
+- H2, goodput under a binding feasible budget: disaggregated and hetero;
+- H3, demand response: seconds to comply after the step; goodput against the oracle's;
+- H4, oversubscription: five nodes under a budget equal to the peak draw of four
+  uncapped nodes on the same load; good tokens against those four uncapped nodes.
+
+    .venv/bin/python bench/compare_all.py [--duration 1h] [--seeds 1] [--only NAME ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from wattkeeper.simulator.scenario import list_scenarios
+from wattkeeper.simulator.compare import POLICIES, PolicyResult, compare, to_json, with_budget
+from wattkeeper.simulator.report import markdown_table, write_report
+from wattkeeper.simulator.scenario import Scenario, list_scenarios, load_scenario
+from wattkeeper.units import parse_duration_s
 
 OUT = Path(__file__).parent / "results" / "compare"
+REFERENCES = ("nocap", "best-static", "oracle")
+
+
+def run(
+    sc: Scenario, label: str, duration_s: float | None, seeds: int, workers: int
+) -> tuple[dict[str, Any], float]:
+    t0 = time.perf_counter()
+    result = compare(sc, POLICIES, duration_s=duration_s, seeds=seeds, workers=workers)
+    wall = time.perf_counter() - t0
+    (OUT / f"{label}.json").write_text(json.dumps(to_json(result), indent=2) + "\n")
+    write_report(result, OUT / label)
+    print(f"{label}: {wall:.0f} s", file=sys.stderr, flush=True)
+    return result, wall
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.3f}"
+
+
+def headline_rows(result: dict[str, Any], key: str, label: str, better: str) -> list[str]:
+    policies: dict[str, PolicyResult] = result["policies"]
+    rows = []
+    for name in ("wattkeeper", "best-static", "best-static-lock", "uniform", "proportional"):
+        res = policies.get(name)
+        if res is None:
+            continue
+        value = getattr(res, key)
+        refs = [
+            ratio(value, getattr(policies[r], key)) if r in policies else "-" for r in REFERENCES
+        ]
+        shown = "-" if value is None else f"{value:,.4g}"
+        rows.append(f"| {label} | {name} | {shown} | " + " | ".join(refs) + f" | {better} |")
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", default=None, help="override each scenario's duration")
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", nargs="*", default=None)
     args = ap.parse_args()
+    duration = parse_duration_s(args.duration) if args.duration else None
     OUT.mkdir(parents=True, exist_ok=True)
     names = args.only or [name for name, _ in list_scenarios()]
     sections = []
+    results: dict[str, dict[str, Any]] = {}
     for name in names:
-        cmd = [
-            sys.executable,
-            "-m",
-            "wattkeeper",
-            "simulate",
-            name,
-            "--compare",
-            "-o",
-            "json",
-            "--report",
-            str(OUT / name),
-        ]
-        if args.duration:
-            cmd += ["--duration", args.duration]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        wall = time.perf_counter() - t0
-        data = json.loads(proc.stdout)
-        (OUT / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
-        table = (OUT / name / "report.md").read_text().split("\n\n")
-        rows = next(part for part in table if part.startswith("| policy"))
-        shown = " ".join(cmd[3:]).replace(str(OUT / name), f"bench/results/compare/{name}")
-        sections.append(f"## {name}\n\n`wattkeeper {shown}` ({wall:.0f} s wall)\n\n{rows}\n")
-        print(f"{name}: {wall:.0f} s", file=sys.stderr, flush=True)
-    (OUT / "summary.md").write_text("# Policy comparison, every scenario\n\n" + "\n".join(sections))
+        result, wall = run(load_scenario(name), name, duration, args.seeds, args.jobs)
+        results[name] = result
+        shown = f"simulate {name} --compare" + (f" --duration {args.duration}" if duration else "")
+        sections.append(
+            f"## {name}\n\n`wattkeeper {shown} --seeds {args.seeds}` ({wall:.0f} s wall, "
+            f"{args.jobs} jobs)\n\n{markdown_table(result)}\n"
+        )
+    head = [
+        "| headline | policy | value | vs nocap | vs best-static | vs oracle | better |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for name in ("steady-decode", "diurnal"):
+        if args.only and name not in args.only:
+            continue
+        sc = with_budget(load_scenario(name), None)
+        result, _ = run(sc, f"{name}-nobudget", duration, args.seeds, args.jobs)
+        head += headline_rows(result, "joules_per_good_token", f"H1 {name}, no budget", "lower")
+    for name in ("disaggregated", "hetero"):
+        if name in results:
+            head += headline_rows(results[name], "goodput_tokens", f"H2 {name}", "higher")
+    if "demand-response" in results:
+        res = results["demand-response"]
+        head += headline_rows(res, "time_to_comply_s", "H3 time to comply (s)", "lower")
+        head += headline_rows(res, "goodput_tokens", "H3 goodput", "higher")
+    if "oversubscription" in results:
+        sc = load_scenario("oversubscription")
+        four = with_budget(replace(sc, fleet=(replace(sc.fleet[0], count=4),)), None)
+        ref = compare(four, ("nocap",), duration_s=duration, seeds=args.seeds)
+        four_good = ref["policies"]["nocap"].goodput_tokens
+        for pname, res in results["oversubscription"]["policies"].items():
+            head.append(
+                f"| H4 five nodes in four's budget | {pname} | {res.goodput_tokens:,.4g} | "
+                f"{ratio(res.goodput_tokens, four_good)} (vs four uncapped) | - | - | higher |"
+            )
+    (OUT / "summary.md").write_text(
+        "# Policy comparison, every scenario\n\n## Headlines\n\n"
+        + "\n".join(head)
+        + "\n\n"
+        + "\n".join(sections)
+    )
 
 
 if __name__ == "__main__":

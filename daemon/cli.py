@@ -870,14 +870,32 @@ def simulate_run(
         list[str] | None,
         typer.Option(
             "--policy",
-            help="Policy to run (repeatable): nocap, uniform, proportional, "
-            "wattkeeper, optimum. Default: wattkeeper, or all with --compare.",
+            help="Policy to run (repeatable): nocap, uniform, best-static, best-static-lock, "
+            "proportional, wattkeeper, oracle-limits, oracle. Default: wattkeeper, or all "
+            "with --compare.",
             show_default=False,
         ),
     ] = None,
     duration: Annotated[
         str | None,
         typer.Option(help="Override the scenario's duration (e.g. 10m).", show_default=False),
+    ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Override the scenario's budget for the whole run (W, kW, MW), or 'none'.",
+            show_default=False,
+        ),
+    ] = None,
+    seeds: Annotated[
+        int,
+        typer.Option(help="Run each policy on this many seeds; report means and 95% intervals."),
+    ] = 1,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            help="Simulations run in parallel (default: one per CPU).", show_default=False
+        ),
     ] = None,
     report: Annotated[
         Path | None,
@@ -887,13 +905,20 @@ def simulate_run(
     ] = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Run a scenario on the simulated clock and score the policies against the optimum."""
-    from wattkeeper.simulator.compare import POLICIES, to_json
+    """Run a scenario on the simulated clock and score the policies against the oracle."""
+    from wattkeeper.simulator.compare import POLICIES, to_json, with_budget
     from wattkeeper.simulator.compare import compare as run_compare
     from wattkeeper.simulator.scenario import load_scenario
 
     duration_s = _parse_duration(duration, "--duration") if duration is not None else None
-    names = list(policy or (POLICIES if compare else ("wattkeeper",)))
+    budget_override: float | None = None
+    if budget is not None and budget.strip().lower() != "none":
+        budget_override = _parse_power(budget, "--budget")
+    if seeds < 1 or seeds > 100:
+        raise typer.BadParameter(f"must be 1 to 100, got {seeds}", param_hint="--seeds")
+    if jobs is not None and jobs < 1:
+        raise typer.BadParameter(f"must be at least 1, got {jobs}", param_hint="--jobs")
+    names = list(dict.fromkeys(policy or (POLICIES if compare else ("wattkeeper",))))
     unknown = [n for n in names if n not in POLICIES]
     if unknown:
         raise typer.BadParameter(
@@ -904,12 +929,15 @@ def simulate_run(
         sc = load_scenario(scenario)
     except (ValueError, OSError) as exc:
         fail(str(exc), 2)
-    if "optimum" in names:
+    if budget is not None:
+        sc = with_budget(sc, budget_override)
+    if any(n.startswith("oracle") for n in names):
         _require_extra("scipy")
     if report is not None:
         _require_extra("matplotlib")
+    workers = jobs or os.cpu_count() or 1
     if output is Output.json or not sys.stderr.isatty():
-        result = run_compare(sc, names, duration_s=duration_s)
+        result = run_compare(sc, names, duration_s=duration_s, seeds=seeds, workers=workers)
     else:
         from rich.progress import Progress
 
@@ -919,6 +947,8 @@ def simulate_run(
                 sc,
                 names,
                 duration_s=duration_s,
+                seeds=seeds,
+                workers=workers,
                 progress=lambda n, x: bar.update(tasks[n], completed=x),
             )
     if report is not None:

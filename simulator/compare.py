@@ -1,40 +1,80 @@
-"""Policies side by side on the same scenario and the same arrivals.
+"""Policies side by side on the same scenario, the same arrivals and the same rules.
 
-Five policies run on identical facilities (same seed, so the same requests arrive):
+The comparison is the ruler every claim about tokens per joule is measured with, so
+every policy runs under one set of rules: the same facility (seeded, so the same
+requests arrive), the same router with the same admission rule (a request whose queue
+wait already exceeds the TTFT SLO is shed, as a router answering 429 does), the same
+2% margin on measured power where a policy plans against a budget, and one score read
+from the facility's ground truth, never from what a policy believes.
 
-- ``nocap``: no limit at all, the facility as it would run without wattkeeper;
-- ``uniform``: what admins do today, the budget less the nodes' nameplate serving
-  overhead split evenly over the GPUs, changed only when the budget changes;
-- ``proportional``: every control period, limits proportional to each GPU's measured
-  draw, scaled to fit the budget less the measured non-GPU power;
-- ``wattkeeper``: the real thing: agents on the simulated GPU backend, a store, the
-  controller's plan function, on the simulated clock;
-- ``optimum``: at every control period, the best allocation of power limits, clock
-  locks and drains on the simulator's true curves, by a MILP (``optimum.py``),
-  independent of the policy code.
+Policies (``POLICIES``):
 
-Scores come from the facility's ground truth: tokens, energy, the per-second facility
-power against the budget in force, and the requests served within their SLO.
+- ``nocap``: every GPU at its default limit;
+- ``uniform``: every control period, the budget less the 2% margin less the nodes'
+  measured non-GPU power, split evenly over the GPUs (what a careful admin scripts);
+- ``best-static``: the one static power limit, as a share of each GPU's maximum, for the
+  whole run, found in hindsight on a grid (``static_search``): the most goodput, then
+  the least energy, among those whose run stays under budget after the first control
+  period (what ``nvidia-smi -pl`` and a week of tuning give);
+- ``best-static-lock``: the same with one static clock lock (``nvidia-smi -lgc``);
+- ``proportional``: every control period, limits proportional to measured draw;
+- ``wattkeeper``: the real thing: agents, store and controller on the simulated clock;
+- ``oracle-limits`` and ``oracle``: the per-period steady-state bound of ``oracle.py``
+  on the true arrival rates, with power limits only, and with limits, clock locks,
+  in-flight limits, routing weights and drains.
+
+Measures (``score``), per policy: goodput (output tokens of the requests that met both
+SLOs), energy and requests over a measurement window (after a warm-up, to the end of the
+run: see ``measure_window``), per-request TTFT and TPOT percentiles, shed requests, and
+budget compliance over the whole run at one-second resolution.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from wattkeeper.simulator import physics
-from wattkeeper.simulator.facility import SimFacility
+from wattkeeper.simulator.facility import LATENCY_BOUNDS_S, SimFacility
 from wattkeeper.simulator.scenario import Scenario
 
-POLICIES = ("nocap", "uniform", "proportional", "wattkeeper", "optimum")
+POLICIES = (
+    "nocap",
+    "uniform",
+    "best-static",
+    "best-static-lock",
+    "proportional",
+    "wattkeeper",
+    "oracle-limits",
+    "oracle",
+)
 CONTROL_INTERVAL_S = 5.0
+MARGIN_RATIO = 0.02
+"""The margin every budget-planning policy keeps below the budget, on measured power."""
 START_TS = 1_800_000_000.0
 """Simulated runs start at a fixed Unix time so that results never depend on the wall."""
+WARMUP_MAX_S = 120.0
+GOODPUT_TIE_RATIO = 5e-3
+"""Static settings whose goodput is within this share of the best count as tied; the
+least energy among them wins (``static_search``)."""
+
+HEADLINE = (
+    "goodput_tokens",
+    "slo_attainment",
+    "energy_j",
+    "joules_per_good_token",
+    "good_tokens_per_joule",
+    "tokens_per_joule",
+    "over_budget_s",
+)
+"""Measures that get a mean and a 95% interval over seeds."""
 
 
 class Policy(Protocol):
@@ -46,28 +86,70 @@ class Policy(Protocol):
 
 
 @dataclass(frozen=True)
+class PolicySpec:
+    """What to run: a policy name and, for static settings, the setting."""
+
+    name: str
+    limit_ratio: float | None = None
+    """Static power limit as a share of each GPU's maximum limit."""
+    lock_ratio: float | None = None
+    """Static clock lock as a share of each GPU's maximum SM clock."""
+
+    def label(self) -> str:
+        if self.limit_ratio is not None:
+            return f"static limit {self.limit_ratio:.3f}"
+        if self.lock_ratio is not None:
+            return f"static lock {self.lock_ratio:.3f}"
+        return self.name
+
+
+@dataclass
 class PolicyResult:
-    tokens: int
-    tokens_per_s: float
-    energy_j: float
-    tokens_per_joule: float
-    over_budget_s: int
-    max_excursion_s: int
-    """Longest run of consecutive seconds over budget."""
-    max_excursion_w: float
-    """Largest amount by which a 1-second average exceeded the budget."""
+    """One policy's score; the headline measures are means where several seeds ran."""
+
+    goodput_tokens: float
+    tokens: float
     slo_attainment: float | None
-    requests_finished: int
-    fraction_of_optimum: float | None = None
-    series: dict[str, list[float]] | None = None
-    """Per-second facility power and budget and per-interval tokens/s, for the report."""
+    requests_finished: float
+    requests_within_slo: float
+    shed_requests: float
+    ttft_p50_s: float | None
+    ttft_p90_s: float | None
+    ttft_p99_s: float | None
+    tpot_p50_s: float | None
+    tpot_p90_s: float | None
+    tpot_p99_s: float | None
+    energy_j: float
+    mean_power_w: float
+    joules_per_good_token: float | None
+    good_tokens_per_joule: float
+    tokens_per_joule: float
+    goodput_tokens_per_s: float
+    over_budget_s: int
+    over_budget_ws: float
+    max_excursion_s: int
+    max_excursion_w: float
+    time_to_comply_s: float | None
+    """Longest time, over the run's budget cuts, from the cut until the first second at or
+    under the new budget; None when the budget never drops."""
+    window_s: tuple[float, float]
+    seeds: int = 1
+    ci95: dict[str, tuple[float, float]] = field(default_factory=dict)
+    setting: str | None = None
+    of_oracle: dict[str, float | None] = field(default_factory=dict)
+    realised: dict[str, float | None] | None = None
+    """For the oracles: what their plan did when applied to the facility (goodput,
+    energy, attainment), next to the bound reported in the main fields."""
+    series: dict[str, list[Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("series")
+        out = {k: v for k, v in self.__dict__.items() if k != "series"}
+        out["window_s"] = list(self.window_s)
+        out["ci95"] = {k: list(v) for k, v in self.ci95.items()}
         return out
 
 
+# -- policies -------------------------------------------------------------------------------
 def gpu_power_range(f: SimFacility) -> tuple[np.ndarray, np.ndarray]:
     lo = np.array([f.gpu_kind(g).power_min_w for g in range(f.n_gpus)])
     hi = np.array([f.gpu_kind(g).power_max_w for g in range(f.n_gpus)])
@@ -82,27 +164,34 @@ class NoCap:
         pass
 
 
-class Uniform:
-    """The budget less the nodes' serving overhead, split evenly; set when the budget changes."""
+class Static:
+    """One setting for the whole run, applied at the start and never changed."""
 
-    def __init__(self) -> None:
-        self._budget: float | None = None
+    def __init__(self, spec: PolicySpec) -> None:
+        self.spec = spec
+        self._done = False
 
     def step(self, f: SimFacility, t: float) -> None:
-        budget = f.budget_at(t)
-        if budget == self._budget:
+        if self._done:
             return
-        self._budget = budget
+        self._done = True
         lo, hi = gpu_power_range(f)
-        if budget is None:
-            f.limit_requested[:] = hi
-            return
-        overhead = sum(physics.HOST_KINDS[h].serving_w for h in f.node_host_kind)
-        share = (budget - overhead) / f.n_gpus
-        f.limit_requested[:] = np.clip(share, lo, hi)
+        if self.spec.limit_ratio is not None:
+            f.limit_requested[:] = np.clip(self.spec.limit_ratio * hi, lo, hi)
+        if self.spec.lock_ratio is not None:
+            for g in range(f.n_gpus):
+                kind = f.gpu_kind(g)
+                f.clock_lock[g] = lock_clock_mhz(kind, self.spec.lock_ratio)
+                f.clock_lock_min[g] = kind.min_sm_clock_mhz
 
     def close(self) -> None:
         pass
+
+
+def lock_clock_mhz(kind: Any, ratio: float) -> int:
+    """The supported clock nearest ``ratio`` of the kind's maximum."""
+    want = ratio * kind.max_sm_clock_mhz
+    return min(kind.supported_sm_clocks_mhz(), key=lambda c: abs(c - want))
 
 
 class Periodic:
@@ -131,11 +220,23 @@ class Periodic:
         pass
 
 
+class Uniform(Periodic):
+    """The budget less the margin and the measured non-GPU power, split evenly."""
+
+    def __init__(self, margin_ratio: float = MARGIN_RATIO) -> None:
+        self.margin = margin_ratio
+
+    def control(
+        self, f: SimFacility, t: float, budget: float, lo: np.ndarray, hi: np.ndarray
+    ) -> None:
+        share = (budget * (1 - self.margin) - float(f.host_power.sum())) / f.n_gpus
+        f.limit_requested[:] = np.clip(share, lo, hi)
+
+
 class Proportional(Periodic):
     """Limits proportional to measured draw, scaled so that their sum fits the budget."""
 
-    def __init__(self, interval_s: float = CONTROL_INTERVAL_S, margin_ratio: float = 0.02) -> None:
-        self.interval_s = interval_s
+    def __init__(self, margin_ratio: float = MARGIN_RATIO) -> None:
         self.margin = margin_ratio
 
     def control(
@@ -145,128 +246,6 @@ class Proportional(Periodic):
         gpu_budget = budget * (1 - self.margin) - float(f.host_power.sum())
         scale = gpu_budget / float(draw.sum()) if draw.sum() > 0 else 1.0
         f.limit_requested[:] = np.clip(draw * scale, lo, hi)
-
-
-class Optimum(Periodic):
-    """The MILP's allocation on true curves, re-solved every control period.
-
-    It keeps the same 2% margin as the production controller: load drifts within a
-    control period, and an oracle that spends the last watt would be over budget as
-    often as not, which is not a result worth comparing against.
-
-    Drains are decided with the MILP too, but they take minutes in the facility
-    (in-flight requests finish first, a woken node needs ``wake_s``), so the drain set
-    is re-decided only when the budget changes or every ``drain_every_s``; between
-    those, each period's MILP sets limits and clock locks on the nodes that serve,
-    with what the draining or waking nodes draw charged against the budget.
-    """
-
-    def __init__(
-        self,
-        interval_s: float = CONTROL_INTERVAL_S,
-        margin_ratio: float = 0.02,
-        drain_every_s: float = 300.0,
-    ) -> None:
-        self.interval_s = interval_s
-        self.margin = margin_ratio
-        self.drain_every_s = drain_every_s
-        self._drain_due = float("-inf")
-        self._budget: float | None = None
-        self._drained: frozenset[int] = frozenset()
-
-    def control(
-        self, f: SimFacility, t: float, budget: float, lo: np.ndarray, hi: np.ndarray
-    ) -> None:
-        usable = budget * (1 - self.margin)
-        if budget != self._budget or t >= self._drain_due:
-            self._budget = budget
-            self._drain_due = t + self.drain_every_s
-            self._drained = self._solve(f, usable, exclude=set(), allow_drain=True).drained_nodes
-        for n in range(f.n_nodes):
-            f.set_drained(n, n in self._drained)
-        # Nodes drained (in any state) or still waking take no part in this period's
-        # plan: their GPUs sit at the floor and what they draw now is charged first.
-        aside = {n for n in range(f.n_nodes) if n in self._drained or not f.node_up(n)}
-        for n in aside:
-            gpus = list(f.node_gpu_indices(n))
-            f.limit_requested[gpus] = lo[gpus]
-            usable -= float(f.power_true[gpus].sum() + f.host_power[n])
-        result = self._solve(f, usable, exclude=aside, allow_drain=False)
-        for d in result.replicas:
-            gpus = np.flatnonzero(f.replica_of == d.replica)
-            # The chosen setting's power is a prediction at the steady-state batch; the
-            # limit also holds each GPU to it, so a batch that grows under a clock lock
-            # (Little's law) cannot carry the facility over the budget.
-            per_gpu = min(d.power_limit_w, d.power_w / len(gpus))
-            f.limit_requested[gpus] = np.clip(per_gpu, lo[gpus], hi[gpus])
-            if d.clock_lock_mhz is None:
-                f.clock_lock[gpus] = np.nan
-                f.clock_lock_min[gpus] = np.nan
-            else:
-                f.clock_lock[gpus] = d.clock_lock_mhz
-                f.clock_lock_min[gpus] = min(f.gpu_kind(int(g)).min_sm_clock_mhz for g in gpus)
-
-    @staticmethod
-    def _solve(f: SimFacility, budget_w: float, exclude: set[int], allow_drain: bool) -> Any:
-        """The MILP over the nodes that are up or in standby, on the load's true state.
-
-        Each replica's curve is taken at the uncapped steady state of the current
-        arrivals; a model with a backlog in the router is saturated (no demand cap), so
-        the optimum also pays for draining queues, not only for keeping up. Prefill-pool
-        replicas make no generated tokens themselves: where a scenario has them, the
-        objective counts prompt tokens too, or the optimum would starve its decoders.
-        """
-        from wattkeeper.simulator import optimum
-
-        demand = f.demand_tokens_per_s()
-        batch = f.demand_physics_batch()
-        share = f.demand_prefill_fraction()
-        backlog = {m: q for m, q in f.router_queue.items() if q >= 1.0}
-        for m, q in f.handoff_queue.items():
-            if q >= 1.0:
-                backlog[m] = backlog.get(m, 0.0) + q
-        disaggregated = "prefill" in f.replica_role
-        replicas = []
-        for r in range(f.n_replicas):
-            node = int(f.replica_node[r])
-            if node in exclude or not f.node_alive[node]:
-                continue
-            g0 = int(np.flatnonzero(f.replica_of == r)[0])
-            kind, model = f.gpu_kind_names[g0], f.replica_model[r]
-            saturated = model in backlog
-            if f.replica_role[r] == "prefill":
-                full = physics.operating_point(
-                    physics.GPU_KINDS[kind],
-                    physics.MODELS[model],
-                    batch=1.0,
-                    prefill_fraction=1.0,
-                )
-                want = None if saturated else float(share[r] * full.prefill_tokens_per_s)
-                state = optimum.ReplicaState(r, node, kind, model, 1.0, 1.0, want)
-            else:
-                n = float(f.max_inflight[r]) if saturated else max(float(batch[r]), 1.0)
-                want = None if saturated else float(demand[r])
-                if disaggregated and want is not None and f.replica_role[r] == "mixed":
-                    want += float(share[r] * demand[r])
-                state = optimum.ReplicaState(r, node, kind, model, n, float(share[r]), want)
-            replicas.append(state)
-        nodes = [
-            optimum.NodeState(
-                node=n,
-                host_kind=f.node_host_kind[n],
-                gpus=len(f.node_gpu_indices(n)),
-                alive=bool(f.node_alive[n]) and n not in exclude,
-                standby_w=f.scenario.standby_w,
-            )
-            for n in range(f.n_nodes)
-        ]
-        return optimum.solve(
-            replicas,
-            nodes,
-            budget_w,
-            allow_drain=allow_drain,
-            count="all" if disaggregated else "generated",
-        )
 
 
 class Wattkeeper:
@@ -308,121 +287,462 @@ class Wattkeeper:
             self._tmp.cleanup()
 
 
-def make_policy(name: str, f: SimFacility) -> Policy:
+def make_policy(spec: PolicySpec, f: SimFacility) -> Policy:
+    name = spec.name
     if name == "nocap":
         return NoCap()
+    if name == "static":
+        return Static(spec)
     if name == "uniform":
         return Uniform()
     if name == "proportional":
         return Proportional()
-    if name == "optimum":
-        return Optimum()
     if name == "wattkeeper":
         return Wattkeeper(f)
+    if name in ("oracle", "oracle-limits"):
+        from wattkeeper.simulator.oracle_policy import OraclePolicy
+
+        return OraclePolicy(variant="limits" if name == "oracle-limits" else "full")
     raise ValueError(f"unknown policy {name!r}: expected one of {', '.join(POLICIES)}")
 
 
-def _excursions(power: np.ndarray, budget: np.ndarray) -> tuple[int, int, float]:
+# -- scoring ---------------------------------------------------------------------------------
+def measure_window(duration_s: float, ttft_s: float = 2.0) -> tuple[float, float]:
+    """Seconds (from the start) of the measurement window: requests that arrive in it
+    are followed to their end, and energy is counted over it.
+
+    The warm-up skips the first control period at least (GPUs start uncapped) and at
+    most ``WARMUP_MAX_S``. The window closes a drain before the run ends: three TTFT
+    SLOs (at most a fifth of the run), by when each of its requests has been shed or
+    reached decode; those still decoding then are counted at their replica's current
+    time per token (``SimFacility.window_totals``). Counting by arrival, not by finish,
+    keeps a policy that holds more requests in flight (a larger batch, as a lower clock
+    gives) from being charged for tokens it has only deferred.
+    """
+    warmup = min(max(CONTROL_INTERVAL_S, min(WARMUP_MAX_S, 0.05 * duration_s)), duration_s)
+    drain = min(max(3.0 * ttft_s, CONTROL_INTERVAL_S), 0.2 * duration_s)
+    return warmup, max(warmup, duration_s - drain)
+
+
+def percentile(hist: np.ndarray, q: float) -> float | None:
+    """The ``q`` quantile of a ``LATENCY_BOUNDS_S`` histogram: the upper bound of the bin
+    where the cumulative count reaches it (never optimistic by more than a bin, 2.3%)."""
+    total = float(hist.sum())
+    if total <= 0.0:
+        return None
+    idx = int(np.searchsorted(np.cumsum(hist), q * total, side="left"))
+    return float(LATENCY_BOUNDS_S[min(idx, len(LATENCY_BOUNDS_S) - 1)])
+
+
+def compliance(
+    power: np.ndarray, budget: np.ndarray
+) -> tuple[int, float, int, float, float | None]:
+    """Seconds and watt-seconds over budget, longest run of seconds over, largest excess,
+    and the longest time to comply after a budget cut (1-second resolution)."""
     over = power > budget
+    excess = np.where(over, power - budget, 0.0)
     longest = run = 0
     for flag in over:
         run = run + 1 if flag else 0
         longest = max(longest, run)
-    excess = float(np.max(power - budget, initial=0.0))
-    return int(over.sum()), longest, max(0.0, excess)
+    comply: float | None = None
+    for k in range(1, len(budget)):
+        if budget[k] < budget[k - 1]:
+            after = np.flatnonzero(~over[k:])
+            took = float(after[0]) if len(after) else float(len(budget) - k)
+            comply = took if comply is None else max(comply, took)
+    return int(over.sum()), float(excess.sum()), longest, float(excess.max(initial=0.0)), comply
+
+
+def score(f: SimFacility, duration_s: float) -> PolicyResult:
+    """The facility's ground truth, as the comparison reports it."""
+    st = f.stats
+    w0, w1 = (round(x) for x in measure_window(duration_s, f.slo.ttft_s))
+    power = np.asarray(st.second_power_w, dtype=float)
+    budget = np.asarray(
+        [np.inf if b is None else b for b in st.second_budget_w[: len(power)]], dtype=float
+    )
+    window = slice(w0, w1)
+    energy = float(power[window].sum())
+    totals = f.window_totals()
+    good = totals["good_tokens"]
+    tokens = totals["tokens"]
+    finished = totals["finished"]
+    within = totals["within_slo"]
+    shed = totals["shed"]
+    seconds = max(w1 - w0, 1)
+    over_s, over_ws, longest, excess, comply = compliance(power, budget)
+    judged = finished + shed
+    minutes = max(len(st.minute_ttft_hist), len(st.minute_tpot_hist))
+
+    def minute_p(hists: list[np.ndarray], q: float) -> list[float | None]:
+        return [percentile(hists[i], q) if i < len(hists) else None for i in range(minutes)]
+
+    return PolicyResult(
+        goodput_tokens=good,
+        tokens=tokens,
+        # Fluid accounting can put "within SLO" a hair above "finished".
+        slo_attainment=min(1.0, within / judged) if judged > 0 else None,
+        requests_finished=finished,
+        requests_within_slo=within,
+        shed_requests=shed,
+        ttft_p50_s=percentile(st.ttft_hist, 0.50),
+        ttft_p90_s=percentile(st.ttft_hist, 0.90),
+        ttft_p99_s=percentile(st.ttft_hist, 0.99),
+        tpot_p50_s=percentile(st.tpot_hist, 0.50),
+        tpot_p90_s=percentile(st.tpot_hist, 0.90),
+        tpot_p99_s=percentile(st.tpot_hist, 0.99),
+        energy_j=energy,
+        mean_power_w=energy / seconds,
+        joules_per_good_token=energy / good if good > 0 else None,
+        good_tokens_per_joule=good / energy if energy > 0 else 0.0,
+        tokens_per_joule=tokens / energy if energy > 0 else 0.0,
+        goodput_tokens_per_s=good / seconds,
+        over_budget_s=over_s,
+        over_budget_ws=over_ws,
+        max_excursion_s=longest,
+        max_excursion_w=excess,
+        time_to_comply_s=comply,
+        window_s=(float(w0), float(w1)),
+        series={
+            "power_w": power.tolist(),
+            "budget_w": [None if np.isinf(b) else float(b) for b in budget],
+            "tokens_per_s": _per_10s(st.second_tokens),
+            "good_tokens_per_s": _per_10s(st.second_good_tokens),
+            "ttft_p50_s": minute_p(st.minute_ttft_hist, 0.5),
+            "ttft_p99_s": minute_p(st.minute_ttft_hist, 0.99),
+            "tpot_p50_s": minute_p(st.minute_tpot_hist, 0.5),
+            "tpot_p99_s": minute_p(st.minute_tpot_hist, 0.99),
+        },
+    )
+
+
+def _per_10s(per_second: Sequence[float]) -> list[float]:
+    xs = np.asarray(per_second, dtype=float)
+    n = len(xs) // 10
+    return (xs[: n * 10].reshape(n, 10).mean(axis=1)).tolist() if n else []
+
+
+# -- running ---------------------------------------------------------------------------------
+def with_budget(scenario: Scenario, budget_w: float | None) -> Scenario:
+    """The scenario with one budget for the whole run (None: no budget at all)."""
+    schedule = () if budget_w is None else ((0.0, float(budget_w)),)
+    return replace(scenario, budget_schedule=schedule)
 
 
 def run_policy(
     scenario: Scenario,
-    name: str,
+    policy: str | PolicySpec,
     *,
     duration_s: float | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> PolicyResult:
     """Run one policy over the scenario; the facility's ground truth is the score."""
+    spec = PolicySpec(policy) if isinstance(policy, str) else policy
     f = SimFacility(scenario, start_ts=START_TS)
-    policy = make_policy(name, f)
     duration = float(duration_s if duration_s is not None else scenario.duration_s)
+    w0, w1 = measure_window(duration, scenario.slo.ttft_s)
+    f.measure_from = START_TS + w0
+    f.window = (START_TS + w0, START_TS + w1)
+    pol = make_policy(spec, f)
     steps = round(duration)
-    tokens_series: list[float] = []
-    last_tokens = 0.0
     try:
         for k in range(steps + 1):
             t = START_TS + k
             f.advance_to(t)
-            policy.step(f, t)
-            if k % 10 == 0:
-                tokens_series.append((f.stats.generated_tokens - last_tokens) / 10.0)
-                last_tokens = f.stats.generated_tokens
+            pol.step(f, t)
             if progress is not None and k % 60 == 0:
-                progress(k / steps)
+                progress(k / max(steps, 1))
     finally:
-        policy.close()
-    st = f.stats
-    seconds = len(st.second_power_w)
-    power = np.asarray(st.second_power_w, dtype=float)
-    budget = np.asarray(
-        [np.inf if b is None else b for b in st.second_budget_w[:seconds]], dtype=float
-    )
-    over, longest, excess = _excursions(power, budget)
-    finished = int(st.requests_finished)
-    return PolicyResult(
-        tokens=int(st.generated_tokens),
-        tokens_per_s=st.generated_tokens / seconds if seconds else 0.0,
-        energy_j=st.energy_j,
-        tokens_per_joule=st.generated_tokens / st.energy_j if st.energy_j else 0.0,
-        over_budget_s=over,
-        max_excursion_s=longest,
-        max_excursion_w=excess,
-        # Fluid request accounting can put "within SLO" a hair above "finished".
-        slo_attainment=min(1.0, st.requests_within_slo / finished) if finished else None,
-        requests_finished=finished,
-        series={
-            "power_w": power.tolist(),
-            "budget_w": [None if np.isinf(b) else float(b) for b in budget],
-            "tokens_per_s": tokens_series,
-        },
+        pol.close()
+    res = score(f, duration)
+    res.setting = None if spec.name != "static" else spec.label()
+    bound = getattr(pol, "bound", None)
+    if bound is not None:
+        res = as_bound(res, bound, measure_window(duration, scenario.slo.ttft_s), f.start_ts)
+    return res
+
+
+def as_bound(
+    res: PolicyResult,
+    bound: Sequence[tuple[float, float, float]],
+    window: tuple[float, float],
+    start_ts: float,
+) -> PolicyResult:
+    """The oracle's result: goodput and energy are its per-period bound summed over the
+    measurement window (each period's steady state on the arrival rates of the moment);
+    latencies and compliance are those of its plan applied to the facility, whose
+    goodput, energy and attainment are kept under ``realised``."""
+    w0, w1 = start_ts + window[0], start_ts + window[1]
+    good = energy = 0.0
+    for k, (t, tps, power) in enumerate(bound):
+        t_end = bound[k + 1][0] if k + 1 < len(bound) else w1
+        span = max(0.0, min(t_end, w1) - max(t, w0))
+        good += tps * span
+        energy += power * span
+    seconds = max(w1 - w0, 1.0)
+    realised = {
+        "goodput_tokens": res.goodput_tokens,
+        "energy_j": res.energy_j,
+        "joules_per_good_token": res.joules_per_good_token,
+        "slo_attainment": res.slo_attainment,
+        "shed_requests": res.shed_requests,
+    }
+    return replace(
+        res,
+        goodput_tokens=good,
+        energy_j=energy,
+        mean_power_w=energy / seconds,
+        joules_per_good_token=energy / good if good > 0 else None,
+        good_tokens_per_joule=good / energy if energy > 0 else 0.0,
+        goodput_tokens_per_s=good / seconds,
+        realised=realised,
     )
 
 
+def _job(scenario: Scenario, spec: PolicySpec, duration_s: float | None) -> PolicyResult:
+    return run_policy(scenario, spec, duration_s=duration_s)
+
+
+class Runner:
+    """Runs (scenario, policy) jobs on a process pool of ``workers`` (1: in this process).
+
+    Every job is an independent simulation, so the comparison's dozens of runs (the
+    static searches above all) spread over the machine's cores.
+    """
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = max(1, workers)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> Runner:
+        if self.workers > 1:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("fork"))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def run(
+        self,
+        jobs: Sequence[tuple[Scenario, PolicySpec]],
+        duration_s: float | None,
+        done: Callable[[int], None] | None = None,
+    ) -> list[PolicyResult]:
+        if self._pool is None:
+            out = []
+            for i, (sc, spec) in enumerate(jobs):
+                out.append(_job(sc, spec, duration_s))
+                if done is not None:
+                    done(i)
+            return out
+        futures = {
+            self._pool.submit(_job, sc, spec, duration_s): i for i, (sc, spec) in enumerate(jobs)
+        }
+        results: list[PolicyResult | None] = [None] * len(jobs)
+        for fut in as_completed(futures):
+            i = futures[fut]
+            results[i] = fut.result()
+            if done is not None:
+                done(i)
+        return [r for r in results if r is not None]
+
+
+def seeded(scenario: Scenario, seeds: int) -> list[Scenario]:
+    return [replace(scenario, seed=scenario.seed + i) for i in range(seeds)]
+
+
+def aggregate(runs: Sequence[PolicyResult]) -> PolicyResult:
+    """Mean over seeds of every number, with a 95% interval for the headline measures;
+    the series and percentiles of the first seed's run."""
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    merged: dict[str, Any] = dict(first.__dict__)
+    for key in first.__dict__:
+        if key in ("window_s", "seeds", "ci95", "setting", "of_oracle", "series", "realised"):
+            continue
+        values = [getattr(r, key) for r in runs]
+        if all(isinstance(v, int | float) for v in values):
+            merged[key] = float(np.mean(values))
+        elif any(v is None for v in values):
+            present = [v for v in values if v is not None]
+            merged[key] = float(np.mean(present)) if len(present) == len(values) else None
+    merged["seeds"] = len(runs)
+    merged["ci95"] = {
+        key: interval([getattr(r, key) for r in runs])
+        for key in HEADLINE
+        if all(getattr(r, key) is not None for r in runs)
+    }
+    return PolicyResult(**merged)
+
+
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+"""Student's t, two-sided 95%, for 1-10 degrees of freedom (1.96 beyond)."""
+
+
+def interval(values: Sequence[float]) -> tuple[float, float]:
+    """95% confidence interval of the mean (Student's t)."""
+    xs = np.asarray(values, dtype=float)
+    n = len(xs)
+    mean = float(xs.mean())
+    if n < 2:
+        return mean, mean
+    t = _T95[n - 2] if n - 2 < len(_T95) else 1.96
+    half = t * float(xs.std(ddof=1)) / math.sqrt(n)
+    return mean - half, mean + half
+
+
+# -- best static settings in hindsight -----------------------------------------------------
+def static_grid(scenario: Scenario, which: str, points: int = 11) -> list[float]:
+    """Ratios of each GPU's maximum (limit or clock) from the highest floor to 1."""
+    from wattkeeper.simulator import physics
+
+    kinds = [physics.GPU_KINDS[g.gpu] for g in scenario.fleet]
+    if which == "limit":
+        floor = max(k.power_min_w / k.power_max_w for k in kinds)
+    else:
+        floor = max(k.min_sm_clock_mhz / k.max_sm_clock_mhz for k in kinds)
+    return [float(x) for x in np.linspace(floor, 1.0, points)]
+
+
+def _spec(which: str, ratio: float) -> PolicySpec:
+    if which == "limit":
+        return PolicySpec("static", limit_ratio=ratio)
+    return PolicySpec("static", lock_ratio=ratio)
+
+
+def pick_static(results: dict[float, PolicyResult]) -> float:
+    """The setting with the most goodput, then the least energy, among those under budget
+    after the first control period; when none is, the least watt-seconds over."""
+
+    def compliant(r: PolicyResult) -> bool:
+        return r.over_budget_s == 0 or _over_after_settle(r) == 0
+
+    ok = {k: r for k, r in results.items() if compliant(r)}
+    if not ok:
+        return min(results, key=lambda k: (results[k].over_budget_ws, -k))
+    best = max(r.goodput_tokens for r in ok.values())
+    tied = {k: r for k, r in ok.items() if r.goodput_tokens >= best * (1 - GOODPUT_TIE_RATIO)}
+    return min(tied, key=lambda k: (tied[k].energy_j, k))
+
+
+def _over_after_settle(r: PolicyResult) -> int:
+    series = r.series or {}
+    power = series.get("power_w", [])
+    budget = series.get("budget_w", [])
+    settle = round(CONTROL_INTERVAL_S)
+    return sum(
+        1 for p, b in zip(power[settle:], budget[settle:], strict=False) if b is not None and p > b
+    )
+
+
+def static_search(
+    scenarios: Sequence[Scenario],
+    which: str,
+    runner: Runner,
+    duration_s: float | None,
+    done: Callable[[], None] | None = None,
+) -> tuple[float, list[PolicyResult]]:
+    """Best static setting on a grid in hindsight: 11 points from the floor to the
+    maximum, then four around the best at a quarter and half of the grid's step.
+    Scored on the mean over ``scenarios`` (the seeds). Returns the ratio and its runs."""
+    grid = static_grid(scenarios[0], which)
+    step = grid[1] - grid[0]
+    tried: dict[float, list[PolicyResult]] = {}
+
+    def evaluate(ratios: Sequence[float]) -> None:
+        new = [r for r in ratios if r not in tried and grid[0] - 1e-9 <= r <= 1.0 + 1e-9]
+        jobs = [(sc, _spec(which, r)) for r in new for sc in scenarios]
+        results = runner.run(jobs, duration_s, (lambda _i: done()) if done else None)
+        n = len(scenarios)
+        for i, r in enumerate(new):
+            tried[r] = results[i * n : (i + 1) * n]
+
+    evaluate(grid)
+    best = pick_static({k: aggregate(v) for k, v in tried.items()})
+    evaluate([best + d * step for d in (-0.5, -0.25, 0.25, 0.5)])
+    best = pick_static({k: aggregate(v) for k, v in tried.items()})
+    return best, tried[best]
+
+
+# -- the comparison ---------------------------------------------------------------------------
 def compare(
     scenario: Scenario,
     policies: Sequence[str] = POLICIES,
     *,
     duration_s: float | None = None,
+    seeds: int = 1,
+    workers: int = 1,
     progress: Callable[[str, float], None] | None = None,
 ) -> dict[str, Any]:
     """Every policy on the same scenario; JSON-ready, with the series kept for plots."""
+    scenarios = seeded(scenario, seeds)
     results: dict[str, PolicyResult] = {}
-    for name in policies:
-        results[name] = run_policy(
-            scenario,
-            name,
-            duration_s=duration_s,
-            progress=(lambda x, n=name: progress(n, x)) if progress else None,
-        )
-    best = results.get("optimum")
-    out: dict[str, Any] = {}
-    for name, res in results.items():
-        frac = res.tokens / best.tokens if best is not None and best.tokens else None
-        out[name] = PolicyResult(**{**asdict(res), "fraction_of_optimum": frac})
+    with Runner(workers) as runner:
+        plain = [p for p in policies if p not in ("best-static", "best-static-lock")]
+        jobs = [(sc, PolicySpec(p)) for p in plain for sc in scenarios]
+        counts = dict.fromkeys(plain, 0)
+
+        def finished(i: int) -> None:
+            name = plain[i // len(scenarios)]
+            counts[name] += 1
+            if progress is not None:
+                progress(name, counts[name] / len(scenarios))
+
+        runs = runner.run(jobs, duration_s, finished)
+        for k, name in enumerate(plain):
+            results[name] = aggregate(runs[k * len(scenarios) : (k + 1) * len(scenarios)])
+        for name, which in (("best-static", "limit"), ("best-static-lock", "lock")):
+            if name not in policies:
+                continue
+            ratio, best_runs = static_search(scenarios, which, runner, duration_s)
+            res = aggregate(best_runs)
+            what = "power limit" if which == "limit" else "clock lock"
+            res.setting = f"{what} {ratio:.3f} of max"
+            results[name] = res
+            if progress is not None:
+                progress(name, 1.0)
+    oracle = results.get("oracle")
+    for res in results.values():
+        res.of_oracle = ratios_to(res, oracle)
+    ordered = {p: results[p] for p in policies if p in results}
     budgets = [b for b in scenario_budgets(scenario) if b is not None]
     return {
-        "format_version": 1,
+        "format_version": 2,
         "scenario": scenario.name,
         "description": scenario.description,
         "duration_s": float(duration_s if duration_s is not None else scenario.duration_s),
-        "budget_w": budgets[0] if len(set(budgets)) == 1 else budgets,
-        "policies": out,
+        "seed": scenario.seed,
+        "seeds": seeds,
+        "budget_w": (budgets[0] if len(set(budgets)) == 1 else budgets) if budgets else None,
+        "window_s": list(
+            measure_window(float(duration_s or scenario.duration_s), scenario.slo.ttft_s)
+        ),
+        "slo": {"ttft_s": scenario.slo.ttft_s, "tpot_s": scenario.slo.tpot_s},
+        "policies": ordered,
     }
+
+
+def ratios_to(res: PolicyResult, ref: PolicyResult | None) -> dict[str, float | None]:
+    """Goodput and joules per good token as a share of a reference policy's."""
+    if ref is None:
+        return {}
+    good = res.goodput_tokens / ref.goodput_tokens if ref.goodput_tokens > 0 else None
+    jpt = (
+        res.joules_per_good_token / ref.joules_per_good_token
+        if res.joules_per_good_token is not None and ref.joules_per_good_token
+        else None
+    )
+    return {"goodput": good, "joules_per_good_token": jpt}
 
 
 def scenario_budgets(scenario: Scenario) -> list[float | None]:
     """Budgets the scenario sets over its run, in order (one entry when constant)."""
-    f = SimFacility(scenario, start_ts=START_TS)
     seen: list[float | None] = []
     for k in range(0, int(scenario.duration_s) + 1, 10):
-        b = f.budget_at(START_TS + k)
+        b = scenario.budget_at(float(k))
         if not seen or seen[-1] != b:
             seen.append(b)
     return seen

@@ -39,7 +39,8 @@ of a 32-GPU facility is millions of requests stepped tens of thousands of times:
   requests slightly early; token throughput is unaffected.
 - **SLO**: a finished request is within SLO when its TTFT met ``slo.ttft_s`` (tracked per
   piece, carried as "late" counts through the decode pool) and the replica's TPOT,
-  averaged over about one decode lifetime (an exponential average), met ``slo.tpot_s``.
+  averaged over about one decode lifetime (an exponential average of the per-sequence
+  token rate, inverted: decode time over tokens), met ``slo.tpot_s``.
   APPROXIMATION: every request finishing on a replica in one step shares that average.
 - **Disaggregated pools**: a request is admitted to a prefill replica, gets its first
   token there, then waits in a FIFO hand-off queue for a decode replica (again least
@@ -131,6 +132,10 @@ SGLANG_TPOT_BOUNDS_S = (
     0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
 )  # fmt: skip
 TTFT_BOUNDS_S = tuple(sorted(set(VLLM_TTFT_BOUNDS_S) | set(SGLANG_TTFT_BOUNDS_S)))
+LATENCY_BOUNDS_S = np.geomspace(1e-4, 1e4, 801)
+"""Fine log-spaced bounds (about 2.3% wide) of the ground-truth latency histograms that
+the comparison reads its percentiles from; the servers' own coarse buckets above are
+what the agents see."""
 TPOT_BOUNDS_S = tuple(sorted(set(VLLM_ITL_BOUNDS_S) | set(SGLANG_TPOT_BOUNDS_S)))
 
 _ROLE_CODE = {"mixed": 0, "prefill": 1, "decode": 2}
@@ -250,6 +255,39 @@ class FacilityStats:
     """The scenario's budget in force at the start of each of those seconds."""
     second_tokens: list[float] = field(default_factory=list)
     """Generated tokens in each of those seconds."""
+    requests_shed: float = 0.0
+    """Requests the router dropped because their queue wait already exceeded the TTFT SLO
+    (what a router answering 429 does): never served, never counted as finished."""
+    finished_tokens: float = 0.0
+    """Output tokens of the finished requests (each request's whole output)."""
+    good_tokens: float = 0.0
+    """Output tokens of the finished requests that met both SLOs: the goodput."""
+    second_good_tokens: list[float] = field(default_factory=list)
+    """Good tokens of the requests that finished in each second."""
+    window_arrived: float = 0.0
+    window_finished: float = 0.0
+    window_within_slo: float = 0.0
+    window_shed: float = 0.0
+    window_good_tokens: float = 0.0
+    window_tokens: float = 0.0
+    """Requests that arrived within ``SimFacility.window`` and what became of them: how
+    many finished, met both SLOs or were shed, and their output tokens (all, and those of
+    the requests within SLO). See ``SimFacility.window_totals`` for the ones still
+    decoding when the run ends."""
+    second_finished: list[float] = field(default_factory=list)
+    second_within_slo: list[float] = field(default_factory=list)
+    second_shed: list[float] = field(default_factory=list)
+    ttft_hist: NDArray[np.float64] = field(
+        default_factory=lambda: np.zeros(len(LATENCY_BOUNDS_S) + 1)
+    )
+    """Requests by TTFT (``LATENCY_BOUNDS_S``), counted from ``measure_from``."""
+    tpot_hist: NDArray[np.float64] = field(
+        default_factory=lambda: np.zeros(len(LATENCY_BOUNDS_S) + 1)
+    )
+    """Finished requests by their mean time per output token, from ``measure_from``."""
+    minute_ttft_hist: list[NDArray[np.float64]] = field(default_factory=list)
+    """The same per simulated minute since the start (for plots over time)."""
+    minute_tpot_hist: list[NDArray[np.float64]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -262,29 +300,44 @@ class _PhysicsClass:
     gpus: NDArray[np.int64]  # (len(reps), tensor_parallel)
 
 
-def water_fill(level: NDArray, cap: NDArray, amount: float) -> NDArray:
-    """Amounts that raise the lowest ``level`` first, each up to its ``cap``, summing to ``amount``.
+def water_fill(
+    level: NDArray, cap: NDArray, amount: float, weight: NDArray | None = None
+) -> NDArray:
+    """Amounts that raise the lowest ``level / weight`` first, each up to its ``cap``,
+    summing to ``amount``.
 
-    The fluid form of least-in-flight routing; exact, O(n log n) through the piecewise
-    linear total ``f(L) = Σ clip(L - level, 0, cap - level)``.
+    The fluid form of weighted least-in-flight routing (HAProxy's ``leastconn`` with
+    server weights: the server with the fewest connections per unit of weight gets the
+    next request); a replica of weight 0 gets nothing. Exact, O(n log n), through the
+    piecewise linear total ``f(L) = Σ w·clip(L - level/w, 0, (cap - level)/w)``.
     """
-    room = np.maximum(cap - level, 0.0)
+    w = np.ones_like(level) if weight is None else np.asarray(weight, dtype=float)
+    room = np.where(w > 0, np.maximum(cap - level, 0.0), 0.0)
     if amount >= room.sum():
         return room
-    top = level + room
-    lo = np.sort(level)
-    hi = np.sort(top)
-    c_lo = np.concatenate(([0.0], np.cumsum(lo)))
-    c_hi = np.concatenate(([0.0], np.cumsum(hi)))
+    live = w > 0
+    wl = w[live]
+    lo_n = level[live] / wl
+    hi_n = lo_n + room[live] / wl
+    o_lo = np.argsort(lo_n)
+    o_hi = np.argsort(hi_n)
+    lo, w_lo = lo_n[o_lo], wl[o_lo]
+    hi, w_hi = hi_n[o_hi], wl[o_hi]
+    c_w_lo = np.concatenate(([0.0], np.cumsum(w_lo)))
+    c_wx_lo = np.concatenate(([0.0], np.cumsum(w_lo * lo)))
+    c_w_hi = np.concatenate(([0.0], np.cumsum(w_hi)))
+    c_wx_hi = np.concatenate(([0.0], np.cumsum(w_hi * hi)))
     points = np.sort(np.concatenate((lo, hi)))
     i = np.searchsorted(lo, points, side="right")
     j = np.searchsorted(hi, points, side="right")
-    total = i * points - c_lo[i] - (j * points - c_hi[j])
+    total = c_w_lo[i] * points - c_wx_lo[i] - (c_w_hi[j] * points - c_wx_hi[j])
     k = int(np.searchsorted(total, amount, side="left"))
     k = min(max(k, 1), len(points) - 1)
     x0, x1, f0, f1 = points[k - 1], points[k], total[k - 1], total[k]
     water = x1 if f1 <= f0 else x0 + (amount - f0) * (x1 - x0) / (f1 - f0)
-    return np.clip(water - level, 0.0, room)
+    out = np.zeros_like(level, dtype=float)
+    out[live] = np.clip(wl * (water - lo_n), 0.0, room[live])
+    return out
 
 
 class SimFacility:
@@ -305,6 +358,15 @@ class SimFacility:
         self._second_acc = 0.0
         self._second_tokens = 0.0
         self._second_t = 0.0
+        self._second_good = 0.0
+        self._second_finished = 0.0
+        self._second_ok = 0.0
+        self._second_shed = 0.0
+        self.measure_from = start_ts
+        """Latency histograms count from this time on (the comparison's warm-up)."""
+        self.window = (start_ts, math.inf)
+        """Requests arriving in ``[start, end)`` are followed to their end for the
+        comparison's goodput (``FacilityStats.window_*``)."""
         self._event_pos = 0
         self._demand_cache: tuple[float, dict[str, NDArray]] | None = None
         self._warm_start()
@@ -361,6 +423,8 @@ class SimFacility:
         self._rep_first_gpu = np.array(rep_first, dtype=np.int64)
         self._role = np.array([_ROLE_CODE[r] for r in self.replica_role], dtype=np.int64)
         self.max_inflight = np.array(max_inflight, dtype=float)
+        self.route_weight = np.ones(len(max_inflight))
+        """Router weight of each replica (weighted least-in-flight; 0 sends it nothing)."""
         self.models: tuple[str, ...] = tuple(dict.fromkeys(self.replica_model))
         reps_all = np.arange(self.n_replicas)
         model_arr = np.array(self.replica_model)
@@ -432,6 +496,9 @@ class SimFacility:
         self._n_dec = np.zeros(nr)  # decoding
         self._n_dec_ok = np.zeros(nr)  # decoding and still within SLO so far
         self._remaining = np.zeros(nr)  # output tokens the decoding requests still owe
+        self._out_total = np.zeros(nr)  # whole output tokens of the decoding requests
+        self._n_dec_win = np.zeros(nr)  # decoding requests that arrived in the window
+        self._n_dec_okwin = np.zeros(nr)  # ... and are still within SLO so far
         self._admitted_tokens = np.zeros(nr)  # prompt tokens admitted (cumulative)
         self._prefilled_tokens = np.zeros(nr)  # prompt tokens prefilled (cumulative)
         self.replica_batch = np.zeros(nr)
@@ -474,6 +541,7 @@ class SimFacility:
             "prompt": np.zeros(0),
             "out": np.zeros(0),
             "late": np.zeros(0),
+            "win": np.zeros(0),
         }
 
     # -- public views -----------------------------------------------------------------
@@ -752,6 +820,7 @@ class SimFacility:
             self._n_dec[decoders] = n
             self._n_dec_ok[decoders] = n
             self._remaining[decoders] = n * output
+            self._out_total[decoders] = n * output
         self.replica_batch = self._n_pre + self._n_dec
 
     # -- stepping ---------------------------------------------------------------------
@@ -794,8 +863,11 @@ class SimFacility:
         for m, a in arrived.items():
             if a.count <= 0:
                 continue
+            t = t0 + dt / 2.0
+            win = float(a.count) if self.window[0] <= t < self.window[1] else 0.0
+            self.stats.window_arrived += win
             self._queue[m].append(
-                [t0 + dt / 2.0, float(a.count), a.prompt_tokens, a.output_tokens, 0.0]
+                [t, float(a.count), a.prompt_tokens, a.output_tokens, 0.0, win]
             )
             self._queue_n[m] += a.count
             self.stats.requests_arrived += a.count
@@ -804,7 +876,8 @@ class SimFacility:
     def _dequeue(q: deque[list[float]], amount: float) -> NDArray[np.float64]:
         """Take ``amount`` requests from the head of a FIFO of cohorts, splitting the last.
 
-        Returns rows (time, count, prompt tokens, output tokens, late count)."""
+        Returns rows (time, count, prompt tokens, output tokens, late count, count of
+        requests that arrived in the measurement window)."""
         rows = []
         left = amount
         while left > _TINY and q:
@@ -815,17 +888,20 @@ class SimFacility:
                 left -= c[1]
             else:
                 f = left / c[1]
-                rows.append([c[0], left, c[2] * f, c[3] * f, c[4] * f])
+                rows.append([c[0], left, c[2] * f, c[3] * f, c[4] * f, c[5] * f])
                 c[1] -= left
                 c[2] *= 1.0 - f
                 c[3] *= 1.0 - f
                 c[4] *= 1.0 - f
+                c[5] *= 1.0 - f
                 left = 0.0
-        return np.array(rows, dtype=float).reshape(-1, 5)
+        return np.array(rows, dtype=float).reshape(-1, 6)
 
     def _admit(self, m: str, t0: float, router_ok: NDArray[np.bool_]) -> None:
         """Router admissions for one model: entry pool from the queue, decode pool from
         the hand-off queue."""
+        if self._queue_n[m] > _TINY:
+            self._shed(m, t0)
         if self._queue_n[m] > _TINY:
             reps = self._entry_reps[m]
             reps = reps[router_ok[reps]]
@@ -839,6 +915,24 @@ class SimFacility:
             if rows is not None:
                 self._join_decode(reps, amounts, rows, t0)
 
+    def _shed(self, m: str, t0: float) -> None:
+        """Drop from the head of the router queue every request whose wait already
+        exceeds the TTFT SLO: it can no longer be served in time, and a router that
+        keeps it only delays everyone behind it (the queue would grow without bound
+        whenever capacity falls short). One rule for every policy under test."""
+        q = self._queue[m]
+        oldest = t0 - self.slo.ttft_s
+        shed = 0.0
+        while q and q[0][0] < oldest:
+            row = q.popleft()
+            shed += row[1]
+            self.stats.window_shed += row[5]
+        if shed <= 0.0:
+            return
+        self._queue_n[m] = max(self._queue_n[m] - shed, 0.0) if q else 0.0
+        self.stats.requests_shed += shed
+        self._second_shed += shed
+
     def _route(
         self, reps: NDArray, q: deque[list[float]], m: str, counter: str
     ) -> tuple[NDArray, NDArray | None]:
@@ -847,10 +941,11 @@ class SimFacility:
         level = self._n_pre[reps] + self._n_dec[reps]
         cap = self.max_inflight[reps]
         totals = getattr(self, counter)
-        amount = min(totals[m], float(np.maximum(cap - level, 0.0).sum()))
+        room = np.where(self.route_weight[reps] > 0, np.maximum(cap - level, 0.0), 0.0)
+        amount = min(totals[m], float(room.sum()))
         if amount <= _TINY:
             return np.zeros(0), None
-        amounts = water_fill(level, cap, amount)
+        amounts = water_fill(level, cap, amount, self.route_weight[reps])
         rows = self._dequeue(q, amount)
         totals[m] = totals[m] - amount if q else 0.0
         return amounts, rows
@@ -874,6 +969,7 @@ class SimFacility:
         pc["prompt"] = np.concatenate((pc["prompt"], prompt.ravel()))
         pc["out"] = np.concatenate((pc["out"], np.outer(rows[:, 3], w).ravel()))
         pc["late"] = np.concatenate((pc["late"], np.outer(rows[:, 4], w).ravel()))
+        pc["win"] = np.concatenate((pc["win"], np.outer(rows[:, 5], w).ravel()))
 
     def _join_decode(self, reps: NDArray, amounts: NDArray, rows: NDArray, t0: float) -> None:
         """Hand-off to decode replicas; the wait, spread over the output, counts against TPOT."""
@@ -882,12 +978,18 @@ class SimFacility:
         n = np.outer(rows[:, 1], w)
         out = np.outer(rows[:, 3], w)
         late = np.outer(rows[:, 4], w)
+        win = np.outer(rows[:, 5], w)
         per_req_out = np.maximum(rows[:, 3] / np.maximum(rows[:, 1], _TINY), 1.0)
         stall = np.maximum(t0 - rows[:, 0], 0.0) / per_req_out
         ok = (stall[:, None] + self._tpot_avg[reps][None, :]) <= self.slo.tpot_s
         self._n_dec[reps] += n.sum(axis=0)
         self._remaining[reps] += out.sum(axis=0)
+        self._out_total[reps] += out.sum(axis=0)
         self._n_dec_ok[reps] += np.where(ok, n - late, 0.0).sum(axis=0)
+        self._n_dec_win[reps] += win.sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ok_win = np.where(ok & (n > _TINY), win * (n - late) / np.maximum(n, _TINY), 0.0)
+        self._n_dec_okwin[reps] += ok_win.sum(axis=0)
 
     def _requeue(self, rep_mask: NDArray[np.bool_]) -> None:
         """Send the requests on these replicas back to the head of their router queues.
@@ -905,7 +1007,8 @@ class SimFacility:
             n_dec = float(self._n_dec[decoding].sum())
             if n_dec > _TINY:
                 prompt, output = self.workload.mean_lengths(m, t_rel)
-                heads.append([self.now, n_dec, n_dec * prompt, n_dec * output, n_dec])
+                win = float(self._n_dec_win[decoding].sum())
+                heads.append([self.now, n_dec, n_dec * prompt, n_dec * output, n_dec, win])
             sel = hit & mrep[pc["rep"]]
             if sel.any():
                 times = pc["t"][sel]
@@ -918,6 +1021,7 @@ class SimFacility:
                             float(pc["prompt"][sel][s].sum()),
                             float(pc["out"][sel][s].sum()),
                             float(pc["late"][sel][s].sum()),
+                            float(pc["win"][sel][s].sum()),
                         ]
                     )
             total = sum(h[1] for h in heads)
@@ -933,6 +1037,9 @@ class SimFacility:
         self._n_dec[rep_mask] = 0.0
         self._n_dec_ok[rep_mask] = 0.0
         self._remaining[rep_mask] = 0.0
+        self._out_total[rep_mask] = 0.0
+        self._n_dec_win[rep_mask] = 0.0
+        self._n_dec_okwin[rep_mask] = 0.0
         self._admitted_tokens[rep_mask] = self._prefilled_tokens[rep_mask]
         self.replica_batch[rep_mask] = 0.0
 
@@ -1024,6 +1131,12 @@ class SimFacility:
         if self._second_t >= 1.0 - 1e-9:
             st.second_power_w.append(self._second_acc / self._second_t)
             st.second_tokens.append(self._second_tokens)
+            st.second_good_tokens.append(self._second_good)
+            st.second_finished.append(self._second_finished)
+            st.second_within_slo.append(self._second_ok)
+            st.second_shed.append(self._second_shed)
+            self._second_good = self._second_finished = self._second_ok = 0.0
+            self._second_shed = 0.0
             start = self.start_ts + len(st.second_budget_w)
             st.second_budget_w.append(self.budget_at(start))
             self._second_acc = 0.0
@@ -1080,6 +1193,10 @@ class SimFacility:
         idx = np.searchsorted(TTFT_BOUNDS_S, ttft, side="left")
         np.add.at(self.replica_ttft_hist, (r, idx), d["n"])
         self.replica_ttft_sum += np.bincount(r, weights=d["n"] * ttft, minlength=nr)
+        if self.now >= self.measure_from:
+            fine = np.searchsorted(LATENCY_BOUNDS_S, ttft, side="left")
+            np.add.at(self.stats.ttft_hist, fine, d["n"])
+            np.add.at(self._minute_hist("ttft"), fine, d["n"])
         st = self.stats
         st.first_tokens += float(d["n"].sum())
         st.ttft_sum_s += float((d["n"] * ttft).sum())
@@ -1088,8 +1205,16 @@ class SimFacility:
         mixed = self._role[r] == 0
         if mixed.any():
             self._n_dec += np.bincount(r[mixed], weights=d["n"][mixed], minlength=nr)
-            self._remaining += np.bincount(r[mixed], weights=d["out"][mixed], minlength=nr)
+            out_mixed = np.bincount(r[mixed], weights=d["out"][mixed], minlength=nr)
+            self._remaining += out_mixed
+            self._out_total += out_mixed
             self._n_dec_ok += np.bincount(r[mixed], weights=(d["n"] - late)[mixed], minlength=nr)
+            self._n_dec_win += np.bincount(r[mixed], weights=d["win"][mixed], minlength=nr)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ok_win = np.where(
+                    d["n"] > _TINY, d["win"] * (d["n"] - late) / np.maximum(d["n"], _TINY), 0.0
+                )
+            self._n_dec_okwin += np.bincount(r[mixed], weights=ok_win[mixed], minlength=nr)
         pre = ~mixed
         if pre.any():
             stay = np.clip(finish - np.maximum(d["adm"], t0), 0.0, dt) / dt
@@ -1103,6 +1228,7 @@ class SimFacility:
                         float(d["prompt"][i]),
                         float(d["out"][i]),
                         float(late[i]),
+                        float(d["win"][i]),
                     ]
                 )
                 self._handoff_n[m] += float(d["n"][i])
@@ -1119,14 +1245,39 @@ class SimFacility:
         tau = np.clip(mean_left * np.minimum(self._tpot_avg, 10.0), *TPOT_AVERAGE_S)
         tpot_now = np.minimum(tpot, 1e3)
         keep = np.exp(-dt / tau)
-        self._tpot_avg = np.where(
-            decoding, tpot_now + (self._tpot_avg - tpot_now) * keep, self._tpot_avg
-        )
+        # Averaged as a rate (tokens per second per sequence), then inverted: a request's
+        # mean time per output token is its decode time over its tokens, so a step that
+        # prefills and makes no token counts as time without tokens. Averaging the step
+        # times themselves would weigh prefill-heavy steps by their huge per-token time
+        # (Jensen) and put a replica whose prefill comes in bursts far over its true TPOT.
+        with np.errstate(divide="ignore"):
+            rate_now = np.where(tpot > 0, 1.0 / np.maximum(tpot, 1e-9), 0.0)
+        rate_avg = 1.0 / np.maximum(self._tpot_avg, 1e-9)
+        rate_avg = np.where(decoding, rate_now + (rate_avg - rate_now) * keep, rate_avg)
+        self._tpot_avg = np.minimum(1.0 / np.maximum(rate_avg, 1e-3), 1e3)
         tpot_ok = self._tpot_avg <= self.slo.tpot_s
         with np.errstate(divide="ignore", invalid="ignore"):
             ok_share = np.where(self._n_dec > _TINY, self._n_dec_ok / self._n_dec, 0.0)
         ok_done = finished * np.clip(ok_share, 0.0, 1.0)
+        # A finishing request's whole output: the decoding requests' mean (memoryless
+        # completions take requests of every length alike).
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out_each = np.where(self._n_dec > _TINY, self._out_total / self._n_dec, 0.0)
+        self._out_total = np.maximum(self._out_total - finished * out_each, 0.0)
+        good = float((ok_done * out_each)[tpot_ok].sum())
         self._n_dec_ok = np.maximum(self._n_dec_ok - ok_done, 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            win_share = np.where(self._n_dec > _TINY, self._n_dec_win / self._n_dec, 0.0)
+            okwin_share = np.where(self._n_dec > _TINY, self._n_dec_okwin / self._n_dec, 0.0)
+        win_done = finished * np.clip(win_share, 0.0, 1.0)
+        okwin_done = finished * np.clip(okwin_share, 0.0, 1.0)
+        self._n_dec_win = np.maximum(self._n_dec_win - win_done, 0.0)
+        self._n_dec_okwin = np.maximum(self._n_dec_okwin - okwin_done, 0.0)
+        st = self.stats
+        st.window_finished += float(win_done.sum())
+        st.window_tokens += float((win_done * out_each).sum())
+        st.window_within_slo += float(okwin_done[tpot_ok].sum())
+        st.window_good_tokens += float((okwin_done * out_each)[tpot_ok].sum())
         self._n_dec = np.maximum(self._n_dec - finished, 0.0)
         self._remaining = np.maximum(self._remaining - gen, 0.0)
         self.replica_generated += gen
@@ -1140,7 +1291,48 @@ class SimFacility:
         st.generated_tokens += total
         st.requests_finished += float(finished.sum())
         st.requests_within_slo += float(ok_done[tpot_ok].sum())
+        st.finished_tokens += float((finished * out_each).sum())
+        st.good_tokens += good
+        self._second_good += good
+        self._second_finished += float(finished.sum())
+        self._second_ok += float(ok_done[tpot_ok].sum())
+        if self.now >= self.measure_from and finished.sum() > _TINY:
+            # Per cohort: the requests finishing on a replica in this step share its
+            # TPOT, averaged over about one decode lifetime.
+            fine = np.searchsorted(LATENCY_BOUNDS_S, np.minimum(self._tpot_avg, 1e4), side="left")
+            np.add.at(self.stats.tpot_hist, fine, finished)
+            np.add.at(self._minute_hist("tpot"), fine, finished)
         return total
+
+    def window_totals(self) -> dict[str, float]:
+        """The window's requests as the run leaves them, counting those still decoding as
+        finishing at their replica's current time per token.
+
+        Without that, a policy that holds more requests in flight (a larger batch at a
+        lower clock, as Little's law gives) would be charged for tokens it has only
+        deferred. The run goes on a few TTFT SLOs past the window (``measure_window``), so
+        every request of the window has been shed or has reached decode by then."""
+        st = self.stats
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out_each = np.where(self._n_dec > _TINY, self._out_total / self._n_dec, 0.0)
+        tpot_ok = self._tpot_avg <= self.slo.tpot_s
+        return {
+            "arrived": st.window_arrived,
+            "finished": st.window_finished + float(self._n_dec_win.sum()),
+            "within_slo": st.window_within_slo + float(self._n_dec_okwin[tpot_ok].sum()),
+            "shed": st.window_shed,
+            "tokens": st.window_tokens + float((self._n_dec_win * out_each).sum()),
+            "good_tokens": st.window_good_tokens
+            + float((self._n_dec_okwin * out_each)[tpot_ok].sum()),
+        }
+
+    def _minute_hist(self, which: str) -> NDArray[np.float64]:
+        """This simulated minute's histogram of ``which`` (``ttft`` or ``tpot``)."""
+        hists = self.stats.minute_ttft_hist if which == "ttft" else self.stats.minute_tpot_hist
+        minute = int((self.now - self.start_ts - 1e-9) // 60)
+        while len(hists) <= minute:
+            hists.append(np.zeros(len(LATENCY_BOUNDS_S) + 1))
+        return hists[minute]
 
     def _finish_drains(self) -> None:
         """A draining node that has (almost) emptied powers down to standby."""

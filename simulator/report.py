@@ -8,15 +8,29 @@ from typing import Any
 from wattkeeper.units import format_power
 
 COLUMNS = (
-    ("tokens", "tokens", "{:,.0f}"),
-    ("tokens/s", "tokens_per_s", "{:,.0f}"),
-    ("energy kWh", "energy_j", None),
-    ("tokens/J", "tokens_per_joule", "{:.3f}"),
-    ("s over budget", "over_budget_s", "{:d}"),
-    ("longest excursion s", "max_excursion_s", "{:d}"),
+    ("goodput tokens", "goodput_tokens", "{:,.0f}"),
     ("SLO attainment", "slo_attainment", "{:.1%}"),
-    ("of optimum", "fraction_of_optimum", "{:.1%}"),
+    ("shed", "shed_requests", "{:,.0f}"),
+    ("TTFT p99 s", "ttft_p99_s", "{:.3g}"),
+    ("TPOT p99 ms", "tpot_p99_s", None),
+    ("energy kWh", "energy_j", None),
+    ("J per good token", "joules_per_good_token", "{:.4f}"),
+    ("good tokens/J", "good_tokens_per_joule", "{:.3f}"),
+    ("tokens/J", "tokens_per_joule", "{:.3f}"),
+    ("s over budget", "over_budget_s", "{:,.0f}"),
+    ("W·s over", "over_budget_ws", "{:,.0f}"),
+    ("longest excursion s", "max_excursion_s", "{:,.0f}"),
+    ("goodput of oracle", "of_oracle.goodput", "{:.1%}"),
+    ("J/good token of oracle", "of_oracle.joules_per_good_token", "{:.3f}"),
 )
+
+
+def _get(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
 
 
 def cell(key: str, value: Any, fmt: str | None) -> str:
@@ -24,6 +38,8 @@ def cell(key: str, value: Any, fmt: str | None) -> str:
         return "-"
     if key == "energy_j":
         return f"{value / 3.6e6:,.2f}"
+    if key == "tpot_p99_s":
+        return f"{value * 1e3:.1f}"
     return fmt.format(value) if fmt else str(value)
 
 
@@ -33,9 +49,10 @@ def markdown_table(result: dict[str, Any]) -> str:
     rows = [head, rule]
     for name, res in result["policies"].items():
         data = res.to_json() if hasattr(res, "to_json") else res
+        label = name if not data.get("setting") else f"{name} ({data['setting']})"
         rows.append(
-            f"| {name} | "
-            + " | ".join(cell(key, data.get(key), fmt) for _, key, fmt in COLUMNS)
+            f"| {label} | "
+            + " | ".join(cell(key, _get(data, key), fmt) for _, key, fmt in COLUMNS)
             + " |"
         )
     return "\n".join(rows)
@@ -65,75 +82,72 @@ def write_report(result: dict[str, Any], directory: Path) -> Path:
         plt.close(fig)
 
     power_lines: dict[str, tuple] = {}
-    tokens_lines: dict[str, tuple] = {}
-    tpj_lines: dict[str, tuple] = {}
+    good_lines: dict[str, tuple] = {}
+    jpt_lines: dict[str, tuple] = {}
+    ttft_lines: dict[str, tuple] = {}
+    tpot_lines: dict[str, tuple] = {}
     for pname, res in policies.items():
         series = res.series or {}
         power = series.get("power_w", [])
-        tps = series.get("tokens_per_s", [])
+        good = series.get("good_tokens_per_s", [])
         power_lines[pname] = (range(len(power)), [p / 1e3 for p in power], "")
-        tens = [10 * i for i in range(len(tps))]
-        tokens_lines[pname] = (tens, tps, "")
-        tpj = []
-        for i, rate in enumerate(tps):
+        tens = [10 * i for i in range(len(good))]
+        good_lines[pname] = (tens, good, "")
+        jpt = []
+        for i, rate in enumerate(good):
             window = power[10 * i : 10 * i + 10] or power[-1:]
             mean_w = sum(window) / len(window) if window else 0.0
-            tpj.append(rate / mean_w if mean_w else 0.0)
-        tpj_lines[pname] = (tens, tpj, "")
+            jpt.append(mean_w / rate if rate > 0 else float("nan"))
+        jpt_lines[pname] = (tens, jpt, "")
+        minutes = [60 * i + 30 for i in range(len(series.get("ttft_p99_s", [])))]
+        nan = float("nan")
+        for key, lines in (("ttft", ttft_lines), ("tpot", tpot_lines)):
+            for q in ("p50", "p99"):
+                ys = [nan if v is None else v for v in series.get(f"{key}_{q}_s", [])]
+                lines[f"{pname} {q}"] = (minutes[: len(ys)], ys, "--" if q == "p50" else "")
         if "budget" not in power_lines:
             budget = [None if b is None else b / 1e3 for b in series.get("budget_w", [])]
             power_lines["budget"] = (range(len(budget)), budget, "k--")
     time_plot("power.png", "facility power (kW)", "facility power against budget", power_lines)
-    time_plot("tokens.png", "tokens/s (10-s mean)", "generated tokens per second", tokens_lines)
+    time_plot("goodput.png", "good tokens/s (10-s mean)", "goodput (tokens within SLO)", good_lines)
     time_plot(
-        "tokens_per_joule.png",
-        "tokens per joule (10-s mean)",
-        "tokens per joule of facility energy",
-        tpj_lines,
+        "energy_per_good_token.png",
+        "J per good token (10-s mean)",
+        "facility energy per good token",
+        jpt_lines,
     )
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    names = list(policies)
-    for ax, (key, title) in zip(
-        axes,
-        (
-            ("tokens_per_joule", "tokens per joule"),
-            ("tokens", "tokens"),
-            ("fraction_of_optimum", "fraction of optimum"),
-        ),
-        strict=True,
-    ):
-        values = [getattr(policies[n], key) or 0.0 for n in names]
-        ax.bar(names, values, color="#4c72b0")
-        ax.set_title(title)
-        ax.tick_params(axis="x", rotation=30, labelsize=8)
-    fig.tight_layout()
-    fig.savefig(directory / "policies.png", dpi=110)
-    plt.close(fig)
+    time_plot("ttft.png", "TTFT (s), per minute", "time to first token, p50 and p99", ttft_lines)
+    time_plot("tpot.png", "TPOT (s), per minute", "time per output token, p50 and p99", tpot_lines)
 
     budget = result["budget_w"]
-    budget_text = (
-        format_power(budget)
-        if isinstance(budget, int | float)
-        else " then ".join(format_power(b) for b in budget)
-    )
+    if budget is None:
+        budget_text = "none"
+    elif isinstance(budget, int | float):
+        budget_text = format_power(budget)
+    else:
+        budget_text = " then ".join(format_power(b) for b in budget)
+    w0, w1 = result.get("window_s", (0, result["duration_s"]))
     text = "\n".join(
         [
             f"# Scenario `{name}`",
             "",
             result.get("description", ""),
             "",
-            f"Duration {result['duration_s']:.0f} s, budget {budget_text}.",
+            f"Duration {result['duration_s']:.0f} s, budget {budget_text}, "
+            f"{result.get('seeds', 1)} seed(s) from {result.get('seed', 0)}; goodput, energy "
+            f"and requests counted from {w0:.0f} s to {w1:.0f} s.",
             "",
             markdown_table(result),
             "",
             "![facility power against budget](power.png)",
             "",
-            "![tokens per second](tokens.png)",
+            "![goodput](goodput.png)",
             "",
-            "![tokens per joule](tokens_per_joule.png)",
+            "![energy per good token](energy_per_good_token.png)",
             "",
-            "![per-policy totals](policies.png)",
+            "![TTFT percentiles](ttft.png)",
+            "",
+            "![TPOT percentiles](tpot.png)",
             "",
         ]
     )

@@ -157,7 +157,9 @@ def test_lower_in_flight_limit_lowers_batch_and_tpot_and_queues():
     assert narrow.replica_batch.max() <= 48 + 1e-6
     assert wide.replica_batch.mean() > 60
     assert narrow.replica_tpot_s.mean() < wide.replica_tpot_s.mean()
-    assert narrow.router_queue["llama-8b"] > 500
+    # The queue holds at most a TTFT SLO's worth of arrivals: the rest is shed.
+    assert 95 * 1.0 < narrow.router_queue["llama-8b"] <= 95 * 2.0 * 1.2
+    assert narrow.stats.requests_shed > 1000 and wide.stats.requests_shed == 0
     assert wide.router_queue["llama-8b"] < 5
     # Raised again at run time, the queue drains.
     narrow.max_inflight[:] = 256
@@ -174,6 +176,32 @@ def test_router_fills_the_least_loaded_first():
     assert water_fill(level, cap, 1e6).tolist() == pytest.approx([30.0, 40.0, 35.0, 0.0])
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_weighted_router_matches_a_brute_force_fill(seed):
+    """Weighted least-in-flight: each small increment goes to the replica with the
+    lowest in-flight per unit of weight that still has room (HAProxy's leastconn)."""
+    rng = np.random.default_rng(seed)
+    n = 6
+    level = rng.uniform(0, 20, n)
+    cap = level + rng.uniform(0, 30, n)
+    weight = rng.choice([0.0, 0.5, 1.0, 2.0, 3.0], n)
+    amount = float(rng.uniform(1, 60))
+    got = water_fill(level, cap, amount, weight)
+    cur = level.copy()
+    left = amount
+    room_total = float(np.where(weight > 0, cap - level, 0).sum())
+    step = 1e-3
+    while left > 1e-9 and (cur - level).sum() < room_total - 1e-9:
+        ok = (weight > 0) & (cur < cap - 1e-12)
+        key = np.where(ok, cur / np.where(weight > 0, weight, 1), np.inf)
+        i = int(np.argmin(key))
+        d = min(step, left, cap[i] - cur[i])
+        cur[i] += d
+        left -= d
+    np.testing.assert_allclose(got, cur - level, atol=0.02)
+    assert got[weight == 0].sum() == 0.0
+
+
 def test_tight_tpot_slo_is_missed_at_high_batch():
     loose = facility(rate=90, tpot_s=0.05)
     tight = facility(rate=90, tpot_s=0.012)
@@ -182,7 +210,7 @@ def test_tight_tpot_slo_is_missed_at_high_batch():
     assert loose.replica_tpot_s.mean() > 0.012
     assert loose.stats.requests_finished == pytest.approx(tight.stats.requests_finished)
     assert loose.stats.requests_within_slo > 0.95 * loose.stats.requests_finished
-    assert tight.stats.requests_within_slo < 0.05 * tight.stats.requests_finished
+    assert tight.stats.requests_within_slo < 0.1 * tight.stats.requests_finished
     # A small batch meets the same tight SLO.
     small = facility(rate=5, tpot_s=0.012)
     small.advance_to(T0 + 90)
@@ -194,9 +222,10 @@ def test_ttft_counts_the_queue_wait():
     f.max_inflight[:] = 40
     f.advance_to(T0 + 120)
     st = f.stats
-    assert st.ttft_sum_s / st.first_tokens > 5.0
-    assert st.ttft_within_slo < 0.5 * st.first_tokens
-    assert st.requests_within_slo < 0.5 * st.requests_finished
+    # Twice the load the in-flight limit lets through: requests wait in the router up to
+    # the TTFT SLO, and the router sheds those that would wait longer.
+    assert st.ttft_sum_s / st.first_tokens > 0.5
+    assert st.requests_shed > 0.3 * st.requests_arrived
 
 
 # -- failures, drains, budgets ------------------------------------------------------------

@@ -112,7 +112,7 @@ def _without(modules: list[str], tmp_path: Path, *args: str) -> subprocess.Compl
     "args",
     [
         ["simulate", "mixed", "--compare"],
-        ["simulate", "steady-decode", "--policy", "optimum", "--duration", "1m"],
+        ["simulate", "steady-decode", "--policy", "oracle", "--duration", "1m"],
         ["simulate", "mixed", "--policy", "nocap", "--duration", "1m", "--report", "out"],
     ],
 )

@@ -866,9 +866,7 @@ class SimFacility:
             t = t0 + dt / 2.0
             win = float(a.count) if self.window[0] <= t < self.window[1] else 0.0
             self.stats.window_arrived += win
-            self._queue[m].append(
-                [t, float(a.count), a.prompt_tokens, a.output_tokens, 0.0, win]
-            )
+            self._queue[m].append([t, float(a.count), a.prompt_tokens, a.output_tokens, 0.0, win])
             self._queue_n[m] += a.count
             self.stats.requests_arrived += a.count
 

@@ -25,6 +25,8 @@ draining or waking nodes draw against the budget.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from wattkeeper.simulator import oracle
@@ -40,6 +42,11 @@ period the queue outgrows the TTFT SLO and is shed, and the batch's TPOT, averag
 a decode lifetime (about half a minute), stays over the SLO long after. Planning on the
 coming peak costs the energy of serving it a little early, which any policy that knew
 the future would also pay."""
+REALISE_TPOT_RATIO = 0.95
+"""The applied plan aims at this share of the TPOT SLO. The bound is exact on the model,
+so its plan sits on the SLO's edge, and the facility's per-request TPOT spreads around
+the replica's mean: aimed at the edge, a third of the requests of an hour-long
+steady-decode run missed it. The bound itself keeps the full SLO."""
 BACKLOG_DRAIN_S = 10.0
 """Requests waiting in the router are planned for as extra demand, cleared over this."""
 LOCK_POWER_HEADROOM = 1.03
@@ -77,7 +84,9 @@ class OraclePolicy:
         if full and (budget != self._budget or t >= self._drain_due):
             self._budget = budget
             self._drain_due = t + DRAIN_EVERY_S
-            self._drained = self._solve(f, t, budget, aside=set(), drains=True).drained_nodes
+            self._drained = self._solve(
+                f, t, budget, aside=set(), drains=True, tpot_ratio=REALISE_TPOT_RATIO
+            ).drained_nodes
             for n in range(f.n_nodes):
                 f.set_drained(n, n in self._drained)
         # Nodes drained (in any state) or still waking take no part in this period's plan:
@@ -91,7 +100,7 @@ class OraclePolicy:
             f.limit_requested[gpus] = lo[gpus]
             if usable is not None:
                 usable -= float(f.power_true[gpus].sum() + f.host_power[n])
-        result = self._solve(f, t, usable, aside=aside, drains=False)
+        result = self._solve(f, t, usable, aside=aside, drains=False, tpot_ratio=REALISE_TPOT_RATIO)
         self.last = result
         self._apply(f, result, lo, hi, full)
 
@@ -103,6 +112,7 @@ class OraclePolicy:
         aside: set[int],
         drains: bool,
         lookahead_s: float = LOOKAHEAD_S,
+        tpot_ratio: float = 1.0,
     ) -> oracle.OracleResult:
         t_rel = t - f.start_ts
         demands = []
@@ -151,7 +161,7 @@ class OraclePolicy:
             replicas,
             nodes,
             demands,
-            f.slo,
+            replace(f.slo, tpot_s=f.slo.tpot_s * tpot_ratio),
             budget,
             margin=self.margin,
             variant=self.variant,

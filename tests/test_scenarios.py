@@ -27,6 +27,7 @@ def test_the_standard_set_is_there_and_says_why():
         "node-failure",
         "tight-budget",
         "bursty",
+        "oversubscription",
     }
     assert expected <= set(NAMES)
     for name, description in list_scenarios():
@@ -58,6 +59,20 @@ def test_uncapped_demand_exceeds_the_budget_for_part_of_the_run(name):
     times = np.arange(0.0, scenario.duration_s, 150.0)
     over = [f.demand_power_w(T0 + t) - f.budget_at(T0 + t) for t in times]
     assert max(over) > 1000.0, f"{name}: the budget never binds"
+
+
+def test_oversubscription_budget_is_the_peak_of_four_uncapped_nodes():
+    """The scenario's claim: its budget is what four uncapped nodes draw at their peak on
+    the same load, which five nodes then have to share."""
+    from dataclasses import replace
+
+    sc = load_scenario("oversubscription")
+    four = replace(sc, fleet=(replace(sc.fleet[0], count=4),), budget_schedule=())
+    f = SimFacility(four, start_ts=T0)
+    f.advance_to(T0 + 60)
+    peak = max(f.stats.second_power_w)
+    assert sc.budget_at(0.0) == pytest.approx(peak, rel=0.005)
+    assert sc.fleet[0].count == 5
 
 
 def test_tight_budget_needs_a_drain():

@@ -67,6 +67,42 @@ def headline_rows(result: dict[str, Any], key: str, label: str, better: str) -> 
     return rows
 
 
+LIMITS_ONLY = ("nocap", "uniform", "best-static", "proportional", "wattkeeper")
+"""Policies that only set power limits: ``oracle-limits`` must bound them too."""
+
+
+def bound_violations(label: str, result: dict[str, Any]) -> list[str]:
+    """Every policy above its oracle by more than 1%: on goodput, or on energy per good
+    token at goodput within 1%. Each is a bug in the oracle or the simulator to find."""
+    policies: dict[str, PolicyResult] = result["policies"]
+    out = []
+    for oracle_name, members in (("oracle", tuple(policies)), ("oracle-limits", LIMITS_ONLY)):
+        ref = policies.get(oracle_name)
+        if ref is None:
+            continue
+        for name in members:
+            res = policies.get(name)
+            if res is None or name.startswith("oracle") or res.over_budget_s > 5:
+                continue
+            if res.goodput_tokens > ref.goodput_tokens * 1.01:
+                out.append(
+                    f"- {label}: {name} goodput {res.goodput_tokens / ref.goodput_tokens:.3f}"
+                    f" of {oracle_name}'s"
+                )
+            elif (
+                res.goodput_tokens >= ref.goodput_tokens * 0.99
+                and res.joules_per_good_token is not None
+                and ref.joules_per_good_token is not None
+                and res.joules_per_good_token < ref.joules_per_good_token * 0.99
+            ):
+                ratio_j = res.joules_per_good_token / ref.joules_per_good_token
+                out.append(
+                    f"- {label}: {name} J per good token {ratio_j:.3f} of {oracle_name}'s"
+                    " at the same goodput"
+                )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", default=None, help="override each scenario's duration")
@@ -79,9 +115,11 @@ def main() -> None:
     names = args.only or [name for name, _ in list_scenarios()]
     sections = []
     results: dict[str, dict[str, Any]] = {}
+    violations: list[str] = []
     for name in names:
         result, wall = run(load_scenario(name), name, duration, args.seeds, args.jobs)
         results[name] = result
+        violations += bound_violations(name, result)
         shown = f"simulate {name} --compare" + (f" --duration {args.duration}" if duration else "")
         sections.append(
             f"## {name}\n\n`wattkeeper {shown} --seeds {args.seeds}` ({wall:.0f} s wall, "
@@ -96,6 +134,7 @@ def main() -> None:
             continue
         sc = with_budget(load_scenario(name), None)
         result, _ = run(sc, f"{name}-nobudget", duration, args.seeds, args.jobs)
+        violations += bound_violations(f"{name}, no budget", result)
         head += headline_rows(result, "joules_per_good_token", f"H1 {name}, no budget", "lower")
     for name in ("disaggregated", "hetero"):
         if name in results:
@@ -114,9 +153,14 @@ def main() -> None:
                 f"| H4 five nodes in four's budget | {pname} | {res.goodput_tokens:,.4g} | "
                 f"{ratio(res.goodput_tokens, four_good)} (vs four uncapped) | - | - | higher |"
             )
+    checks = (
+        "\n".join(violations) if violations else "None: every policy is within 1% of its oracle."
+    )
     (OUT / "summary.md").write_text(
         "# Policy comparison, every scenario\n\n## Headlines\n\n"
         + "\n".join(head)
+        + "\n\n## Policies above their oracle by more than 1%\n\n"
+        + checks
         + "\n\n"
         + "\n".join(sections)
     )

@@ -860,6 +860,9 @@ def simulate_list(output: OutputOpt = Output.table) -> None:
         typer.echo(f"{name:<{width}}  {description}")
 
 
+MIN_COMPARE_S = 30.0
+
+
 @simulate_app.command("run")
 def simulate_run(
     scenario: Annotated[str, typer.Argument(help="A scenario name (simulate list) or TOML file.")],
@@ -911,6 +914,14 @@ def simulate_run(
     from wattkeeper.simulator.scenario import load_scenario
 
     duration_s = _parse_duration(duration, "--duration") if duration is not None else None
+    if duration_s is not None and duration_s < MIN_COMPARE_S:
+        raise typer.BadParameter(
+            f"at least {MIN_COMPARE_S:.0f}s: shorter runs end inside the warm-up and the "
+            "drain, and measure nothing",
+            param_hint="--duration",
+        )
+    if report is not None and report.exists() and not report.is_dir():
+        raise typer.BadParameter(f"{report} exists and is not a directory", param_hint="--report")
     budget_override: float | None = None
     if budget is not None and budget.strip().lower() != "none":
         budget_override = _parse_power(budget, "--budget")

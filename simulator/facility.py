@@ -371,6 +371,13 @@ class SimFacility:
         self._demand_cache: tuple[float, dict[str, NDArray]] | None = None
         self._warm_start()
         self._compute(0.0)
+        # Each replica's TPOT average starts where the warm start's steady state is, as
+        # for a facility that was serving before the run.
+        self._tpot_avg = np.where(
+            np.isfinite(self.replica_tpot_s) & (self.replica_tpot_s > 0),
+            self.replica_tpot_s,
+            self._tpot_avg,
+        )
 
     @classmethod
     def simple(cls, spec: FacilitySpec, start_ts: float) -> SimFacility:
@@ -528,6 +535,7 @@ class SimFacility:
         # router
         self._queue: dict[str, deque[list[float]]] = {m: deque() for m in self.models}
         self._queue_n = {m: 0.0 for m in self.models}
+        self._arrived_by_second: dict[str, list[list[float]]] = {m: [] for m in self.models}
         self._handoff: dict[str, deque[list[float]]] = {m: deque() for m in self.models}
         self._handoff_n = {m: 0.0 for m in self.models}
         # prefill pieces in flight: replica, prompt mark, arrival and admission time,
@@ -864,6 +872,12 @@ class SimFacility:
             if a.count <= 0:
                 continue
             t = t0 + dt / 2.0
+            second = self._arrived_by_second[m]
+            k = int((t - self.start_ts) // 1.0)
+            while len(second) <= k:
+                second.append([0.0, 0.0])
+            second[k][0] += a.output_tokens
+            second[k][1] += a.prompt_tokens
             win = float(a.count) if self.window[0] <= t < self.window[1] else 0.0
             self.stats.window_arrived += win
             self._queue[m].append([t, float(a.count), a.prompt_tokens, a.output_tokens, 0.0, win])
@@ -920,13 +934,18 @@ class SimFacility:
         whenever capacity falls short). One rule for every policy under test."""
         q = self._queue[m]
         oldest = t0 - self.slo.ttft_s
-        shed = 0.0
-        while q and q[0][0] < oldest:
-            row = q.popleft()
-            shed += row[1]
-            self.stats.window_shed += row[5]
-        if shed <= 0.0:
+        if not q or min(row[0] for row in q) >= oldest:
             return
+        # The whole queue, not only its head: a failure or drain puts re-queued requests
+        # at the head, timed now, ahead of older rows.
+        keep = [row for row in q if row[0] >= oldest]
+        shed = 0.0
+        for row in q:
+            if row[0] < oldest:
+                shed += row[1]
+                self.stats.window_shed += row[5]
+        q.clear()
+        q.extend(keep)
         self._queue_n[m] = max(self._queue_n[m] - shed, 0.0) if q else 0.0
         self.stats.requests_shed += shed
         self._second_shed += shed
@@ -1302,6 +1321,15 @@ class SimFacility:
             np.add.at(self._minute_hist("tpot"), fine, finished)
         return total
 
+    def arrived_tokens_per_s(self, model: str, t0_rel: float, t1_rel: float) -> tuple[float, float]:
+        """Mean output and prompt tokens/s that arrived for ``model`` in ``[t0, t1)``
+        seconds into the run (the seed's actual traffic, for the comparison's bound)."""
+        rows = self._arrived_by_second.get(model, [])
+        lo, hi = max(int(t0_rel), 0), min(max(int(t1_rel), 0), len(rows))
+        span = rows[lo:hi]
+        seconds = max(hi - lo, 1)  # the run's own seconds only: none after its end
+        return sum(r[0] for r in span) / seconds, sum(r[1] for r in span) / seconds
+
     def window_totals(self) -> dict[str, float]:
         """The window's requests as the run leaves them, counting those still decoding as
         finishing at their replica's current time per token.
@@ -1309,7 +1337,8 @@ class SimFacility:
         Without that, a policy that holds more requests in flight (a larger batch at a
         lower clock, as Little's law gives) would be charged for tokens it has only
         deferred. The run goes on a few TTFT SLOs past the window (``measure_window``), so
-        every request of the window has been shed or has reached decode by then."""
+        most requests of the window have been shed or have reached decode by then; the
+        comparison counts the rest (``arrived`` less the others) as missing their SLO."""
         st = self.stats
         with np.errstate(divide="ignore", invalid="ignore"):
             out_each = np.where(self._n_dec > _TINY, self._out_total / self._n_dec, 0.0)

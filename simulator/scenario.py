@@ -369,7 +369,7 @@ def parse_scenario(data: Mapping[str, Any], source: str, default_name: str) -> S
         name=top.string("name", default_name),
         description=top.string("description", ""),
         duration_s=duration_s,
-        seed=top.integer("seed", 0),
+        seed=top.integer("seed", 0, minimum=0),
         fleet=fleet,
         workload=workload,
         slo=slo,

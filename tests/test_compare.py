@@ -77,7 +77,7 @@ def test_json_contract(steady):
     data = to_json(steady)
     assert data["scenario"] == "steady-decode"
     assert data["budget_w"] == 24000.0
-    assert data["window_s"] == [6.0, 114.0]
+    assert data["window_s"] == [12.0, 114.0]
     for res in data["policies"].values():
         for key in REQUIRED_KEYS:
             assert key in res, key
@@ -257,13 +257,18 @@ def test_cli_compare_json_and_report(tmp_path):
 
 
 def test_cli_budget_override(tmp_path):
-    args = ["simulate", "steady-decode", "--policy", "nocap", "--duration", "20s", "-o", "json"]
+    args = ["simulate", "steady-decode", "--policy", "nocap", "--duration", "30s", "-o", "json"]
     none = json.loads(runner.invoke(app, [*args, "--budget", "none"]).stdout)
     assert none["budget_w"] is None and none["policies"]["nocap"]["over_budget_s"] == 0
     low = json.loads(runner.invoke(app, [*args, "--budget", "20kW"]).stdout)
-    assert low["budget_w"] == 20_000.0 and low["policies"]["nocap"]["over_budget_s"] == 20
+    assert low["budget_w"] == 20_000.0 and low["policies"]["nocap"]["over_budget_s"] == 30
     bad = runner.invoke(app, [*args, "--budget", "20"])
     assert bad.exit_code == 2
+    short = runner.invoke(app, [*args[:-4], "--duration", "10s"])
+    assert short.exit_code == 2 and "at least 30s" in short.output
+    (tmp_path / "afile").write_text("x")
+    clash = runner.invoke(app, [*args, "--report", str(tmp_path / "afile")])
+    assert clash.exit_code == 2 and "not a directory" in clash.output
 
 
 def test_cli_list_and_bad_input():

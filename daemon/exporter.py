@@ -16,6 +16,7 @@ while the database is down.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import time
@@ -25,7 +26,12 @@ from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
@@ -110,6 +116,11 @@ def _engine_label(series: TokenSeries) -> str:
     if len(rest) == 1:
         return rest[0][1]
     return ",".join(f"{k}={v}" for k, v in rest)
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus writes it: ``+Inf``, else the shortest float text."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -359,6 +370,20 @@ class WattkeeperCollector(Collector):
             "KV-cache use (0-1); the fullest engine where a series has several.",
             TOKEN_LABELS,
         )
+        # The servers' own latency histograms, re-exported with their buckets: an SLO is
+        # a quantile, and only buckets let Prometheus take one over any window
+        # (histogram_quantile over rate), across nodes and servers of every kind.
+        ttft = HistogramMetricFamily(
+            "wattkeeper_ttft_seconds",
+            "Time to first token, as the inference server measures it (its own buckets).",
+            labels=TOKEN_LABELS,
+        )
+        tpot = HistogramMetricFamily(
+            "wattkeeper_tpot_seconds",
+            "Time per output token (inter-token latency), as the inference server measures "
+            "it (its own buckets).",
+            labels=TOKEN_LABELS,
+        )
         for v in views:
             for ep in v.endpoints:
                 if ep.name not in v.readings:
@@ -383,7 +408,17 @@ class WattkeeperCollector(Collector):
                     ):
                         if value is not None:
                             family.add_metric(labels, value)
-        yield from (up, last, kind, gen, prompt, finished, running, waiting, kv)
+                    for hist_family, hist in (
+                        (ttft, series.ttft_seconds),
+                        (tpot, series.tpot_seconds),
+                    ):
+                        if hist is not None:
+                            hist_family.add_metric(
+                                labels,
+                                [(_le(le), count) for le, count in hist.buckets],
+                                None if math.isnan(hist.sum) else hist.sum,
+                            )
+        yield from (up, last, kind, gen, prompt, finished, running, waiting, kv, ttft, tpot)
 
     # -- the agents themselves -----------------------------------------------------------
     def _agents(self, views: list[_AgentView]) -> Iterator[Metric]:

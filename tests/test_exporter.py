@@ -254,6 +254,36 @@ def test_token_and_source_series(rt: Runtime, scraped: Scrape) -> None:
     assert scraped.value("wattkeeper_build_info", version=__version__) == 1.0
 
 
+def test_latency_histograms_are_the_servers_own_buckets(rt: Runtime, scraped: Scrape) -> None:
+    """TTFT and TPOT keep every bucket the server exported, so histogram_quantile over
+    a rate works on them as on the server's own metrics."""
+    agent = rt.agents[0]
+    (ep,) = agent.endpoints
+    reading = agent.state.readings[ep.name]
+    assert reading is not None
+    assert scraped.families["wattkeeper_ttft_seconds"].type == "histogram"
+    checked = 0
+    for series in reading.series:
+        labels = {
+            "node": agent.node,
+            "endpoint": ep.name,
+            "model": series.model,
+            "engine": series.labels["engine"],
+        }
+        for name, hist in (
+            ("wattkeeper_ttft_seconds", series.ttft_seconds),
+            ("wattkeeper_tpot_seconds", series.tpot_seconds),
+        ):
+            assert hist is not None and hist.count > 0
+            for le, count in hist.buckets:
+                bound = "+Inf" if le == float("inf") else repr(float(le))
+                assert scraped.value(f"{name}_bucket", **labels, le=bound) == count
+            assert scraped.value(f"{name}_count", **labels) == hist.count
+            assert scraped.value(f"{name}_sum", **labels) == pytest.approx(hist.sum)
+            checked += 1
+    assert checked == 2 * len(reading.series)
+
+
 def test_no_duplicate_series_and_base_units(scraped: Scrape) -> None:
     assert scraped.duplicates() == []
     for name in scraped.type_names:
@@ -375,8 +405,10 @@ def structure(s: Scrape) -> str:
             m = re.match(r"^(\w+)(?:\{(.*)\})? ", ln)
             assert m, ln
             names = tuple(sorted(re.findall(r'(\w+)="', m.group(2) or "")))
-            body = ",".join(f'{n}="{n}"' for n in names)
-            shapes[names] = f"{m.group(1)}{{{body}}} 0" if names else f"{m.group(1)} 0"
+            # A bucket's le must stay a number for promtool: the +Inf bucket stands in.
+            body = ",".join(f'{n}="+Inf"' if n == "le" else f'{n}="{n}"' for n in names)
+            key = (m.group(1), *names)
+            shapes[key] = f"{m.group(1)}{{{body}}} 0" if names else f"{m.group(1)} 0"
         lines += [shapes[k] for k in sorted(shapes)]
     return "\n".join(lines) + "\n"
 

@@ -56,9 +56,11 @@ their own). Prompt tokens are worth nothing by themselves. The KV hand-off is fr
 the simulator.
 
 **Variants**: ``"full"``: limits and clock locks, in-flight limits, drains, free routing.
-``"limits"``: what a limits-only policy controls: limits only, no drains, and each
-replica's share fixed at the even split of its model's demand over its pool's alive
-replicas (a prefill replica: of the prompt tokens).
+``"limits"``: what a limits-only policy controls: limits only, no drains, in-flight
+limits as the scenario sets them. Routing stays free: the router is not the policy's
+lever, but its least-in-flight rule already sends more work to the replicas that
+finish faster (an H100 over an A100), so an even split would not bound what the
+facility does with limits alone.
 
 Curves are cached per (GPU kind, model, role, prompt ratio bucket, SLO, batch cap,
 settings family), so a re-solve every control period costs two small MILPs.
@@ -1010,12 +1012,6 @@ def _build(
     value: dict[str, dict[int, float]] = {}  # per model: its served generated tokens
     decode: dict[str, dict[int, float]] = {}  # per model: its decode replicas' tokens
     prompts: dict[str, dict[int, float]] = {}  # per model: its prefill pool's prompts
-    pool_size: dict[tuple[str, bool], int] = {}
-    for cls in classes:
-        for g in cls.groups:
-            rep = g.per_node[0][0]
-            key = (rep.model, rep.role == "prefill")
-            pool_size[key] = pool_size.get(key, 0) + sum(len(m) for m in g.per_node)
     for cls in classes:
         n_nodes = float(len(cls.nodes))
         m = cls.node
@@ -1028,11 +1024,7 @@ def _build(
         for g in cls.groups:
             rep = g.per_node[0][0]
             per_node = float(len(g.per_node[0]))
-            d = demand_by_model.get(rep.model)
-            out_d = max(d.output_tokens_per_s, 0.0) if d is not None else 0.0
-            k = d.prompt_per_output if d is not None else 0.0
             prefill = rep.role == "prefill"
-            share = (k * out_d if prefill else out_d) / pool_size[(rep.model, prefill)]
             count_row = {cls.m_col: -per_node}
             for x, y in g.curve.pieces:
                 nc = prob.column(upper=per_node * n_nodes, integer=True)
@@ -1050,10 +1042,6 @@ def _build(
                 (prompts if prefill else value).setdefault(rep.model, {}).update(rates)
                 if rep.role == "decode":
                     decode.setdefault(rep.model, {}).update(rates)
-                if not full:  # the even split: every replica in the piece within its share
-                    prob.add(
-                        {sl.start + i: float(v) - share for i, v in enumerate(x)}, -np.inf, 0.0
-                    )
             prob.add(count_row, 0.0, 0.0)  # every member of an on node in one piece
     for model, row in value.items():
         d = demand_by_model.get(model)

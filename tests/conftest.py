@@ -17,8 +17,8 @@ def _missing(what: str) -> None:
     pytest.skip(f"{what} not installed (.ci/run installs it)")
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
+def started_pg() -> Iterator[PgServer]:
+    """A fresh PostgreSQL server for the time of a fixture, stopped and removed after."""
     bindir = find_bindir()
     if bindir is None:
         _missing("PostgreSQL server (Debian package postgresql)")
@@ -26,6 +26,11 @@ def pg_server() -> Iterator[PgServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    yield from started_pg()
 
 
 @pytest.fixture

@@ -57,19 +57,7 @@ class PgServer:
             "UTF8",
             "--no-sync",
         )
-        self._run(
-            str(self.bindir / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.root / "log"),
-            "-w",
-            "-t",
-            "60",
-            "start",
-            "-o",
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off",
-        )
+        self.start_again()
         deadline = time.time() + 30
         while time.time() < deadline:
             with socket.socket() as s:

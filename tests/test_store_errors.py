@@ -13,8 +13,8 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from conftest import _missing
-from pg import PgServer, find_bindir
+from conftest import started_pg
+from pg import PgServer
 
 from wattkeeper.clock import SimClock
 from wattkeeper.collectors.gpu import GpuInfo, GpuSample, PowerLimitConstraints
@@ -91,13 +91,7 @@ def test_every_public_method_is_exercised():
 @pytest.fixture(scope="module")
 def own_pg() -> Iterator[PgServer]:
     """A server of this module's own, since the test stops it."""
-    bindir = find_bindir()
-    if bindir is None:
-        _missing("PostgreSQL server (Debian package postgresql)")
-    server = PgServer(bindir)
-    server.start()
-    yield server
-    server.stop()
+    yield from started_pg()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

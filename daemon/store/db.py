@@ -172,16 +172,20 @@ def engine_name(engine: Engine) -> str:
     return describe_url(engine.url.render_as_string(hide_password=False))
 
 
+def _script_knows(revision: str) -> bool:
+    """Whether the migrations shipped with this wattkeeper include ``revision``."""
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except AlembicError:
+        return False
+
+
 def check_revision(revision: str) -> None:
     """Refuse a revision the migrations do not know, naming the ones they do."""
     if revision in ("head", "base"):
         return
-    script = ScriptDirectory.from_config(alembic_config())
-    try:
-        found = script.get_revision(revision)
-    except AlembicError:
-        found = None
-    if found is None:
+    if not _script_knows(revision):
+        script = ScriptDirectory.from_config(alembic_config())
         known = ", ".join(["base", *(r.revision for r in script.walk_revisions()), "head"])
         raise StoreError(f"unknown schema revision {revision!r}: known are {known}")
 
@@ -190,12 +194,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     check_revision(revision)
     current = current_revision(engine)  # reachability check with a clean message
     _known(engine, current)
-    try:
-        command.upgrade(alembic_config(engine), revision)
-    except SQLAlchemyError as exc:
-        raise StoreError(
-            f"migrating {engine_name(engine)} failed: {error_line(exc, engine)}"
-        ) from None
+    _migrate(engine, command.upgrade, revision)
     if engine.dialect.name == "sqlite":
         # Agent, controller and CLI read and write at once: WAL lets readers go on while
         # one writes. Stored in the file, so set once here, where the store is made.
@@ -206,14 +205,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 def _known(engine: Engine, current: str | None) -> None:
     """Refuse to migrate from a revision these migrations do not know (a newer
     wattkeeper wrote the schema): Alembic could only fail half-way."""
-    if current is None:
-        return
-    script = ScriptDirectory.from_config(alembic_config())
-    try:
-        found = script.get_revision(current)
-    except AlembicError:
-        found = None
-    if found is None:
+    if current is not None and not _script_knows(current):
         raise SchemaOutdatedError(
             f"the database {engine_name(engine)} is at schema {current}, which this "
             f"wattkeeper does not know (its newest is {head_revision()}): a newer "
@@ -224,8 +216,13 @@ def _known(engine: Engine, current: str | None) -> None:
 def downgrade(engine: Engine, revision: str = "base") -> None:
     check_revision(revision)
     _known(engine, current_revision(engine))
+    _migrate(engine, command.downgrade, revision)
+
+
+def _migrate(engine: Engine, step: Any, revision: str) -> None:
+    """Run an Alembic command; a database error on the way is one StoreError line."""
     try:
-        command.downgrade(alembic_config(engine), revision)
+        step(alembic_config(engine), revision)
     except SQLAlchemyError as exc:
         raise StoreError(
             f"migrating {engine_name(engine)} failed: {error_line(exc, engine)}"

@@ -25,6 +25,7 @@ draining or waking nodes draw against the budget.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -56,6 +57,8 @@ burst, which batches and the router queue do: in a one-minute burst at full capa
 the batch grows for the whole minute without breaking the TPOT SLO, where the burst's
 steady state would. On steady or slowly moving load the mean is the rate of the
 moment."""
+INFLIGHT_HEADROOM = 1.15
+"""A replica's in-flight limit: this much above its planned batch."""
 LOCK_POWER_HEADROOM = 1.03
 """A clock-locked GPU's limit: this much above the power its plan expects."""
 
@@ -234,7 +237,13 @@ class OraclePolicy:
                 f.clock_lock_min[gpus] = np.nan
             if full:
                 if plan.inflight_limit is not None:
-                    f.set_max_inflight(r, max(1, plan.inflight_limit))
+                    # The planned batch with headroom, not the next power of two: where
+                    # the plan sheds (demand above what the budget serves), a loose
+                    # limit lets the router stuff every replica past its TPOT SLO, and
+                    # then no request meets it. Held tight, the excess waits in the
+                    # router and is shed there, as the plan intends.
+                    tight = math.ceil(plan.batch * INFLIGHT_HEADROOM) + 1
+                    f.set_max_inflight(r, max(1, min(plan.inflight_limit, tight)))
                 weights[r] = max(plan.batch, 0.0) if plan.role != "prefill" else 1.0
         if full:
             # A replica the plan leaves idle gets no traffic; a model whose plan serves

@@ -87,14 +87,12 @@ def _config(path: Path | None) -> Any:
         fail(str(exc), 2)
 
 
-def _store(cfg: Any, db: str | None, *, read_only: bool = False, create: bool = False) -> Any:
+def _store(cfg: Any, db: str | None, *, create: bool = False) -> Any:
     from wattkeeper.runtime import open_store
     from wattkeeper.store.db import StoreError
 
     try:
-        return open_store(
-            cfg, db, read_only=read_only, create=create, announce=lambda m: typer.echo(m, err=True)
-        )
+        return open_store(cfg, db, create=create, announce=lambda m: typer.echo(m, err=True))
     except StoreError as exc:
         fail(str(exc))
 
@@ -417,7 +415,7 @@ def status(
     from wattkeeper.summary import facility_summary
 
     cfg = _config(config)
-    store = _store(cfg, db, read_only=True)
+    store = _store(cfg, db)
     try:
         as_of, clock = _status_moment(store)
         s = facility_summary(
@@ -543,7 +541,7 @@ def budget_show(
 ) -> None:
     """Show the facility budget, who set it and when."""
     cfg = _config(config)
-    store = _store(cfg, db, read_only=True)
+    store = _store(cfg, db)
     from wattkeeper.store.db import StoreError
     from wattkeeper.units import format_power
 
@@ -581,7 +579,7 @@ def audit(
     from wattkeeper.store.db import StoreError
 
     cfg = _config(config)
-    store = _store(cfg, db, read_only=True)
+    store = _store(cfg, db)
     try:
         entries = store.audit_log(limit)
     except StoreError as exc:

@@ -121,19 +121,18 @@ def open_store(
     cfg: Config,
     url: str | None = None,
     *,
-    read_only: bool = False,
     create: bool = False,
     announce: Callable[[str], None] | None = None,
 ) -> Store:
     """Engine for the configured store, refusing a schema that is not at head.
 
     ``create`` (the daemon's first start) builds a missing or empty SQLite store at head
-    and tells ``announce`` so in one line; a read-only command never creates anything.
+    and tells ``announce`` so in one line; without it nothing is ever created.
     """
     # Only a daemon's first start may create a file; every other command needs the store
     # to be there already, and must not leave an empty file where a path was mistyped.
-    engine = make_engine(url or cfg.store.resolved_url(), must_exist=read_only or not create)
-    if create and not read_only and create_if_empty(engine):
+    engine = make_engine(url or cfg.store.resolved_url(), must_exist=not create)
+    if create and create_if_empty(engine):
         if announce is not None:
             where = engine.url.database or describe_url(str(engine.url))
             announce(f"created a new store at {where} (schema {head_revision()})")

@@ -258,10 +258,6 @@ class FacilityStats:
     requests_shed: float = 0.0
     """Requests the router dropped because their queue wait already exceeded the TTFT SLO
     (what a router answering 429 does): never served, never counted as finished."""
-    finished_tokens: float = 0.0
-    """Output tokens of the finished requests (each request's whole output)."""
-    good_tokens: float = 0.0
-    """Output tokens of the finished requests that met both SLOs: the goodput."""
     second_good_tokens: list[float] = field(default_factory=list)
     """Good tokens of the requests that finished in each second."""
     window_arrived: float = 0.0
@@ -274,9 +270,6 @@ class FacilityStats:
     many finished, met both SLOs or were shed, and their output tokens (all, and those of
     the requests within SLO). See ``SimFacility.window_totals`` for the ones still
     decoding when the run ends."""
-    second_finished: list[float] = field(default_factory=list)
-    second_within_slo: list[float] = field(default_factory=list)
-    second_shed: list[float] = field(default_factory=list)
     ttft_hist: NDArray[np.float64] = field(
         default_factory=lambda: np.zeros(len(LATENCY_BOUNDS_S) + 1)
     )
@@ -359,9 +352,6 @@ class SimFacility:
         self._second_tokens = 0.0
         self._second_t = 0.0
         self._second_good = 0.0
-        self._second_finished = 0.0
-        self._second_ok = 0.0
-        self._second_shed = 0.0
         self.measure_from = start_ts
         """Latency histograms count from this time on (the comparison's warm-up)."""
         self.window = (start_ts, math.inf)
@@ -928,27 +918,24 @@ class SimFacility:
                 self._join_decode(reps, amounts, rows, t0)
 
     def _shed(self, m: str, t0: float) -> None:
-        """Drop from the head of the router queue every request whose wait already
-        exceeds the TTFT SLO: it can no longer be served in time, and a router that
-        keeps it only delays everyone behind it (the queue would grow without bound
-        whenever capacity falls short). One rule for every policy under test."""
+        """Drop from the router queue every request whose wait already exceeds the TTFT
+        SLO: it can no longer be served in time, and a router that keeps it only delays
+        everyone behind it (the queue would grow without bound whenever capacity falls
+        short). One rule for every policy under test. The whole queue is scanned, not
+        only its head: a failure or drain puts re-queued requests at the head, timed
+        now, ahead of older rows."""
         q = self._queue[m]
         oldest = t0 - self.slo.ttft_s
-        if not q or min(row[0] for row in q) >= oldest:
+        late = [row for row in q if row[0] < oldest]
+        if not late:
             return
-        # The whole queue, not only its head: a failure or drain puts re-queued requests
-        # at the head, timed now, ahead of older rows.
         keep = [row for row in q if row[0] >= oldest]
-        shed = 0.0
-        for row in q:
-            if row[0] < oldest:
-                shed += row[1]
-                self.stats.window_shed += row[5]
         q.clear()
         q.extend(keep)
+        shed = sum(row[1] for row in late)
+        self.stats.window_shed += sum(row[5] for row in late)
         self._queue_n[m] = max(self._queue_n[m] - shed, 0.0) if q else 0.0
         self.stats.requests_shed += shed
-        self._second_shed += shed
 
     def _route(
         self, reps: NDArray, q: deque[list[float]], m: str, counter: str
@@ -1149,11 +1136,7 @@ class SimFacility:
             st.second_power_w.append(self._second_acc / self._second_t)
             st.second_tokens.append(self._second_tokens)
             st.second_good_tokens.append(self._second_good)
-            st.second_finished.append(self._second_finished)
-            st.second_within_slo.append(self._second_ok)
-            st.second_shed.append(self._second_shed)
-            self._second_good = self._second_finished = self._second_ok = 0.0
-            self._second_shed = 0.0
+            self._second_good = 0.0
             start = self.start_ts + len(st.second_budget_w)
             st.second_budget_w.append(self.budget_at(start))
             self._second_acc = 0.0
@@ -1308,11 +1291,7 @@ class SimFacility:
         st.generated_tokens += total
         st.requests_finished += float(finished.sum())
         st.requests_within_slo += float(ok_done[tpot_ok].sum())
-        st.finished_tokens += float((finished * out_each).sum())
-        st.good_tokens += good
         self._second_good += good
-        self._second_finished += float(finished.sum())
-        self._second_ok += float(ok_done[tpot_ok].sum())
         if self.now >= self.measure_from and finished.sum() > _TINY:
             # Per cohort: the requests finishing on a replica in this step share its
             # TPOT, averaged over about one decode lifetime.

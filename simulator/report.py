@@ -22,10 +22,21 @@ COLUMNS = (
     ("longest excursion s", "max_excursion_s", "{:,.0f}"),
     ("goodput of oracle", "of_oracle.goodput", "{:.1%}"),
     ("J/good token of oracle", "of_oracle.joules_per_good_token", "{:.3f}"),
+    ("realised of bound", "realised_of_bound", "{:.1%}"),
+)
+
+NOTE = (
+    "Oracle rows: goodput, energy and the per-token figures are the bound; attainment, "
+    "shed, latencies and compliance are those of its plan applied to the facility, and "
+    "*realised of bound* is the goodput that run made over the bound."
 )
 
 
 def _get(data: dict[str, Any], key: str) -> Any:
+    if key == "realised_of_bound":
+        realised = (data.get("realised") or {}).get("goodput_tokens")
+        bound = data.get("goodput_tokens")
+        return realised / bound if realised is not None and bound else None
     for part in key.split("."):
         if not isinstance(data, dict):
             return None
@@ -55,7 +66,11 @@ def markdown_table(result: dict[str, Any]) -> str:
             + " | ".join(cell(key, _get(data, key), fmt) for _, key, fmt in COLUMNS)
             + " |"
         )
-    return "\n".join(rows)
+    bounds = any(
+        _get(r.to_json() if hasattr(r, "to_json") else r, "realised")
+        for r in result["policies"].values()
+    )
+    return "\n".join(rows) + ("\n\n" + NOTE if bounds else "")
 
 
 def write_report(result: dict[str, Any], directory: Path) -> Path:

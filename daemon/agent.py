@@ -21,7 +21,13 @@ from wattkeeper.collectors.gpu import (
     PowerLimitConstraints,
 )
 from wattkeeper.collectors.host import HostSample
-from wattkeeper.collectors.tokens import CounterRate, TokenReading, TokenSourceError, parse_page
+from wattkeeper.collectors.tokens import (
+    CounterRate,
+    LatencyWindows,
+    TokenReading,
+    TokenSourceError,
+    parse_page,
+)
 from wattkeeper.store.db import StoreError
 from wattkeeper.store.repository import LIMIT_TOLERANCE_W, Store, TokenRow
 
@@ -98,6 +104,7 @@ class Agent:
         self.gpu_ids: dict[str, int] = {}
         self.state = AgentState()
         self._rates = CounterRate()
+        self._latency = LatencyWindows()
         self.tokens_interval_s = tokens_interval_s
         self._tokens_due = float("-inf")
         self._targets: dict[str, CachedTarget] = {}
@@ -226,6 +233,7 @@ class Agent:
                 rate = None
                 if series.generation_tokens_total is not None:
                     rate = self._rates.update(key, series.generation_tokens_total, now)
+                ttft, tpot, observed = self._latency.update(key, series)
                 rows.append(
                     TokenRow(
                         endpoint=ep.name,
@@ -236,6 +244,10 @@ class Agent:
                         generation_tokens_per_s=rate,
                         requests_running=series.requests_running,
                         requests_waiting=series.requests_waiting,
+                        kv_cache_usage_ratio=series.kv_cache_usage_ratio,
+                        ttft_p90_s=ttft,
+                        tpot_p90_s=tpot,
+                        latency_requests=observed,
                     )
                 )
         return rows

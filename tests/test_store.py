@@ -11,7 +11,7 @@ over all rows on random data.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy import insert, select
@@ -76,13 +76,16 @@ def _sample(uuid: str, ts: float, power_w: float, reasons: tuple[str, ...] = ())
     )
 
 
-def _tok(endpoint: str, up: bool, rate: float | None, total: float | None) -> TokenRow:
+def _tok(
+    endpoint: str, up: bool, rate: float | None, total: float | None, **latency: float
+) -> TokenRow:
     return TokenRow(
         endpoint=endpoint,
         model="llama",
         up=up,
         generation_tokens_per_s=rate,
         generation_tokens_total=total,
+        **latency,
     )
 
 
@@ -140,9 +143,27 @@ def test_snapshot_host_and_tokens_newest_per_node(store: Store) -> None:
             T - 2,
             (30.0, 1100.0, "ipmi"),
             [
-                _tok("e1", True, 100.0, 1000.0),
+                _tok(
+                    "e1",
+                    True,
+                    100.0,
+                    1000.0,
+                    ttft_p90_s=0.5,
+                    tpot_p90_s=0.03,
+                    requests_waiting=2.0,
+                    kv_cache_usage_ratio=0.4,
+                ),
                 _tok("e2", False, None, None),
-                _tok("e3", True, 50.5, 2000.0),
+                _tok(
+                    "e3",
+                    True,
+                    50.5,
+                    2000.0,
+                    ttft_p90_s=0.2,
+                    tpot_p90_s=0.05,
+                    requests_waiting=3.0,
+                    kv_cache_usage_ratio=0.9,
+                ),
             ],
         ),
         (T + 5, (40.0, 1200.0, "model"), [_tok("e1", True, 999.0, 9999.0)]),
@@ -167,6 +188,12 @@ def test_snapshot_host_and_tokens_newest_per_node(store: Store) -> None:
             generation_tokens_total=3000.0,
             endpoints_up=2,
             endpoints_total=3,
+            # Latency is the slowest server's, KV use the fullest's, the queue their sum.
+            token_ts=T - 2,
+            requests_waiting=5.0,
+            kv_cache_usage_ratio=0.9,
+            ttft_p90_s=0.5,
+            tpot_p90_s=0.05,
         ),
         NodeView(
             name="beta",
@@ -384,6 +411,10 @@ def _random_store(store: Store, rng: random.Random) -> None:
                             "up": rng.random() < 0.7,
                             "generation_tokens_per_s": maybe(rng.uniform(0, 5000)),
                             "generation_tokens_total": maybe(rng.uniform(0, 1e9)),
+                            "requests_waiting": maybe(float(rng.randrange(50))),
+                            "kv_cache_usage_ratio": maybe(rng.random()),
+                            "ttft_p90_s": maybe(rng.uniform(0.01, 5)),
+                            "tpot_p90_s": maybe(rng.uniform(0.005, 0.2)),
                         }
                     )
         rng.shuffle(hosts)
@@ -425,6 +456,10 @@ def _reference(store: Store, now: float, window_s: float) -> Snapshot:
                 elif r.ts == have[0].ts:
                     have.append(r)
         return best
+
+    def agg(how: Callable[[list[float]], float], toks: list, name: str) -> float | None:
+        values = [getattr(t, name) for t in toks if getattr(t, name) is not None]
+        return how(values) if values else None
 
     nodes = {n.id: n for n in rows(Node)}
     targets = {t.gpu_id: t for t in rows(Target)}
@@ -475,6 +510,11 @@ def _reference(store: Store, now: float, window_s: float) -> Snapshot:
                 generation_tokens_total=sum(totals) if totals else None,
                 endpoints_up=sum(1 for t in toks if t.up),
                 endpoints_total=len(toks),
+                token_ts=toks[0].ts if toks else None,
+                requests_waiting=agg(sum, toks, "requests_waiting"),
+                kv_cache_usage_ratio=agg(max, toks, "kv_cache_usage_ratio"),
+                ttft_p90_s=agg(max, toks, "ttft_p90_s"),
+                tpot_p90_s=agg(max, toks, "tpot_p90_s"),
             )
         )
     budget = next((b.limit_w for b in rows(Budget) if b.scope == "facility"), None)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
+from pathlib import Path
 
 import pytest
 
-from wattkeeper.collectors.tokens import CounterRate, parse_page
+from wattkeeper.collectors.tokens import CounterRate, Histogram, LatencyWindows, parse_page
 
 
 def prometheus_increase(values: list[float]) -> float:
@@ -157,3 +159,62 @@ def test_generated_page_with_a_model_that_appears_later() -> None:
         for series in second.series
     }
     assert got == {"a": 2.0, "b": None}
+
+
+# -- latency over the window between two scrapes ------------------------------------------
+NIM_PAGE = (Path(__file__).parent / "fixtures" / "metrics" / "nim_metrics.txt").read_text()
+
+
+def with_observations(page: str, metric: str, value: float, n: int) -> str:
+    """``page`` after ``n`` more observations of ``value`` in histogram ``metric``."""
+    out = []
+    for line in page.splitlines():
+        m = re.match(rf'{metric}_bucket\{{le="([^"]+)"(.*)\}} (\S+)$', line)
+        if m and float(m.group(1)) >= value:
+            line = f'{metric}_bucket{{le="{m.group(1)}"{m.group(2)}}} {float(m.group(3)) + n}'
+        for suffix, add in (("_count", n), ("_sum", n * value)):
+            m = re.match(rf"({metric}{suffix}\{{.*\}}) (\S+)$", line)
+            if m:
+                line = f"{m.group(1)} {float(m.group(2)) + add}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def nim_series(page: str):
+    (series,) = parse_page(page, "nim").series
+    return series
+
+
+def test_histogram_quantile_interpolates_as_prometheus_does() -> None:
+    h = Histogram(((0.1, 10.0), (0.2, 30.0), (0.5, 40.0), (math.inf, 40.0)), 6.0, 40.0)
+    assert h.quantile(0.25) == pytest.approx(0.1)  # rank 10: the top of the first bucket
+    assert h.quantile(0.5) == pytest.approx(0.15)  # rank 20: halfway through the second
+    assert h.quantile(0.9) == pytest.approx(0.2 + 0.3 * 6 / 10)
+    top = Histogram(((0.1, 1.0), (math.inf, 5.0)), 9.0, 5.0)
+    assert top.quantile(0.9) == 0.1  # in +Inf: the highest finite bound
+    assert Histogram(((math.inf, 0.0),), 0.0, 0.0).quantile(0.9) is None
+
+
+def test_latency_window_is_what_was_observed_between_scrapes() -> None:
+    windows = LatencyWindows()
+    first = nim_series(NIM_PAGE)
+    assert windows.update("k", first) == (None, None, None)  # nothing to subtract yet
+    assert windows.update("k", first) == (None, None, None)  # nothing observed since
+    # 50 requests at 0.04 s per token after 391,680 observations that were mostly faster:
+    # the window sees only the new ones, inside (0.025, 0.05].
+    later = with_observations(NIM_PAGE, "time_per_output_token_seconds", 0.04, 50)
+    later = with_observations(later, "time_to_first_token_seconds", 0.9, 50)
+    ttft, tpot, observed = windows.update("k", nim_series(later))
+    assert observed == 50
+    assert 0.025 < tpot <= 0.05 and 0.5 < ttft <= 1.0
+    lifetime = nim_series(later).tpot_seconds.quantile(0.9)
+    assert lifetime < 0.025  # what a cumulative quantile would have said
+
+
+def test_latency_window_after_a_server_restart_is_the_new_life() -> None:
+    windows = LatencyWindows()
+    windows.update(
+        "k", nim_series(with_observations(NIM_PAGE, "time_to_first_token_seconds", 0.9, 5000))
+    )
+    ttft, _, _ = windows.update("k", nim_series(NIM_PAGE))  # counts went down: restarted
+    assert ttft == nim_series(NIM_PAGE).ttft_seconds.quantile(0.9)

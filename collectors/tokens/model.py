@@ -56,6 +56,37 @@ class Histogram:
     sum: float
     count: float
 
+    def since(self, earlier: Histogram) -> Histogram | None:
+        """What was observed between ``earlier`` and this scrape, or None when the two
+        cannot be subtracted: the bucket bounds changed, or a counter went down (the
+        server restarted), in which case this scrape's own totals are the window."""
+        if [le for le, _ in earlier.buckets] != [le for le, _ in self.buckets]:
+            return None
+        pairs = zip(self.buckets, earlier.buckets, strict=True)
+        counts = [(le, c - c0) for (le, c), (_, c0) in pairs]
+        if any(c < 0 for _, c in counts) or self.count < earlier.count:
+            return self
+        return Histogram(tuple(counts), self.sum - earlier.sum, self.count - earlier.count)
+
+    def quantile(self, q: float) -> float | None:
+        """The ``q`` quantile as Prometheus's ``histogram_quantile`` estimates it: linear
+        within the bucket it falls in; the highest finite bound when it falls in the
+        ``+Inf`` bucket; None without observations."""
+        total = self.buckets[-1][1] if self.buckets else 0.0
+        if total <= 0:
+            return None
+        rank = q * total
+        lower_le, lower_count = 0.0, 0.0
+        for le, count in self.buckets:
+            if count >= rank:
+                if not math.isfinite(le):
+                    return lower_le
+                if count == lower_count:
+                    return le
+                return lower_le + (le - lower_le) * (rank - lower_count) / (count - lower_count)
+            lower_le, lower_count = le, count
+        return lower_le
+
     def to_json(self) -> dict[str, Any]:
         """Strict JSON: ``+Inf`` is written as the string ``"+Inf"``, as Prometheus spells it."""
         return {

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 
+from .model import Histogram, TokenSeries
+
 
 def counter_increase(previous: float, current: float) -> float:
     """Increase from ``previous`` to ``current``, reset-aware."""
@@ -72,3 +74,36 @@ class CounterRate:
 
     def keys(self) -> set[Hashable]:
         return set(self._last_point) | set(self._last_value)
+
+
+LATENCY_QUANTILE = 0.9
+"""The quantile stored and acted on: high enough that most requests are within it,
+low enough that a 5-second window of a few dozen requests still estimates it."""
+
+
+class LatencyWindows:
+    """Each series' TTFT and TPOT histograms at the previous scrape, so every scrape
+    yields the latency of the requests observed since: a cumulative histogram's quantile
+    would describe the server's whole life, not what the GPUs' settings do now."""
+
+    def __init__(self) -> None:
+        self._last: dict[Hashable, tuple[Histogram | None, Histogram | None]] = {}
+
+    def update(
+        self, key: Hashable, series: TokenSeries
+    ) -> tuple[float | None, float | None, float | None]:
+        """(TTFT quantile, TPOT quantile, observations) since the previous update of
+        ``key``; None where the server has no such histogram, on the first scrape, and
+        where nothing was observed in between."""
+        previous = self._last.get(key, (None, None))
+        self._last[key] = (series.ttft_seconds, series.tpot_seconds)
+        windows = [
+            cur.since(old) if cur is not None and old is not None else None
+            for cur, old in zip((series.ttft_seconds, series.tpot_seconds), previous, strict=True)
+        ]
+        ttft, tpot = (w.quantile(LATENCY_QUANTILE) if w is not None else None for w in windows)
+        counted = [w.count for w in reversed(windows) if w is not None and w.count > 0]
+        return ttft, tpot, counted[0] if counted else None
+
+    def forget(self, key: Hashable) -> None:
+        self._last.pop(key, None)

@@ -104,6 +104,14 @@ class TokenSampleRow(Base):
     """Reset-aware rate since the agent's previous scrape, so readers need no counter history."""
     requests_running: Mapped[float | None] = mapped_column(Float, nullable=True)
     requests_waiting: Mapped[float | None] = mapped_column(Float, nullable=True)
+    kv_cache_usage_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ttft_p90_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """90th percentile of time to first token over the requests that finished their
+    prefill since the agent's previous scrape (from the server's histogram)."""
+    tpot_p90_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """90th percentile of time per output token since the previous scrape."""
+    latency_requests: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """How many observations the TPOT (else TTFT) quantile rests on."""
     error: Mapped[str | None] = mapped_column(String(1024), nullable=True)
 
 

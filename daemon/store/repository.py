@@ -63,6 +63,10 @@ class TokenRow:
     generation_tokens_per_s: float | None = None
     requests_running: float | None = None
     requests_waiting: float | None = None
+    kv_cache_usage_ratio: float | None = None
+    ttft_p90_s: float | None = None
+    tpot_p90_s: float | None = None
+    latency_requests: float | None = None
     error: str | None = None
 
 
@@ -111,6 +115,14 @@ class NodeView:
     generation_tokens_total: float | None
     endpoints_up: int
     endpoints_total: int
+    token_ts: float | None = None
+    """When the node's servers were last read (None: no token source)."""
+    requests_waiting: float | None = None
+    kv_cache_usage_ratio: float | None = None
+    """The fullest KV cache of the node's servers."""
+    ttft_p90_s: float | None = None
+    """The slowest of the node's servers, since their previous read (None: not measured)."""
+    tpot_p90_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -523,12 +535,12 @@ class Store:
                     lease,
                 ) in conn.execute(_gpu_snapshot_statement(dialect, since, now))
             ]
-            tokens: dict[int, list[tuple[bool, float | None, float | None]]] = {}
-            for node_id, token_id, up, rate, total in conn.execute(
+            tokens: dict[int, list[Any]] = {}
+            for node_id, token_id, *row in conn.execute(
                 _token_snapshot_statement(dialect, since, now)
             ):
                 if token_id is not None:
-                    tokens.setdefault(node_id, []).append((up, rate, total))
+                    tokens.setdefault(node_id, []).append(row)
             nodes = []
             for (
                 node_id,
@@ -540,8 +552,7 @@ class Store:
                 source,
             ) in conn.execute(_node_snapshot_statement(dialect, since, now)):
                 toks = tokens.get(node_id, [])
-                rates = [rate for _, rate, _ in toks if rate is not None]
-                totals = [total for _, _, total in toks if total is not None]
+                column = _columns(toks)
                 nodes.append(
                     NodeView(
                         name=name,
@@ -550,16 +561,35 @@ class Store:
                         host_ts=host_ts,
                         non_gpu_power_w=non_gpu_w,
                         power_source=source,
-                        generation_tokens_per_s=sum(rates) if rates else None,
-                        generation_tokens_total=sum(totals) if totals else None,
-                        endpoints_up=sum(1 for up, _, _ in toks if up),
+                        generation_tokens_per_s=_sum(column("generation_tokens_per_s")),
+                        generation_tokens_total=_sum(column("generation_tokens_total")),
+                        endpoints_up=sum(1 for up in column("up") if up),
                         endpoints_total=len(toks),
+                        token_ts=toks[0][0] if toks else None,
+                        requests_waiting=_sum(column("requests_waiting")),
+                        kv_cache_usage_ratio=_max(column("kv_cache_usage_ratio")),
+                        ttft_p90_s=_max(column("ttft_p90_s")),
+                        tpot_p90_s=_max(column("tpot_p90_s")),
                     )
                 )
             return Snapshot(ts=now, budget_w=budget, nodes=tuple(nodes), gpus=tuple(gpus))
 
 
 # -- snapshot queries -----------------------------------------------------------------
+def _columns(rows: list[Any]) -> Callable[[str], list[Any]]:
+    """Column accessor over token rows shaped as ``TOKEN_SNAPSHOT_COLUMNS`` without the id."""
+    names = TOKEN_SNAPSHOT_COLUMNS[1:]
+    return lambda name: [r[names.index(name)] for r in rows if r[names.index(name)] is not None]
+
+
+def _sum(values: list[float]) -> float | None:
+    return sum(values) if values else None
+
+
+def _max(values: list[float]) -> float | None:
+    return max(values) if values else None
+
+
 _GPUS = Gpu.__table__
 _NODES = Node.__table__
 _GPU_SAMPLES = GpuSampleRow.__table__
@@ -684,6 +714,19 @@ def _node_snapshot_statement(dialect: str, since: float, now: float) -> Select:
     )
 
 
+TOKEN_SNAPSHOT_COLUMNS = (
+    "id",
+    "ts",
+    "up",
+    "generation_tokens_per_s",
+    "generation_tokens_total",
+    "requests_waiting",
+    "kv_cache_usage_ratio",
+    "ttft_p90_s",
+    "tpot_p90_s",
+)
+
+
 def _token_snapshot_statement(dialect: str, since: float, now: float) -> Select:
     """Every token row at each node's newest token ``ts``, in insertion (id) order so the
     per-node sums add up the same way each time. Outer join (SQLite keeps nodes as the
@@ -693,7 +736,7 @@ def _token_snapshot_statement(dialect: str, since: float, now: float) -> Select:
         _TOKEN_SAMPLES,
         "node_id",
         _NODES,
-        ("id", "up", "generation_tokens_per_s", "generation_tokens_total"),
+        TOKEN_SNAPSHOT_COLUMNS,
         since,
         now,
         with_ties=True,
@@ -701,10 +744,7 @@ def _token_snapshot_statement(dialect: str, since: float, now: float) -> Select:
     return (
         select(
             _NODES.c.id,
-            tok.c.id,
-            tok.c.up,
-            tok.c.generation_tokens_per_s,
-            tok.c.generation_tokens_total,
+            *(tok.c[name] for name in TOKEN_SNAPSHOT_COLUMNS),
         )
         .select_from(_NODES)
         .outerjoin(tok, on)

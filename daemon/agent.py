@@ -233,7 +233,7 @@ class Agent:
                 rate = None
                 if series.generation_tokens_total is not None:
                     rate = self._rates.update(key, series.generation_tokens_total, now)
-                ttft, tpot, observed = self._latency.update(key, series)
+                latency = self._latency.update(key, series)
                 rows.append(
                     TokenRow(
                         endpoint=ep.name,
@@ -245,9 +245,11 @@ class Agent:
                         requests_running=series.requests_running,
                         requests_waiting=series.requests_waiting,
                         kv_cache_usage_ratio=series.kv_cache_usage_ratio,
-                        ttft_p90_s=ttft,
-                        tpot_p90_s=tpot,
-                        latency_requests=observed,
+                        ttft_p90_s=latency.ttft_p90_s,
+                        tpot_p90_s=latency.tpot_p90_s,
+                        ttft_mean_s=latency.ttft_mean_s,
+                        tpot_mean_s=latency.tpot_mean_s,
+                        latency_requests=latency.observations,
                     )
                 )
         return rows

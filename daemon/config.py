@@ -114,11 +114,33 @@ class MetricsConfig(_Section):
         return value
 
 
+class SloConfig(_Section):
+    """The latency the servers promise. With both set, the controller lowers each node's
+    power ceiling while the servers' p90 TTFT and TPOT have slack against them (see
+    docs/policy.md); unset, it only enforces budgets."""
+
+    ttft_s: DurationS | None = None
+    tpot_s: DurationS | None = None
+    target_ratio: float = Field(default=0.85, gt=0, lt=1)
+    """Share of the SLO the p90 latency is steered to; the rest is margin."""
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> SloConfig:
+        if (self.ttft_s is None) != (self.tpot_s is None):
+            raise ValueError("slo.ttft_s and slo.tpot_s are set together or not at all")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttft_s is not None and self.tpot_s is not None
+
+
 class Config(_Section):
     store: StoreConfig = StoreConfig()
     agent: AgentConfig = AgentConfig()
     controller: ControllerConfig = ControllerConfig()
     metrics: MetricsConfig = MetricsConfig()
+    slo: SloConfig = SloConfig()
 
     @model_validator(mode="after")
     def _timings_fit_together(self) -> Config:

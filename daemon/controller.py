@@ -14,6 +14,7 @@ from wattkeeper.policies.plan import (
     fresh_node_power,
     plan,
 )
+from wattkeeper.policies.slo import Ceilings, NodeLatency
 from wattkeeper.store.repository import Snapshot, Store, TargetSpec
 
 log = logging.getLogger(__name__)
@@ -38,28 +39,40 @@ LEARN_STEP_RATIO = 0.02
 
 class Controller:
     def __init__(
-        self, store: Store, settings: PlanSettings, lease_s: float, forget_after_s: float = 3600.0
+        self,
+        store: Store,
+        settings: PlanSettings,
+        lease_s: float,
+        forget_after_s: float = 3600.0,
+        ceilings: Ceilings | None = None,
     ) -> None:
         self.store = store
         self.forget_after_s = forget_after_s
         self.settings = settings
         self.lease_s = lease_s
+        self.ceilings = ceilings
+        """Latency ceilings per node; None when no SLO is configured."""
         self.state = ControllerState()
 
     def _snapshot(self, now: float) -> Snapshot:
         return self.store.snapshot(now, window_s=max(60.0, 3 * self.settings.stale_after_s))
 
-    def tick(self, now: float, snap: Snapshot | None = None) -> Plan | None:
+    def tick(self, now: float, snap: Snapshot | None = None, periodic: bool = True) -> Plan | None:
+        """Plan and write targets. Only the periodic tick moves latency ceilings: the
+        emergency re-plan between periods reuses them, so their pace stays the period's."""
         snap = snap or self._snapshot(now)
         self.state.last_tick_ts = now
-        if snap.budget_w is None:
+        if snap.budget_w is None and self.ceilings is None:
             if not self.state.no_budget_warned:
                 log.warning("no facility budget set: nothing to enforce (wattkeeper budget set)")
                 self.state.no_budget_warned = True
             return None
         self.state.no_budget_warned = False
         nodes, gpus = planning_inputs(snap, self.forget_after_s)
-        self._learn_coupling(nodes, gpus, snap.budget_w)
+        if self.ceilings is not None:
+            gpus = self._with_ceilings(snap, gpus, now, periodic)
+        scale = snap.budget_w if snap.budget_w is not None else sum(g.max_w for g in gpus)
+        self._learn_coupling(nodes, gpus, scale)
         settings = self.settings
         if self.state.coupling is not None and self.state.coupling > settings.non_gpu_w_per_gpu_w:
             settings = replace(settings, non_gpu_w_per_gpu_w=self.state.coupling)
@@ -87,7 +100,50 @@ class Controller:
         log.warning(
             "facility at %.0f W over its %.0f W budget: re-planning now", measured, snap.budget_w
         )
-        return self.tick(now, snap)
+        return self.tick(now, snap, periodic=False)
+
+    def _with_ceilings(
+        self, snap: Snapshot, gpus: list[PlanGpu], now: float, periodic: bool
+    ) -> list[PlanGpu]:
+        """Each GPU's latency ceiling, moved one period's step on its node's servers'
+        latency. Nodes without a token source get none: the budget alone decides."""
+        assert self.ceilings is not None
+        views = {n.name: n for n in snap.nodes if n.endpoints_total > 0}
+        by_node: dict[str, list[PlanGpu]] = {}
+        for g in gpus:
+            by_node.setdefault(g.node, []).append(g)
+        self.ceilings.forget(set(views))
+        out: list[PlanGpu] = []
+        for name, members in by_node.items():
+            v = views.get(name)
+            if v is None:
+                out.extend(members)
+                continue
+            latency = NodeLatency(
+                name=name,
+                ttft_p90_s=v.ttft_p90_s,
+                tpot_p90_s=v.tpot_p90_s,
+                ttft_mean_s=v.ttft_mean_s,
+                tpot_mean_s=v.tpot_mean_s,
+                observations=v.latency_requests,
+                requests_running=v.requests_running,
+                kv_cache_usage_ratio=v.kv_cache_usage_ratio,
+                age_s=None if v.token_ts is None else snap.ts - v.token_ts,
+            )
+            in_force = _in_force_ratio(members)
+            if periodic:
+                state = self.ceilings.update(latency, in_force, now)
+            else:
+                state = self.ceilings.current(name, in_force)
+            out.extend(
+                replace(
+                    g,
+                    ceiling_w=g.min_w + state.ratio * (g.max_w - g.min_w),
+                    ceiling_reason=state.reason,
+                )
+                for g in members
+            )
+        return out
 
     def _learn_coupling(self, nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float) -> None:
         """Read how much non-GPU power (fans, PSU losses) follows GPU power, from how the
@@ -107,6 +163,17 @@ class Controller:
         observed = min(max(d_host / d_gpu, 0.0), COUPLING_MAX)
         prior = self.state.coupling if self.state.coupling is not None else observed
         self.state.coupling = 0.5 * prior + 0.5 * observed
+
+
+def _in_force_ratio(gpus: list[PlanGpu]) -> float:
+    """Where a node's limits are (target, else limit, else maximum), as the mean share of
+    each GPU's range from floor to maximum."""
+    shares = []
+    for g in gpus:
+        limit = g.target_w if g.target_w is not None else g.limit_w
+        span = g.max_w - g.min_w
+        shares.append(1.0 if limit is None or span <= 0 else (limit - g.min_w) / span)
+    return min(1.0, max(0.0, sum(shares) / len(shares)))
 
 
 def planning_inputs(

@@ -18,6 +18,7 @@ from wattkeeper.clock import SimClock, WallClock
 from wattkeeper.config import Config
 from wattkeeper.controller import Controller
 from wattkeeper.policies.plan import PlanSettings
+from wattkeeper.policies.slo import Ceilings, Slo, SloSettings
 from wattkeeper.store.db import (
     StoreError,
     check_schema,
@@ -217,8 +218,17 @@ def make_agent(
 
 
 def make_controller(cfg: Config, store: Store) -> Controller:
+    ceilings = None
+    if cfg.slo.ttft_s is not None and cfg.slo.tpot_s is not None:
+        ceilings = Ceilings(
+            Slo(cfg.slo.ttft_s, cfg.slo.tpot_s), SloSettings(target_ratio=cfg.slo.target_ratio)
+        )
     return Controller(
-        store, plan_settings(cfg), cfg.controller.lease_s, cfg.controller.forget_after_s
+        store,
+        plan_settings(cfg),
+        cfg.controller.lease_s,
+        cfg.controller.forget_after_s,
+        ceilings=ceilings,
     )
 
 

@@ -105,7 +105,11 @@ def allocate(gpus: list[GpuState], gpu_budget_w: float) -> AllocationResult:
     allocs = []
     for g, d, lim in zip(gpus, demand, limits, strict=True):
         if lim >= g.max_w - 1e-6:
-            why = "uncapped: budget allows the maximum"
+            why = (
+                "uncapped: budget allows the maximum"
+                if np.isfinite(gpu_budget_w)
+                else "uncapped: no budget"
+            )
         elif d >= g.max_w - 1e-6:
             why = f"demand unknown or above cap: equal share {lim:.0f} W"
         elif lim >= d - 1e-6:
@@ -114,6 +118,5 @@ def allocate(gpus: list[GpuState], gpu_budget_w: float) -> AllocationResult:
             why = f"demand {d:.0f} W held to equal share {lim:.0f} W"
         # Whole watts, rounded down, but never below a fractional hardware floor.
         allocs.append(Allocation(g.uuid, max(g.min_w, float(np.floor(lim))), why))
-    return AllocationResult(
-        tuple(allocs), gpu_budget_w, True, f"{len(gpus)} GPUs share {gpu_budget_w:.0f} W"
-    )
+    shared = f"share {gpu_budget_w:.0f} W" if np.isfinite(gpu_budget_w) else "at their maximum"
+    return AllocationResult(tuple(allocs), gpu_budget_w, True, f"{len(gpus)} GPUs {shared}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,6 +35,9 @@ class PlanGpu:
     target_w: float | None
     sample_age_s: float | None
     power_capped: bool
+    ceiling_w: float | None = None
+    """The most this GPU needs to hold its servers' latency SLO (None: not known)."""
+    ceiling_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class PlanTarget:
 @dataclass(frozen=True)
 class Plan:
     targets: tuple[PlanTarget, ...]
-    budget_w: float
+    budget_w: float | None
     gpu_budget_w: float
     non_gpu_power_w: float
     feasible: bool
@@ -61,8 +65,11 @@ class Plan:
     explanation: str
 
 
-def plan(nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float, s: PlanSettings) -> Plan:
-    """Per-GPU power limits that keep facility power under ``budget_w``.
+def plan(
+    nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float | None, s: PlanSettings
+) -> Plan:
+    """Per-GPU power limits that keep facility power under ``budget_w`` (None: no
+    budget) and each GPU under its latency ceiling.
 
     Stale GPUs (no sample younger than ``stale_after_s``) keep their current target and
     count at that target: a controller that cannot see a GPU does not relax its cap.
@@ -71,7 +78,7 @@ def plan(nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float, s: PlanSet
     for n in nodes:
         measured = n.non_gpu_power_w if s.is_fresh(n.sample_age_s) else None
         non_gpu += measured if measured is not None else s.default_node_overhead_w
-    usable = budget_w * (1 - s.margin_ratio) - non_gpu
+    usable = math.inf if budget_w is None else budget_w * (1 - s.margin_ratio) - non_gpu
     drawn = sum(fresh_gpu_power(gpus, s))
     if usable > drawn:
         # Raising GPU power raises non-GPU power too: G + H0 + k (G - G0) <= B'.
@@ -94,18 +101,20 @@ def plan(nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float, s: PlanSet
         # stopped agent restores its GPUs above their target, a crashed one leaves the
         # target in force; either way that is what the GPU may draw now.
         usable -= min(max(keep, g.limit_w or 0.0), g.max_w)
+    tops = [g.max_w if g.ceiling_w is None else min(g.max_w, g.ceiling_w) for g in fresh_gpus]
     result = allocate(
         [
-            GpuState(g.uuid, g.min_w, g.max_w, g.power_w, g.limit_w, g.power_capped)
-            for g in fresh_gpus
+            GpuState(g.uuid, g.min_w, top, g.power_w, g.limit_w, g.power_capped)
+            for g, top in zip(fresh_gpus, tops, strict=True)
         ],
         usable,
     )
-    targets.extend(PlanTarget(a.uuid, a.limit_w, a.reason) for a in result.allocations)
-    explanation = (
-        f"budget {budget_w:.0f} W, non-GPU {non_gpu:.0f} W, margin {s.margin_ratio:.0%}: "
-        f"{result.summary}"
-    )
+    for g, top, a in zip(fresh_gpus, tops, result.allocations, strict=True):
+        at_ceiling = top < g.max_w and a.limit_w >= math.floor(top)
+        reason = f"latency ceiling {top:.0f} W: {g.ceiling_reason}" if at_ceiling else a.reason
+        targets.append(PlanTarget(a.uuid, a.limit_w, reason))
+    held = "no budget" if budget_w is None else f"budget {budget_w:.0f} W"
+    explanation = f"{held}, non-GPU {non_gpu:.0f} W, margin {s.margin_ratio:.0%}: {result.summary}"
     if stale:
         explanation += f"; {len(stale)} GPU(s) without fresh samples held at their cap"
     return Plan(tuple(targets), budget_w, usable, non_gpu, result.feasible, len(stale), explanation)

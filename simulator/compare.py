@@ -265,7 +265,15 @@ class Wattkeeper:
             store_dir = Path(self._tmp.name)
         url = f"sqlite:///{store_dir / 'compare.db'}"
         upgrade(make_engine(url))
-        cfg = load_config(None, environ={})
+        # The operator's SLO is the scenario's: a real deployment configures it in [slo].
+        slo = f.scenario.slo
+        cfg = load_config(
+            None,
+            environ={
+                "WATTKEEPER_SLO__TTFT_S": str(slo.ttft_s),
+                "WATTKEEPER_SLO__TPOT_S": str(slo.tpot_s),
+            },
+        )
         self.clock = SimClock(f.now)
         self.rt = build_on_facility(cfg, open_store(cfg, url), f, self.clock)
         self.interval_s = cfg.controller.interval_s

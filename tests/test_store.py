@@ -152,6 +152,7 @@ def test_snapshot_host_and_tokens_newest_per_node(store: Store) -> None:
                     tpot_p90_s=0.03,
                     requests_waiting=2.0,
                     kv_cache_usage_ratio=0.4,
+                    latency_requests=40.0,
                 ),
                 _tok("e2", False, None, None),
                 _tok(
@@ -194,6 +195,7 @@ def test_snapshot_host_and_tokens_newest_per_node(store: Store) -> None:
             kv_cache_usage_ratio=0.9,
             ttft_p90_s=0.5,
             tpot_p90_s=0.05,
+            latency_requests=40.0,
         ),
         NodeView(
             name="beta",
@@ -412,9 +414,13 @@ def _random_store(store: Store, rng: random.Random) -> None:
                             "generation_tokens_per_s": maybe(rng.uniform(0, 5000)),
                             "generation_tokens_total": maybe(rng.uniform(0, 1e9)),
                             "requests_waiting": maybe(float(rng.randrange(50))),
+                            "requests_running": maybe(float(rng.randrange(500))),
                             "kv_cache_usage_ratio": maybe(rng.random()),
                             "ttft_p90_s": maybe(rng.uniform(0.01, 5)),
                             "tpot_p90_s": maybe(rng.uniform(0.005, 0.2)),
+                            "ttft_mean_s": maybe(rng.uniform(0.01, 5)),
+                            "tpot_mean_s": maybe(rng.uniform(0.005, 0.2)),
+                            "latency_requests": maybe(float(rng.randrange(100))),
                         }
                     )
         rng.shuffle(hosts)
@@ -512,9 +518,13 @@ def _reference(store: Store, now: float, window_s: float) -> Snapshot:
                 endpoints_total=len(toks),
                 token_ts=toks[0].ts if toks else None,
                 requests_waiting=agg(sum, toks, "requests_waiting"),
+                requests_running=agg(sum, toks, "requests_running"),
                 kv_cache_usage_ratio=agg(max, toks, "kv_cache_usage_ratio"),
                 ttft_p90_s=agg(max, toks, "ttft_p90_s"),
                 tpot_p90_s=agg(max, toks, "tpot_p90_s"),
+                ttft_mean_s=agg(max, toks, "ttft_mean_s"),
+                tpot_mean_s=agg(max, toks, "tpot_mean_s"),
+                latency_requests=agg(sum, toks, "latency_requests"),
             )
         )
     budget = next((b.limit_w for b in rows(Budget) if b.scope == "facility"), None)
@@ -529,6 +539,6 @@ def test_snapshot_matches_reference(store: Store, seed: int) -> None:
         snap = store.snapshot(now, window_s)
         assert snap == _reference(store, now, window_s), (now, window_s)
         seen |= {g.sample_ts is None for g in snap.gpus} | {n.host_ts is None for n in snap.nodes}
-        seen |= {("tokens", n.endpoints_total) for n in snap.nodes}
+        seen |= {("tokens", min(n.endpoints_total, 2)) for n in snap.nodes}
     # The data exercised both sides: with and without a sample, several endpoints per tick.
     assert {True, False, ("tokens", 0), ("tokens", 2)} <= seen

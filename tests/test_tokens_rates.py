@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from wattkeeper.collectors.tokens import CounterRate, Histogram, LatencyWindows, parse_page
+from wattkeeper.collectors.tokens import (
+    CounterRate,
+    Histogram,
+    LatencyWindow,
+    LatencyWindows,
+    parse_page,
+)
 
 
 def prometheus_increase(values: list[float]) -> float:
@@ -198,15 +204,17 @@ def test_histogram_quantile_interpolates_as_prometheus_does() -> None:
 def test_latency_window_is_what_was_observed_between_scrapes() -> None:
     windows = LatencyWindows()
     first = nim_series(NIM_PAGE)
-    assert windows.update("k", first) == (None, None, None)  # nothing to subtract yet
-    assert windows.update("k", first) == (None, None, None)  # nothing observed since
+    assert windows.update("k", first) == LatencyWindow()  # nothing to subtract yet
+    assert windows.update("k", first) == LatencyWindow()  # nothing observed since
     # 50 requests at 0.04 s per token after 391,680 observations that were mostly faster:
     # the window sees only the new ones, inside (0.025, 0.05].
     later = with_observations(NIM_PAGE, "time_per_output_token_seconds", 0.04, 50)
     later = with_observations(later, "time_to_first_token_seconds", 0.9, 50)
-    ttft, tpot, observed = windows.update("k", nim_series(later))
-    assert observed == 50
-    assert 0.025 < tpot <= 0.05 and 0.5 < ttft <= 1.0
+    w = windows.update("k", nim_series(later))
+    assert w.observations == 50
+    assert 0.025 < w.tpot_p90_s <= 0.05 and 0.5 < w.ttft_p90_s <= 1.0
+    # The means are exact where the quantiles are as coarse as the buckets.
+    assert w.tpot_mean_s == pytest.approx(0.04) and w.ttft_mean_s == pytest.approx(0.9)
     lifetime = nim_series(later).tpot_seconds.quantile(0.9)
     assert lifetime < 0.025  # what a cumulative quantile would have said
 
@@ -216,5 +224,5 @@ def test_latency_window_after_a_server_restart_is_the_new_life() -> None:
     windows.update(
         "k", nim_series(with_observations(NIM_PAGE, "time_to_first_token_seconds", 0.9, 5000))
     )
-    ttft, _, _ = windows.update("k", nim_series(NIM_PAGE))  # counts went down: restarted
-    assert ttft == nim_series(NIM_PAGE).ttft_seconds.quantile(0.9)
+    w = windows.update("k", nim_series(NIM_PAGE))  # counts went down: restarted
+    assert w.ttft_p90_s == nim_series(NIM_PAGE).ttft_seconds.quantile(0.9)

@@ -12,7 +12,7 @@ from .fetch import fetch_page, read_source
 from .model import Histogram, TokenReading, TokenSeries, TokenSourceError
 from .page import detect_kind, parse_page
 from .probe import probe
-from .rates import CounterRate, LatencyWindows
+from .rates import CounterRate, LatencyWindow, LatencyWindows
 from .registry import get_source, register, registered_kinds
 
 KINDS: tuple[str, ...] = registered_kinds()
@@ -21,6 +21,7 @@ __all__ = [
     "KINDS",
     "CounterRate",
     "Histogram",
+    "LatencyWindow",
     "LatencyWindows",
     "TokenReading",
     "TokenSeries",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 from .model import Histogram, TokenSeries
 
@@ -81,6 +82,26 @@ LATENCY_QUANTILE = 0.9
 low enough that a 5-second window of a few dozen requests still estimates it."""
 
 
+@dataclass(frozen=True)
+class LatencyWindow:
+    """Latency of the requests a server observed between two reads. The quantiles are
+    as coarse as the server's buckets (vLLM's TPOT buckets jump from 25 to 50 ms); the
+    means, from ``_sum`` and ``_count``, are exact, so they are what a policy steers on."""
+
+    ttft_p90_s: float | None = None
+    tpot_p90_s: float | None = None
+    ttft_mean_s: float | None = None
+    tpot_mean_s: float | None = None
+    observations: float | None = None
+    """Observations in the TPOT window, else in the TTFT window."""
+
+
+def _mean(h: Histogram | None) -> float | None:
+    if h is None or h.count <= 0 or not math.isfinite(h.sum):
+        return None
+    return h.sum / h.count
+
+
 class LatencyWindows:
     """Each series' TTFT and TPOT histograms at the previous scrape, so every scrape
     yields the latency of the requests observed since: a cumulative histogram's quantile
@@ -89,21 +110,25 @@ class LatencyWindows:
     def __init__(self) -> None:
         self._last: dict[Hashable, tuple[Histogram | None, Histogram | None]] = {}
 
-    def update(
-        self, key: Hashable, series: TokenSeries
-    ) -> tuple[float | None, float | None, float | None]:
-        """(TTFT quantile, TPOT quantile, observations) since the previous update of
-        ``key``; None where the server has no such histogram, on the first scrape, and
-        where nothing was observed in between."""
+    def update(self, key: Hashable, series: TokenSeries) -> LatencyWindow:
+        """What was observed since the previous update of ``key``; fields are None where
+        the server has no such histogram, on the first scrape, and where nothing was
+        observed in between."""
         previous = self._last.get(key, (None, None))
-        self._last[key] = (series.ttft_seconds, series.tpot_seconds)
-        windows = [
+        current = (series.ttft_seconds, series.tpot_seconds)
+        self._last[key] = current
+        ttft, tpot = (
             cur.since(old) if cur is not None and old is not None else None
-            for cur, old in zip((series.ttft_seconds, series.tpot_seconds), previous, strict=True)
-        ]
-        ttft, tpot = (w.quantile(LATENCY_QUANTILE) if w is not None else None for w in windows)
-        counted = [w.count for w in reversed(windows) if w is not None and w.count > 0]
-        return ttft, tpot, counted[0] if counted else None
+            for cur, old in zip(current, previous, strict=True)
+        )
+        counted = [w.count for w in (tpot, ttft) if w is not None and w.count > 0]
+        return LatencyWindow(
+            ttft_p90_s=ttft.quantile(LATENCY_QUANTILE) if ttft is not None else None,
+            tpot_p90_s=tpot.quantile(LATENCY_QUANTILE) if tpot is not None else None,
+            ttft_mean_s=_mean(ttft),
+            tpot_mean_s=_mean(tpot),
+            observations=counted[0] if counted else None,
+        )
 
     def forget(self, key: Hashable) -> None:
         self._last.pop(key, None)

@@ -110,6 +110,10 @@ class TokenSampleRow(Base):
     prefill since the agent's previous scrape (from the server's histogram)."""
     tpot_p90_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     """90th percentile of time per output token since the previous scrape."""
+    ttft_mean_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Mean over the same window, exact where the quantiles are only as fine as the
+    server's buckets."""
+    tpot_mean_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     latency_requests: Mapped[float | None] = mapped_column(Float, nullable=True)
     """How many observations the TPOT (else TTFT) quantile rests on."""
     error: Mapped[str | None] = mapped_column(String(1024), nullable=True)

@@ -66,6 +66,8 @@ class TokenRow:
     kv_cache_usage_ratio: float | None = None
     ttft_p90_s: float | None = None
     tpot_p90_s: float | None = None
+    ttft_mean_s: float | None = None
+    tpot_mean_s: float | None = None
     latency_requests: float | None = None
     error: str | None = None
 
@@ -118,11 +120,16 @@ class NodeView:
     token_ts: float | None = None
     """When the node's servers were last read (None: no token source)."""
     requests_waiting: float | None = None
+    requests_running: float | None = None
     kv_cache_usage_ratio: float | None = None
     """The fullest KV cache of the node's servers."""
     ttft_p90_s: float | None = None
     """The slowest of the node's servers, since their previous read (None: not measured)."""
     tpot_p90_s: float | None = None
+    ttft_mean_s: float | None = None
+    tpot_mean_s: float | None = None
+    latency_requests: float | None = None
+    """Observations behind those quantiles, summed over the node's servers."""
 
 
 @dataclass(frozen=True)
@@ -567,9 +574,13 @@ class Store:
                         endpoints_total=len(toks),
                         token_ts=toks[0][0] if toks else None,
                         requests_waiting=_sum(column("requests_waiting")),
+                        requests_running=_sum(column("requests_running")),
                         kv_cache_usage_ratio=_max(column("kv_cache_usage_ratio")),
                         ttft_p90_s=_max(column("ttft_p90_s")),
                         tpot_p90_s=_max(column("tpot_p90_s")),
+                        ttft_mean_s=_max(column("ttft_mean_s")),
+                        tpot_mean_s=_max(column("tpot_mean_s")),
+                        latency_requests=_sum(column("latency_requests")),
                     )
                 )
             return Snapshot(ts=now, budget_w=budget, nodes=tuple(nodes), gpus=tuple(gpus))
@@ -721,9 +732,13 @@ TOKEN_SNAPSHOT_COLUMNS = (
     "generation_tokens_per_s",
     "generation_tokens_total",
     "requests_waiting",
+    "requests_running",
     "kv_cache_usage_ratio",
     "ttft_p90_s",
     "tpot_p90_s",
+    "ttft_mean_s",
+    "tpot_mean_s",
+    "latency_requests",
 )
 
 

@@ -13,7 +13,14 @@ down_revision = "0001"
 branch_labels = None
 depends_on = None
 
-COLUMNS = ("kv_cache_usage_ratio", "ttft_p90_s", "tpot_p90_s", "latency_requests")
+COLUMNS = (
+    "kv_cache_usage_ratio",
+    "ttft_p90_s",
+    "tpot_p90_s",
+    "ttft_mean_s",
+    "tpot_mean_s",
+    "latency_requests",
+)
 
 
 def upgrade() -> None:

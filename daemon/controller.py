@@ -134,7 +134,7 @@ class Controller:
             if periodic:
                 state = self.ceilings.update(latency, in_force, now)
             else:
-                state = self.ceilings.current(name, in_force)
+                state = self.ceilings.current(name, in_force, now)
             out.extend(
                 replace(
                     g,

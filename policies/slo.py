@@ -125,11 +125,11 @@ class Ceilings:
             return None
         return max(steer, default=0.0), max(tail, default=0.0)
 
-    def current(self, name: str, in_force_ratio: float) -> CeilingState:
+    def current(self, name: str, in_force_ratio: float, now: float) -> CeilingState:
         """The node's ceiling as it stands, without a step (a new node starts where its
-        GPUs are)."""
+        GPUs are, and its time without readings counts from now)."""
         if name not in self.nodes:
-            self.nodes[name] = CeilingState(ratio=min(1.0, in_force_ratio))
+            self.nodes[name] = CeilingState(ratio=min(1.0, in_force_ratio), last_seen_ts=now)
         return self.nodes[name]
 
     def update(self, n: NodeLatency, in_force_ratio: float, now: float) -> CeilingState:
@@ -138,7 +138,7 @@ class Ceilings:
         ceiling above a budget-bound limit does not first have to walk down to it."""
         s = self.settings
         # A restarted controller starts where the GPUs are, never above them.
-        state = self.current(n.name, in_force_ratio)
+        state = self.current(n.name, in_force_ratio, now)
         pressure = self.pressure(n)
         state.pressure = None if pressure is None else max(pressure)
         if pressure is None:

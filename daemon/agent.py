@@ -249,6 +249,8 @@ class Agent:
                         tpot_p90_s=latency.tpot_p90_s,
                         ttft_mean_s=latency.ttft_mean_s,
                         tpot_mean_s=latency.tpot_mean_s,
+                        ttft_p90_floor_s=latency.ttft_p90_floor_s,
+                        tpot_p90_floor_s=latency.tpot_p90_floor_s,
                         latency_requests=latency.observations,
                     )
                 )

@@ -125,6 +125,8 @@ class Controller:
                 tpot_p90_s=v.tpot_p90_s,
                 ttft_mean_s=v.ttft_mean_s,
                 tpot_mean_s=v.tpot_mean_s,
+                ttft_p90_floor_s=v.ttft_p90_floor_s,
+                tpot_p90_floor_s=v.tpot_p90_floor_s,
                 observations=v.latency_requests,
                 requests_running=v.requests_running,
                 kv_cache_usage_ratio=v.kv_cache_usage_ratio,

@@ -68,6 +68,9 @@ class NodeLatency:
     tpot_p90_s: float | None
     ttft_mean_s: float | None
     tpot_mean_s: float | None
+    ttft_p90_floor_s: float | None
+    """The p90 is at least this (the lower bound of its bucket)."""
+    tpot_p90_floor_s: float | None
     observations: float | None
     requests_running: float | None
     kv_cache_usage_ratio: float | None
@@ -101,11 +104,12 @@ class Ceilings:
     nodes: dict[str, CeilingState] = field(default_factory=dict)
 
     def pressure(self, n: NodeLatency) -> tuple[float, float] | None:
-        """(steer, tail): the worst mean latency and the worst p90 latency, each as a
-        share of its SLO. The means are exact and steer the ceiling; the p90s are only as
-        fine as the server's buckets, so they act only once they are over the SLO (a
-        tenth of the requests missing it). A full KV cache counts as a missed SLO. None
-        when the reading is stale or rests on too few requests."""
+        """(steer, tail): the worst mean latency, and the worst p90 the buckets prove,
+        each as a share of its SLO. The means are exact and steer the ceiling. The tail
+        is the lower bound of the bucket the p90 falls in, so at 1.0 or more it proves a
+        tenth of the requests missed the SLO; an interpolated p90 would cry wolf
+        whenever the SLO sits inside a bucket. A full KV cache counts as a missed SLO.
+        None when the reading is stale or rests on too few requests."""
         s = self.settings
         if n.age_s is None or n.age_s > s.blind_after_s:
             return None
@@ -114,7 +118,7 @@ class Ceilings:
         if n.observations is not None and n.observations >= s.min_observations:
             for values, out in (
                 ((n.ttft_mean_s, n.tpot_mean_s), steer),
-                ((n.ttft_p90_s, n.tpot_p90_s), tail),
+                ((n.ttft_p90_floor_s, n.tpot_p90_floor_s), tail),
             ):
                 for value, slo in zip(values, (self.slo.ttft_s, self.slo.tpot_s), strict=True):
                     if value is not None:
@@ -148,7 +152,7 @@ class Ceilings:
             return state
         state.last_seen_ts = now
         steer, tail = pressure
-        said = f"mean latency at {steer:.0%} of the SLO, p90 at {tail:.0%}"
+        said = f"mean latency at {steer:.0%} of the SLO, p90 at least {tail:.0%}"
         if now - state.floor_ts > s.floor_memory_s:
             state.floor = 0.0
         if self._queueing(state, n.ttft_mean_s):
@@ -161,7 +165,7 @@ class Ceilings:
                     state.batch_limit = max(state.batch_limit or 0.0, n.requests_running)
                 state.ratio = min(1.0, max(state.ratio, in_force_ratio) + s.up_step)
             state.reason = f"requests queueing (mean TTFT {n.ttft_mean_s:.2f} s): ceiling raised"
-        elif tail > 1.0 or steer > s.high_ratio:
+        elif tail >= 1.0 or steer > s.high_ratio:
             step = s.up_step * (2.0 if max(tail, steer) > 1.05 else 1.0)
             state.ratio = min(1.0, max(state.ratio, in_force_ratio) + step)
             state.reason = f"{said}: ceiling raised"

@@ -15,6 +15,7 @@ SLO = Slo(ttft_s=2.0, tpot_s=0.050)
 def reading(
     tpot_mean: float = 0.030,
     tpot_p90: float | None = None,
+    tpot_p90_floor: float | None = None,
     ttft_mean: float = 0.040,
     running: float | None = 100.0,
     observations: float = 50.0,
@@ -27,6 +28,8 @@ def reading(
         tpot_p90_s=tpot_p90 if tpot_p90 is not None else tpot_mean * 1.2,
         ttft_mean_s=ttft_mean,
         tpot_mean_s=tpot_mean,
+        ttft_p90_floor_s=ttft_mean,
+        tpot_p90_floor_s=tpot_p90_floor if tpot_p90_floor is not None else tpot_mean,
         observations=observations,
         requests_running=running,
         kv_cache_usage_ratio=kv,
@@ -46,13 +49,23 @@ def test_slack_lowers_the_ceiling_in_proportion_and_waits_for_the_batch_to_settl
     assert c.update(at_target, second, now=50.0).ratio == second
 
 
-def test_bucket_coarse_p90_does_not_block_steps_but_a_tail_over_the_slo_raises() -> None:
+def test_bucket_coarse_p90_does_not_block_steps_but_a_tail_proven_over_the_slo_raises() -> None:
     c = Ceilings(SLO)
     # vLLM's TPOT buckets put every request of 26-50 ms at p90 = 47.5 ms: the mean steers.
-    lowered = c.update(reading(tpot_mean=0.030, tpot_p90=0.0475), 0.6, now=0.0).ratio
+    coarse = reading(tpot_mean=0.030, tpot_p90=0.0475, tpot_p90_floor=0.025)
+    lowered = c.update(coarse, 0.6, now=0.0).ratio
     assert lowered < 0.6
-    raised = c.update(reading(tpot_mean=0.040, tpot_p90=0.060), lowered, now=5.0).ratio
-    assert raised == pytest.approx(lowered + 2 * 0.1)  # 120% of the SLO: a double step
+    # A 60 ms SLO inside SGLang's 50-75 ms bucket: p90 reads 72.5 ms, but the bucket only
+    # proves 50 ms, so nothing is raised on it.
+    sglang = Ceilings(Slo(ttft_s=2.0, tpot_s=0.060))
+    inside = reading(tpot_mean=0.052, tpot_p90=0.0725, tpot_p90_floor=0.050)
+    assert sglang.update(inside, 0.6, now=0.0).ratio == pytest.approx(0.6)
+    # The p90's bucket starts at the SLO: over a tenth of the requests missed it.
+    proven = reading(tpot_mean=0.040, tpot_p90=0.0625, tpot_p90_floor=0.050)
+    raised = c.update(proven, lowered, now=5.0).ratio
+    assert raised == pytest.approx(lowered + 0.1)
+    worse = reading(tpot_mean=0.040, tpot_p90=0.0875, tpot_p90_floor=0.075)
+    assert c.update(worse, raised, now=10.0).ratio == pytest.approx(raised + 2 * 0.1)
 
 
 def test_a_step_down_starts_from_the_limit_in_force() -> None:

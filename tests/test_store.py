@@ -420,6 +420,8 @@ def _random_store(store: Store, rng: random.Random) -> None:
                             "tpot_p90_s": maybe(rng.uniform(0.005, 0.2)),
                             "ttft_mean_s": maybe(rng.uniform(0.01, 5)),
                             "tpot_mean_s": maybe(rng.uniform(0.005, 0.2)),
+                            "ttft_p90_floor_s": maybe(rng.uniform(0.01, 5)),
+                            "tpot_p90_floor_s": maybe(rng.uniform(0.005, 0.2)),
                             "latency_requests": maybe(float(rng.randrange(100))),
                         }
                     )
@@ -524,6 +526,8 @@ def _reference(store: Store, now: float, window_s: float) -> Snapshot:
                 tpot_p90_s=agg(max, toks, "tpot_p90_s"),
                 ttft_mean_s=agg(max, toks, "ttft_mean_s"),
                 tpot_mean_s=agg(max, toks, "tpot_mean_s"),
+                ttft_p90_floor_s=agg(max, toks, "ttft_p90_floor_s"),
+                tpot_p90_floor_s=agg(max, toks, "tpot_p90_floor_s"),
                 latency_requests=agg(sum, toks, "latency_requests"),
             )
         )

@@ -199,6 +199,9 @@ def test_histogram_quantile_interpolates_as_prometheus_does() -> None:
     top = Histogram(((0.1, 1.0), (math.inf, 5.0)), 9.0, 5.0)
     assert top.quantile(0.9) == 0.1  # in +Inf: the highest finite bound
     assert Histogram(((math.inf, 0.0),), 0.0, 0.0).quantile(0.9) is None
+    # What the buckets prove: the lower bound of the bucket the quantile falls in.
+    assert h.quantile_floor(0.9) == 0.2 and h.quantile_floor(0.5) == 0.1
+    assert h.quantile_floor(0.2) == 0.0 and top.quantile_floor(0.9) == 0.1
 
 
 def test_latency_window_is_what_was_observed_between_scrapes() -> None:

@@ -68,6 +68,22 @@ class Histogram:
             return self
         return Histogram(tuple(counts), self.sum - earlier.sum, self.count - earlier.count)
 
+    def quantile_floor(self, q: float) -> float | None:
+        """The lower bound of the bucket the ``q`` quantile falls in: what the buckets
+        prove. At or above an SLO it means more than ``1 - q`` of the observations
+        missed it; an interpolated quantile above the SLO may only be the bucket's
+        width (SGLang's 50-75 ms bucket around a 60 ms SLO)."""
+        total = self.buckets[-1][1] if self.buckets else 0.0
+        if total <= 0:
+            return None
+        rank = q * total
+        lower_le = 0.0
+        for le, count in self.buckets:
+            if count >= rank:
+                return lower_le
+            lower_le = le
+        return lower_le
+
     def quantile(self, q: float) -> float | None:
         """The ``q`` quantile as Prometheus's ``histogram_quantile`` estimates it: linear
         within the bucket it falls in; the highest finite bound when it falls in the

@@ -92,6 +92,9 @@ class LatencyWindow:
     tpot_p90_s: float | None = None
     ttft_mean_s: float | None = None
     tpot_mean_s: float | None = None
+    ttft_p90_floor_s: float | None = None
+    """The p90 is at least this: the lower bound of its bucket."""
+    tpot_p90_floor_s: float | None = None
     observations: float | None = None
     """Observations in the TPOT window, else in the TTFT window."""
 
@@ -127,6 +130,8 @@ class LatencyWindows:
             tpot_p90_s=tpot.quantile(LATENCY_QUANTILE) if tpot is not None else None,
             ttft_mean_s=_mean(ttft),
             tpot_mean_s=_mean(tpot),
+            ttft_p90_floor_s=ttft.quantile_floor(LATENCY_QUANTILE) if ttft is not None else None,
+            tpot_p90_floor_s=tpot.quantile_floor(LATENCY_QUANTILE) if tpot is not None else None,
             observations=counted[0] if counted else None,
         )
 

@@ -114,6 +114,9 @@ class TokenSampleRow(Base):
     """Mean over the same window, exact where the quantiles are only as fine as the
     server's buckets."""
     tpot_mean_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ttft_p90_floor_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """The lower bound of the bucket the p90 falls in: what the buckets prove."""
+    tpot_p90_floor_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     latency_requests: Mapped[float | None] = mapped_column(Float, nullable=True)
     """How many observations the TPOT (else TTFT) quantile rests on."""
     error: Mapped[str | None] = mapped_column(String(1024), nullable=True)

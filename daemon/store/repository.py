@@ -68,6 +68,8 @@ class TokenRow:
     tpot_p90_s: float | None = None
     ttft_mean_s: float | None = None
     tpot_mean_s: float | None = None
+    ttft_p90_floor_s: float | None = None
+    tpot_p90_floor_s: float | None = None
     latency_requests: float | None = None
     error: str | None = None
 
@@ -128,6 +130,8 @@ class NodeView:
     tpot_p90_s: float | None = None
     ttft_mean_s: float | None = None
     tpot_mean_s: float | None = None
+    ttft_p90_floor_s: float | None = None
+    tpot_p90_floor_s: float | None = None
     latency_requests: float | None = None
     """Observations behind those quantiles, summed over the node's servers."""
 
@@ -580,6 +584,8 @@ class Store:
                         tpot_p90_s=_max(column("tpot_p90_s")),
                         ttft_mean_s=_max(column("ttft_mean_s")),
                         tpot_mean_s=_max(column("tpot_mean_s")),
+                        ttft_p90_floor_s=_max(column("ttft_p90_floor_s")),
+                        tpot_p90_floor_s=_max(column("tpot_p90_floor_s")),
                         latency_requests=_sum(column("latency_requests")),
                     )
                 )
@@ -738,6 +744,8 @@ TOKEN_SNAPSHOT_COLUMNS = (
     "tpot_p90_s",
     "ttft_mean_s",
     "tpot_mean_s",
+    "ttft_p90_floor_s",
+    "tpot_p90_floor_s",
     "latency_requests",
 )
 

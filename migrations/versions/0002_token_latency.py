@@ -19,6 +19,8 @@ COLUMNS = (
     "tpot_p90_s",
     "ttft_mean_s",
     "tpot_mean_s",
+    "ttft_p90_floor_s",
+    "tpot_p90_floor_s",
     "latency_requests",
 )
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from wattkeeper.collectors.drain import DrainActuator, DrainError
 from wattkeeper.collectors.gpu import (
     GpuBackend,
     GpuError,
@@ -91,8 +92,12 @@ class Agent:
         fallback_power_limit_ratio: float = 0.6,
         restore_on_exit: bool = True,
         tokens_interval_s: float = 0.0,
+        drain: DrainActuator | None = None,
     ) -> None:
         self.node = node
+        self.drain = drain
+        self._drained_applied: bool | None = None
+        self._errors: dict[str, str] = {}
         self.backend = backend
         self.store = store
         self.host = host
@@ -172,11 +177,34 @@ class Agent:
                 uuid: CachedTarget(t.power_limit_w, t.lease_expires_at, t.reason or "target")
                 for uuid, t in self.store.targets_for_node(self.node).items()
             }
+            drained = self.store.node_drained(self.node)
             self._flush_audit()
             self._store_ok(True, None)
         except StoreError as exc:
             self._store_ok(False, exc)
+        else:
+            self._apply_drain(drained, now)
         self.reconcile(now, samples)
+
+    def _apply_drain(self, drained: bool, now: float) -> None:
+        """Act on the store's drain mark when it changes, and at start when it is set (a
+        node drained while its agent was down is drained when it comes back; one in
+        service is not "resumed", which would undo a drain made outside wattkeeper)."""
+        if self.drain is None or drained == self._drained_applied:
+            return
+        if self._drained_applied is None and not drained:
+            self._drained_applied = False
+            return
+        try:
+            self.drain.set_drained(drained)
+        except DrainError as exc:
+            log.error("%s: %s", "drain" if drained else "resume", exc)
+            self._audit(
+                "node.drain.failed", self.node, {"drained": drained, "error": str(exc)}, now
+            )
+            return
+        self._drained_applied = drained
+        self._audit("node.drain.applied", self.node, {"drained": drained}, now)
 
     def _store_ok(self, ok: bool, exc: StoreError | None) -> None:
         if ok and not self.state.store_ok:
@@ -200,17 +228,34 @@ class Agent:
                 out[uuid] = self.backend.sample(uuid)
             except GpuError as exc:
                 self.state.errors += 1
-                log.warning("GPU %s: %s", uuid, exc)
+                if self._first(f"sample:{uuid}", str(exc)):
+                    log.warning("GPU %s: %s", uuid, exc)
+            else:
+                self._first(f"sample:{uuid}", None)
         return out
+
+    def _first(self, key: str, error: str | None) -> bool:
+        """Whether ``error`` is new for ``key`` (None: it cleared). A powered-down node's
+        GPUs fail every tick; one line and one audit row per change say it, not thousands."""
+        if self._errors.get(key) == error:
+            return False
+        if error is None:
+            self._errors.pop(key, None)
+        else:
+            self._errors[key] = error
+        return True
 
     def _sample_host(self, now: float) -> HostSample | None:
         if self.host is None:
             return None
         try:
-            return self.host.sample(now)
+            sample = self.host.sample(now)
         except OSError as exc:
-            log.warning("host collector: %s", exc)
+            if self._first("host", str(exc)):
+                log.warning("host collector: %s", exc)
             return None
+        self._first("host", None)
+        return sample
 
     def _read_tokens(self, now: float) -> list[TokenRow]:
         rows: list[TokenRow] = []
@@ -310,11 +355,13 @@ class Agent:
                 self.backend.set_power_limit(uuid, want)
             except GpuError as exc:
                 self.state.errors += 1
-                log.error("cannot set power limit of %s to %.0f W: %s", uuid, want, exc)
-                self._audit(
-                    "power_limit.failed", uuid, {"power_limit_w": want, "error": str(exc)}, now
-                )
+                if self._first(f"limit:{uuid}", f"{want:.0f}: {exc}"):
+                    log.error("cannot set power limit of %s to %.0f W: %s", uuid, want, exc)
+                    self._audit(
+                        "power_limit.failed", uuid, {"power_limit_w": want, "error": str(exc)}, now
+                    )
                 continue
+            self._first(f"limit:{uuid}", None)
             if first_touch and uuid not in self._persisted_originals and uuid in self.gpu_ids:
                 # Persist what the GPU had, so a restart after a crash can still put it back.
                 self._persisted_originals[uuid] = before

@@ -86,8 +86,23 @@ class AgentConfig(_Section):
     restore_on_exit: bool = True
     fallback_power_limit_ratio: float = Field(default=0.6, gt=0, le=1)
     """Cap (as a share of the default limit) applied when the controller's lease expires."""
+    drain_command: str | None = None
+    """Run (no shell; {node} is the node's name) when the node is marked drained, e.g.
+    "scontrol update NodeName={node} State=DRAIN Reason=wattkeeper"."""
+    resume_command: str | None = None
+    """Run when it is back in service, e.g. "scontrol update NodeName={node} State=RESUME"."""
+    drain_powers_down: bool = False
+    """Whether the drain command also powers the node down (standby, suspend)."""
     endpoints: list[EndpointConfig] = Field(default_factory=list)
     host: HostPowerConfig = HostPowerConfig()
+
+    @model_validator(mode="after")
+    def _drain_both_ways(self) -> AgentConfig:
+        if (self.drain_command is None) != (self.resume_command is None):
+            raise ValueError(
+                "agent.drain_command and agent.resume_command are set together or not at all"
+            )
+        return self
 
 
 class ControllerConfig(_Section):
@@ -101,6 +116,12 @@ class ControllerConfig(_Section):
     """Share of the budget kept in reserve for load swings between control periods."""
     non_gpu_w_per_gpu_w: float = Field(default=0.2, ge=0, le=2)
     """Rise of non-GPU power (fans, PSU losses) per watt of added GPU power."""
+    drain_nodes: bool = False
+    """Let the controller drain nodes a budget cannot serve (docs/policy.md); each
+    node's agent needs agent.drain_command for a drain to take work off it."""
+    drained_node_w: PowerW | None = None
+    """What a drained node draws (its standby power where the drain powers it down);
+    unset: its host power, as if a drain saved only the GPUs' power."""
 
 
 class MetricsConfig(_Section):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+from wattkeeper.policies.drain import DrainNode, DrainSettings, decide
 from wattkeeper.policies.plan import (
     Plan,
     PlanGpu,
@@ -29,8 +30,15 @@ class ControllerState:
     coupling: float | None = None
     """Learned rise of non-GPU power per watt of GPU power (None until observed)."""
     emergencies: int = 0
+    last_drain_ts: float = float("-inf")
+    serving_host_w: dict[str, float] = field(default_factory=dict)
+    """Each node's non-GPU power when last seen serving: a drained node in standby
+    measures far less, and undraining it brings the serving figure back."""
     _last_measure: tuple[float, float] | None = None
 
+
+CONTROLLER = "controller"
+"""The actor name the controller writes and audits under."""
 
 COUPLING_MAX = 2.0
 LEARN_STEP_RATIO = 0.02
@@ -45,6 +53,7 @@ class Controller:
         lease_s: float,
         forget_after_s: float = 3600.0,
         ceilings: Ceilings | None = None,
+        drains: DrainSettings | None = None,
     ) -> None:
         self.store = store
         self.forget_after_s = forget_after_s
@@ -52,6 +61,8 @@ class Controller:
         self.lease_s = lease_s
         self.ceilings = ceilings
         """Latency ceilings per node; None when no SLO is configured."""
+        self.drains = drains
+        """Drain decisions; None: the controller never drains."""
         self.state = ControllerState()
 
     def _snapshot(self, now: float) -> Snapshot:
@@ -71,6 +82,8 @@ class Controller:
         nodes, gpus = planning_inputs(snap, self.forget_after_s)
         if self.ceilings is not None:
             gpus = self._with_ceilings(snap, gpus, now, periodic)
+        if snap.budget_w is not None and self.drains is not None and periodic:
+            nodes = self._drain(snap, nodes, gpus, snap.budget_w, now)
         scale = snap.budget_w if snap.budget_w is not None else sum(g.max_w for g in gpus)
         self._learn_coupling(nodes, gpus, scale)
         settings = self.settings
@@ -101,6 +114,52 @@ class Controller:
             "facility at %.0f W over its %.0f W budget: re-planning now", measured, snap.budget_w
         )
         return self.tick(now, snap, periodic=False)
+
+    def _drain(
+        self,
+        snap: Snapshot,
+        nodes: list[PlanNode],
+        gpus: list[PlanGpu],
+        budget_w: float,
+        now: float,
+    ) -> list[PlanNode]:
+        """Drain nodes the budget cannot serve, or return one to service; the plan of this
+        period already holds a newly drained node's GPUs at their floor."""
+        assert self.drains is not None
+        views = {n.name: n for n in snap.nodes}
+        by_node: dict[str, list[PlanGpu]] = {}
+        for g in gpus:
+            by_node.setdefault(g.node, []).append(g)
+        candidates = []
+        for n in nodes:
+            members = by_node.get(n.name, [])
+            v = views[n.name]
+            fresh_host = n.non_gpu_power_w if self.settings.is_fresh(n.sample_age_s) else None
+            if not n.drained and fresh_host is not None:
+                self.state.serving_host_w[n.name] = fresh_host
+            host = self.state.serving_host_w.get(n.name, self.settings.default_node_overhead_w)
+            gpu_w = sum(g.power_w or 0.0 for g in members)
+            candidates.append(
+                DrainNode(
+                    name=n.name,
+                    drained=n.drained,
+                    by_person=n.drained and v.drained_by not in (None, CONTROLLER),
+                    gpu_floor_w=sum(g.min_w for g in members),
+                    gpu_max_w=sum(g.max_w for g in members),
+                    host_w=host,
+                    tokens_per_s=v.generation_tokens_per_s,
+                    power_w=gpu_w + (fresh_host or host),
+                )
+            )
+        usable = budget_w * (1 - self.settings.margin_ratio)
+        changed = {}
+        for d in decide(candidates, usable, now, self.state.last_drain_ts, self.drains):
+            if self.store.set_drained(d.name, d.drain, CONTROLLER, now):
+                log.warning("%s %s: %s", "draining" if d.drain else "returning", d.name, d.reason)
+                self.store.audit(CONTROLLER, "drain.reason", d.name, {"reason": d.reason}, now)
+                changed[d.name] = d.drain
+                self.state.last_drain_ts = now
+        return [replace(n, drained=changed.get(n.name, n.drained)) for n in nodes]
 
     def _with_ceilings(
         self, snap: Snapshot, gpus: list[PlanGpu], now: float, periodic: bool
@@ -191,7 +250,12 @@ def planning_inputs(
     live = [n for n in snap.nodes if now - n.last_seen_at <= forget_after_s]
     names = {n.name for n in live}
     nodes = [
-        PlanNode(n.name, n.non_gpu_power_w, None if n.host_ts is None else now - n.host_ts)
+        PlanNode(
+            n.name,
+            n.non_gpu_power_w,
+            None if n.host_ts is None else now - n.host_ts,
+            drained=n.drained,
+        )
         for n in live
     ]
     gpus = [

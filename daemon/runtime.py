@@ -15,8 +15,10 @@ from typing import Any
 
 from wattkeeper.agent import Agent, TokenEndpoint
 from wattkeeper.clock import SimClock, WallClock
+from wattkeeper.collectors.drain import CommandDrain, DrainActuator
 from wattkeeper.config import Config
 from wattkeeper.controller import Controller
+from wattkeeper.policies.drain import DrainSettings
 from wattkeeper.policies.plan import PlanSettings
 from wattkeeper.policies.slo import Ceilings, Slo, SloSettings
 from wattkeeper.store.db import (
@@ -148,6 +150,7 @@ def plan_settings(cfg: Config) -> PlanSettings:
         stale_after_s=cfg.controller.stale_after_s,
         default_node_overhead_w=host.idle_w + host.per_cpu_util_w,
         non_gpu_w_per_gpu_w=cfg.controller.non_gpu_w_per_gpu_w,
+        drained_node_w=cfg.controller.drained_node_w,
     )
 
 
@@ -178,6 +181,7 @@ def build_on_facility(
     ``agent.tokens_interval_s``, as on a real node."""
     from wattkeeper.collectors.sim_gpu import SimGpuBackend
     from wattkeeper.simulator.server import make_server
+    from wattkeeper.simulator.sim_drain import SimDrain
     from wattkeeper.simulator.sim_host import SimHost
 
     agents = []
@@ -191,6 +195,7 @@ def build_on_facility(
                 SimGpuBackend(facility, node, clock.now),
                 SimHost(facility, node),
                 [TokenEndpoint(server.url, server.kind, server.render)],
+                drain=SimDrain(facility, node),
             )
         )
     return Runtime(cfg, store, clock, agents, make_controller(cfg, store), facility=facility)
@@ -203,6 +208,7 @@ def make_agent(
     backend: Any,
     host: Any,
     endpoints: list[TokenEndpoint],
+    drain: DrainActuator | None = None,
 ) -> Agent:
     """One agent with the configured agent settings, whatever its backend."""
     return Agent(
@@ -214,6 +220,7 @@ def make_agent(
         fallback_power_limit_ratio=cfg.agent.fallback_power_limit_ratio,
         restore_on_exit=cfg.agent.restore_on_exit,
         tokens_interval_s=cfg.agent.tokens_interval_s,
+        drain=drain,
     )
 
 
@@ -223,12 +230,16 @@ def make_controller(cfg: Config, store: Store) -> Controller:
         ceilings = Ceilings(
             Slo(cfg.slo.ttft_s, cfg.slo.tpot_s), SloSettings(target_ratio=cfg.slo.target_ratio)
         )
+    drains = None
+    if cfg.controller.drain_nodes:
+        drains = DrainSettings(drained_node_w=cfg.controller.drained_node_w)
     return Controller(
         store,
         plan_settings(cfg),
         cfg.controller.lease_s,
         cfg.controller.forget_after_s,
         ceilings=ceilings,
+        drains=drains,
     )
 
 
@@ -254,7 +265,15 @@ def build_local(cfg: Config, store: Store) -> Runtime:
     endpoints = [
         TokenEndpoint(e.url, e.kind, reader(e.url, e.timeout_s)) for e in cfg.agent.endpoints
     ]
-    agent = make_agent(cfg, store, cfg.agent.node, backend, host, endpoints)
+    drain = None
+    if cfg.agent.drain_command is not None and cfg.agent.resume_command is not None:
+        drain = CommandDrain(
+            cfg.agent.node,
+            cfg.agent.drain_command,
+            cfg.agent.resume_command,
+            powers_down=cfg.agent.drain_powers_down,
+        )
+    agent = make_agent(cfg, store, cfg.agent.node, backend, host, endpoints, drain)
     return Runtime(cfg, store, WallClock(), [agent], make_controller(cfg, store))
 
 

@@ -15,6 +15,8 @@ class PlanSettings:
     stale_after_s: float = 10.0
     default_node_overhead_w: float = 2000.0
     """Non-GPU power assumed for a node that has not reported any (conservative)."""
+    drained_node_w: float | None = None
+    """What a drained node draws once powered down (None: not known to power down)."""
     non_gpu_w_per_gpu_w: float = 0.2
     """How much non-GPU power rises per watt of added GPU power: fans follow the heat and
     power supplies lose a share of what they deliver (assumption, configurable)."""
@@ -45,6 +47,7 @@ class PlanNode:
     name: str
     non_gpu_power_w: float | None
     sample_age_s: float | None
+    drained: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ def plan(
     non_gpu = 0.0
     for n in nodes:
         measured = n.non_gpu_power_w if s.is_fresh(n.sample_age_s) else None
+        if measured is None and n.drained and s.drained_node_w is not None:
+            measured = s.drained_node_w  # powered down: its agent cannot report
         non_gpu += measured if measured is not None else s.default_node_overhead_w
     usable = math.inf if budget_w is None else budget_w * (1 - s.margin_ratio) - non_gpu
     drawn = sum(fresh_gpu_power(gpus, s))
@@ -85,9 +90,21 @@ def plan(
         usable = drawn + (usable - drawn) / (1 + s.non_gpu_w_per_gpu_w)
     stale: list[PlanGpu] = []
     fresh_gpus: list[PlanGpu] = []
-    for g in gpus:
-        (fresh_gpus if s.is_fresh(g.sample_age_s) else stale).append(g)
     targets: list[PlanTarget] = []
+    drained = {n.name for n in nodes if n.drained}
+    for g in gpus:
+        if g.node in drained:
+            # Out of service: at the floor until it empties, budgeted at what it draws
+            # (nothing once its actuator powered it down).
+            targets.append(PlanTarget(g.uuid, g.min_w, "node drained: held at the floor"))
+            fresh = g.power_w is not None and s.is_fresh(g.sample_age_s)
+            if fresh and g.power_w is not None:
+                usable -= min(g.power_w, g.max_w)
+            elif s.drained_node_w is None:
+                usable -= g.min_w  # may still be powered and at its floor
+            # else: powered down, counted in the node's standby power
+            continue
+        (fresh_gpus if s.is_fresh(g.sample_age_s) else stale).append(g)
     for g in stale:
         if g.target_w is None and g.limit_w is None:
             targets.append(PlanTarget(g.uuid, g.min_w, "never sampled: held at the floor"))

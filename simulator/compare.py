@@ -266,12 +266,16 @@ class Wattkeeper:
         url = f"sqlite:///{store_dir / 'compare.db'}"
         upgrade(make_engine(url))
         # The operator's SLO is the scenario's: a real deployment configures it in [slo].
+        # So is the standby power a drain powers a node down to, and the simulated nodes
+        # have a drain actuator that does.
         slo = f.scenario.slo
         cfg = load_config(
             None,
             environ={
                 "WATTKEEPER_SLO__TTFT_S": str(slo.ttft_s),
                 "WATTKEEPER_SLO__TPOT_S": str(slo.tpot_s),
+                "WATTKEEPER_CONTROLLER__DRAIN_NODES": "true",
+                "WATTKEEPER_CONTROLLER__DRAINED_NODE_W": str(f.scenario.standby_w),
             },
         )
         self.clock = SimClock(f.now)

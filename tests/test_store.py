@@ -510,6 +510,7 @@ def _reference(store: Store, now: float, window_s: float) -> Snapshot:
             NodeView(
                 name=n.name,
                 drained=n.drained,
+                drained_by=n.drained_by if n.drained else None,
                 last_seen_at=n.last_seen_at,
                 host_ts=h and h.ts,
                 non_gpu_power_w=h and h.non_gpu_power_w,

@@ -38,6 +38,9 @@ class Node(Base):
     registered_at: Mapped[float] = mapped_column(Float)
     last_seen_at: Mapped[float] = mapped_column(Float)
     drained: Mapped[bool] = mapped_column(Boolean, default=False)
+    drained_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    """Who drained it: 'controller', or a person ('cli:root'), whose drain the controller
+    never undoes."""
     backend: Mapped[str] = mapped_column(String(32))
 
 

@@ -119,6 +119,7 @@ class NodeView:
     generation_tokens_total: float | None
     endpoints_up: int
     endpoints_total: int
+    drained_by: str | None = None
     token_ts: float | None = None
     """When the node's servers were last read (None: no token source)."""
     requests_waiting: float | None = None
@@ -238,6 +239,33 @@ class Store:
                     for uuid in gone
                 )
             return ids
+
+    def set_drained(self, name: str, drained: bool, actor: str, now: float) -> bool:
+        """Mark a node drained (no new work; its agent's drain actuator acts on it) or back
+        in service; audited. Returns whether anything changed. Raises ``KeyError`` for a
+        node the store does not know."""
+        with self.session() as s, s.begin():
+            node = s.scalar(select(Node).where(Node.name == name))
+            if node is None:
+                raise KeyError(name)
+            if node.drained == drained:
+                return False
+            node.drained = drained
+            node.drained_by = actor if drained else None
+            s.add(
+                AuditEntry(
+                    ts=now,
+                    actor=actor,
+                    action="node.drain" if drained else "node.undrain",
+                    subject=name,
+                    detail={},
+                )
+            )
+            return True
+
+    def node_drained(self, name: str) -> bool:
+        with self.session() as s:
+            return bool(s.scalar(select(Node.drained).where(Node.name == name)))
 
     def node_id(self, name: str) -> int | None:
         with self.session() as s:
@@ -557,6 +585,7 @@ class Store:
                 node_id,
                 name,
                 drained,
+                drained_by,
                 last_seen_at,
                 host_ts,
                 non_gpu_w,
@@ -568,6 +597,7 @@ class Store:
                     NodeView(
                         name=name,
                         drained=drained,
+                        drained_by=drained_by if drained else None,
                         last_seen_at=last_seen_at,
                         host_ts=host_ts,
                         non_gpu_power_w=non_gpu_w,
@@ -720,6 +750,7 @@ def _node_snapshot_statement(dialect: str, since: float, now: float) -> Select:
             _NODES.c.id,
             _NODES.c.name,
             _NODES.c.drained,
+            _NODES.c.drained_by,
             _NODES.c.last_seen_at,
             host.c.ts,
             host.c.non_gpu_power_w,

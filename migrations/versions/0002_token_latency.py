@@ -1,4 +1,4 @@
-"""token samples carry the servers' latency and KV-cache use
+"""token samples carry the servers' latency and KV-cache use; nodes say who drained them
 
 Revision ID: 0002
 Revises: 0001
@@ -29,9 +29,13 @@ def upgrade() -> None:
     with op.batch_alter_table("token_samples", schema=None) as batch_op:
         for name in COLUMNS:
             batch_op.add_column(sa.Column(name, sa.Float(), nullable=True))
+    with op.batch_alter_table("nodes", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("drained_by", sa.String(length=255), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("nodes", schema=None) as batch_op:
+        batch_op.drop_column("drained_by")
     with op.batch_alter_table("token_samples", schema=None) as batch_op:
         for name in reversed(COLUMNS):
             batch_op.drop_column(name)

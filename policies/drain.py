@@ -1,0 +1,109 @@
+"""Drains: when a budget cannot serve every node, serve with fewer.
+
+Every GPU has a hardware floor and every node's host draws power whatever the caps, so
+below some budget capping alone cannot comply at all, and a little above it every GPU
+crawls at its floor and no request meets its SLO. Taking a node out of service (its
+drain actuator powering it down where it can) gives its watts to the others. This
+module decides which nodes, pure and deterministic; the controller marks them in the
+store and each node's agent acts.
+
+- Drain at once when the serving nodes cannot all get a useful share: budget before
+  SLO, and a node that cannot be served well is better off drained.
+- Drain the node that makes the fewest tokens per watt first.
+- Undrain one node at a time, only with room to spare and not sooner than
+  ``hold_s`` after the last change, so nodes do not flap.
+- Never undrain a node a person drained; never drain the last serving node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DrainSettings:
+    serve_share: float = 0.15
+    """A node serves usefully when each GPU gets at least this share of its range above
+    its floor."""
+    undrain_headroom: float = 1.10
+    """Undrain only when what it needs, times this, fits."""
+    hold_s: float = 300.0
+    drained_node_w: float | None = None
+    """What a drained node draws (standby); None: its host power, as if not powered down."""
+
+
+@dataclass(frozen=True)
+class DrainNode:
+    name: str
+    drained: bool
+    by_person: bool
+    gpu_floor_w: float
+    gpu_max_w: float
+    host_w: float
+    """Non-GPU power when serving (measured, or the configured assumption)."""
+    tokens_per_s: float | None
+    power_w: float | None
+
+    def serve_w(self, s: DrainSettings) -> float:
+        return self.gpu_floor_w + s.serve_share * (self.gpu_max_w - self.gpu_floor_w) + self.host_w
+
+    def idle_w(self, s: DrainSettings) -> float:
+        return self.host_w if s.drained_node_w is None else s.drained_node_w
+
+
+@dataclass(frozen=True)
+class DrainDecision:
+    name: str
+    drain: bool
+    reason: str
+
+
+def need_w(nodes: list[DrainNode], serving: set[str], s: DrainSettings) -> float:
+    """Facility power to serve ``serving`` usefully with every other node drained."""
+    return sum(n.serve_w(s) if n.name in serving else n.idle_w(s) for n in nodes)
+
+
+def decide(
+    nodes: list[DrainNode],
+    usable_w: float,
+    now: float,
+    last_change_ts: float,
+    s: DrainSettings,
+) -> list[DrainDecision]:
+    """Which nodes to drain or return to service this period (usually none)."""
+    serving = {n.name for n in nodes if not n.drained}
+    if not serving:
+        return []
+    out: list[DrainDecision] = []
+    if need_w(nodes, serving, s) > usable_w:
+        # Least tokens per watt first; a node that reports no tokens counts as making none.
+        order = sorted(
+            (n for n in nodes if n.name in serving),
+            key=lambda n: ((n.tokens_per_s or 0.0) / n.power_w if n.power_w else 0.0, n.name),
+        )
+        for n in order:
+            if len(serving) <= 1 or need_w(nodes, serving, s) <= usable_w:
+                break
+            serving.discard(n.name)
+            out.append(
+                DrainDecision(
+                    n.name,
+                    True,
+                    f"budget {usable_w:.0f} W (after margin) cannot give every serving node "
+                    f"{s.serve_share:.0%} of its GPUs' range: fewest tokens per watt drained",
+                )
+            )
+        return out
+    if now - last_change_ts < s.hold_s:
+        return out
+    for n in sorted(nodes, key=lambda n: n.name):
+        if n.drained and not n.by_person:
+            need = need_w(nodes, serving | {n.name}, s)
+            if need * s.undrain_headroom <= usable_w:
+                out.append(
+                    DrainDecision(
+                        n.name, False, f"budget {usable_w:.0f} W serves it: needs {need:.0f} W"
+                    )
+                )
+            break
+    return out

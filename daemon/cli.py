@@ -46,7 +46,9 @@ simulate_app = typer.Typer(
     "what-if questions.",
     no_args_is_help=True,
 )
+node_app = typer.Typer(help="Take a node out of service or put it back.", no_args_is_help=True)
 app.add_typer(budget_app, name="budget")
+app.add_typer(node_app, name="node")
 app.add_typer(db_app, name="db")
 app.add_typer(simulate_app, name="simulate")
 
@@ -519,6 +521,41 @@ def budget_set(
     except StoreError as exc:
         fail(str(exc))
     typer.echo(f"facility budget: {format_power(watts)} (was {format_power(previous)})")
+
+
+@node_app.command("drain")
+def node_drain(
+    name: Annotated[str, typer.Argument(help="The node, as `status` lists it.")],
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Drain a node: its agent runs its drain command, its GPUs are held at their floor,
+    and the controller never puts it back; only `node resume` does."""
+    _set_drained(name, True, db, config)
+
+
+@node_app.command("resume")
+def node_resume(
+    name: Annotated[str, typer.Argument(help="The node, as `status` lists it.")],
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Put a drained node back in service (whoever drained it)."""
+    _set_drained(name, False, db, config)
+
+
+def _set_drained(name: str, drained: bool, db: str | None, config: Path | None) -> None:
+    from wattkeeper.store.db import StoreError
+
+    store = _store(_config(config), db)
+    try:
+        changed = store.set_drained(name, drained, _actor(), time.time())
+    except KeyError:
+        fail(f"no node named {name!r} in the store (wattkeeper status lists them)")
+    except StoreError as exc:
+        fail(str(exc))
+    state = "drained" if drained else "in service"
+    typer.echo(f"{name}: {state}" + ("" if changed else " (already)"))
 
 
 def _check_floor(watts: float, floors: list[float]) -> None:

@@ -477,6 +477,30 @@ class WattkeeperCollector(Collector):
             yield from _facility(snap, summary)
 
 
+def _node_latency(snap: Snapshot) -> Iterator[Metric]:
+    """The latency the controller acts on: each node's slowest server since the agent's
+    previous read, as stored (the servers' own histograms are re-exported as
+    ``wattkeeper_ttft_seconds``/``wattkeeper_tpot_seconds``)."""
+    families = {
+        ("ttft", "mean"): "Mean time to first token",
+        ("tpot", "mean"): "Mean time per output token",
+        ("ttft", "p90"): "90th percentile time to first token",
+        ("tpot", "p90"): "90th percentile time per output token",
+    }
+    for (what, stat), title in families.items():
+        g = _gauge(
+            f"wattkeeper_node_{what}_{stat}_seconds",
+            f"{title} of the node's slowest server since the agent's previous read "
+            "(what the controller steers on).",
+            ["node"],
+        )
+        for n in snap.nodes:
+            value = getattr(n, f"{what}_{stat}_s")
+            if value is not None:
+                g.add_metric([n.name], value)
+        yield g
+
+
 def _facility(snap: Snapshot, s: dict) -> Iterator[Metric]:
     """Figures the controller decides on, from the store, so they match `wattkeeper status`."""
     budget = _gauge("wattkeeper_facility_budget_watts", "Facility power budget in force.")
@@ -507,6 +531,7 @@ def _facility(snap: Snapshot, s: dict) -> Iterator[Metric]:
             node_tpj.add_metric([n["name"]], n["tokens_per_joule"])
     yield node_tpj
     yield drained
+    yield from _node_latency(snap)
     target = _gauge(
         "wattkeeper_gpu_target_power_limit_watts",
         "Power limit the controller wants for the GPU.",

@@ -476,6 +476,113 @@ def status(
         console.print(t)
 
 
+explain_app = typer.Typer(
+    help="Why a node or GPU has the settings it has: targets, reasons, latency, audit.",
+    no_args_is_help=True,
+)
+app.add_typer(explain_app, name="explain")
+
+
+@explain_app.command("node")
+def explain_node(
+    name: Annotated[str, typer.Argument(help="The node, as `status` lists it.")],
+    output: OutputOpt = Output.table,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The node's latency as the controller read it, each GPU's target and the reason it
+    was set, and the newest audit entries about the node and its GPUs."""
+    _explain(name, None, output, db, config)
+
+
+@explain_app.command("gpu")
+def explain_gpu(
+    uuid: Annotated[str, typer.Argument(help="The GPU's UUID, as `status --gpus` lists it.")],
+    output: OutputOpt = Output.table,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """One GPU: its limit, target and the reason for it, and its audit entries."""
+    _explain(None, uuid, output, db, config)
+
+
+def _explain(
+    node: str | None, uuid: str | None, output: Output, db: str | None, config: Path | None
+) -> None:
+    from wattkeeper.store.db import StoreError
+
+    cfg = _config(config)
+    store = _store(cfg, db)
+    try:
+        now, _ = _status_moment(store)
+        snap = store.snapshot(now, window_s=max(60.0, 3 * cfg.controller.stale_after_s))
+        if uuid is not None:
+            gpu = next((g for g in snap.gpus if g.uuid == uuid), None)
+            if gpu is None:
+                fail(f"no GPU {uuid!r} in the store (wattkeeper status --gpus lists them)")
+            node = gpu.node
+        view = next((n for n in snap.nodes if n.name == node), None)
+        if view is None:
+            fail(f"no node named {node!r} in the store (wattkeeper status lists them)")
+        assert node is not None
+        targets = store.targets_for_node(node)
+        gpus = [g for g in snap.gpus if g.node == node and (uuid is None or g.uuid == uuid)]
+        subjects = [g.uuid for g in gpus] + ([node] if uuid is None else [])
+        entries = store.audit_log(20, subjects=subjects)
+    except StoreError as exc:
+        fail(str(exc))
+    latency = {
+        key: getattr(view, key)
+        for key in ("ttft_mean_s", "tpot_mean_s", "ttft_p90_s", "tpot_p90_s", "requests_running")
+    }
+    data = {
+        "node": node,
+        "drained": view.drained,
+        "drained_by": view.drained_by,
+        "budget_w": snap.budget_w,
+        "generation_tokens_per_s": view.generation_tokens_per_s,
+        "latency": latency,
+        "gpus": [
+            {
+                "uuid": g.uuid,
+                "index": g.index,
+                "power_w": g.power_w,
+                "power_limit_w": g.power_limit_w,
+                "range_w": [g.power_min_w, g.power_max_w],
+                "target_power_limit_w": g.target_power_limit_w,
+                "reason": targets[g.uuid].reason if g.uuid in targets else None,
+            }
+            for g in gpus
+        ],
+        "audit": [
+            {"ts": e.ts, "actor": e.actor, "action": e.action, "subject": e.subject, **e.detail}
+            for e in entries
+        ],
+    }
+    if output is Output.json:
+        _emit_json(data)
+        return
+    from wattkeeper.units import format_power
+
+    state = f"drained by {view.drained_by}" if view.drained else "in service"
+    typer.echo(f"node {node}: {state}; budget {format_power(snap.budget_w)}")
+    shown = ", ".join(
+        f"{k.removesuffix('_s')} {v * 1e3:.1f} ms" if k.endswith("_s") else f"{k} {v:.0f}"
+        for k, v in latency.items()
+        if v is not None
+    )
+    typer.echo(f"servers since the agent's previous read: {shown or 'no latency reading'}")
+    for g in data["gpus"]:
+        typer.echo(
+            f"  GPU {g['index']} {g['uuid']}: draws {format_power(g['power_w'])}, limit "
+            f"{format_power(g['power_limit_w'])}, target {format_power(g['target_power_limit_w'])}"
+            f" - {g['reason'] or 'no target'}"
+        )
+    for e in data["audit"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"]))
+        typer.echo(f"  {when} {e['actor']} {e['action']} {e['subject']}")
+
+
 def _status_moment(store: Any) -> tuple[float, str]:
     """The moment ``status`` describes, and on which clock.
 

@@ -127,3 +127,32 @@ def test_latency_ceilings_save_energy_at_the_same_goodput_on_steady_load() -> No
     assert ours.slo_attainment is not None and ours.slo_attainment >= 0.99
     assert ours.goodput_tokens >= 0.99 * nocap.goodput_tokens
     assert ours.joules_per_good_token < 0.85 * nocap.joules_per_good_token
+
+
+def test_explain_shows_the_latency_and_why_each_target_was_set(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A two-minute simulated run with an SLO configured: `explain node` gives each GPU
+    the reason its target was set, and the latency the controller read."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from wattkeeper.cli import app
+
+    monkeypatch.setenv("WATTKEEPER_SLO__TTFT_S", "2s")
+    monkeypatch.setenv("WATTKEEPER_SLO__TPOT_S", "50ms")
+    runner = CliRunner()
+    run = ["run", "--simulate", "1x4", "--duration", "2m", "--fast", "--db", sqlite_url]
+    assert runner.invoke(app, [*run, "-o", "json"]).exit_code == 0
+    r = runner.invoke(app, ["explain", "node", "sim-node-0", "--db", sqlite_url, "-o", "json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["latency"]["tpot_mean_s"] > 0 and data["latency"]["ttft_mean_s"] > 0
+    assert len(data["gpus"]) == 4
+    assert all("latency ceiling" in g["reason"] for g in data["gpus"]), data["gpus"]
+    uuid = data["gpus"][0]["uuid"]
+    r = runner.invoke(app, ["explain", "gpu", uuid, "--db", sqlite_url, "-o", "json"])
+    assert r.exit_code == 0 and [g["uuid"] for g in json.loads(r.stdout)["gpus"]] == [uuid]
+    r = runner.invoke(app, ["explain", "node", "nope", "--db", sqlite_url])
+    assert r.exit_code == 1 and "no node named 'nope'" in r.output

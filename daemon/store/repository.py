@@ -510,9 +510,13 @@ class Store:
         with self.session() as s, s.begin():
             s.add(AuditEntry(ts=now, actor=actor, action=action, subject=subject, detail=detail))
 
-    def audit_log(self, limit: int = 50) -> list[AuditEntry]:
+    def audit_log(self, limit: int = 50, subjects: Sequence[str] | None = None) -> list[AuditEntry]:
+        """Newest first; only entries about ``subjects`` (node names, GPU UUIDs) if given."""
+        query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+        if subjects is not None:
+            query = query.where(AuditEntry.subject.in_(list(subjects)))
         with self.session() as s:
-            return list(s.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)))
+            return list(s.scalars(query))
 
     def newest_sample_ts(self) -> float | None:
         """Time of the newest GPU or host sample of any node (one probe of each ts index)."""

@@ -679,6 +679,190 @@ def _check_floor(watts: float, floors: list[float]) -> None:
         )
 
 
+schedule_app = typer.Typer(
+    help="Budgets that hold during a window: once (--at) or on a cron schedule.",
+    no_args_is_help=True,
+)
+budget_app.add_typer(schedule_app, name="schedule")
+
+
+@schedule_app.command("add")
+def schedule_add(
+    args: Annotated[
+        list[str],
+        typer.Argument(metavar="[DOMAIN] VALUE", help="The domain (facility) and a power."),
+    ],
+    cron: Annotated[
+        str | None, typer.Option("--cron", help="Recurring start, e.g. '0 17 * * 1-5'.")
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at", help="One start, ISO 8601 (e.g. 2026-12-24T17:00).", show_default=False
+        ),
+    ] = None,
+    for_: Annotated[str, typer.Option("--for", help="How long each window lasts (e.g. 3h).")] = "",
+    force: Annotated[
+        bool, typer.Option("--force", help="Add a budget below what draining could reach.")
+    ] = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Add a budget for a window; the controller applies it ahead by its reaction time so
+    it is met when the window opens, and the lowest budget in force holds."""
+    from wattkeeper.policies.schedule import Schedule, ScheduleError, cron_trigger, next_start
+    from wattkeeper.store.db import StoreError
+    from wattkeeper.units import format_power
+
+    if len(args) not in (1, 2):
+        raise typer.BadParameter("give [DOMAIN] VALUE, e.g. 'facility 12kW'", param_hint="ARGS")
+    domain = args[0] if len(args) == 2 else "facility"
+    if domain != "facility":
+        fail(f"unknown budget domain {domain!r}: budgets are set for the facility")
+    watts = _parse_power(args[-1], "VALUE")
+    if (cron is None) == (at is None):
+        raise typer.BadParameter("give exactly one of --cron and --at", param_hint="--cron/--at")
+    if not for_:
+        raise typer.BadParameter("say how long the window lasts, e.g. --for 3h", param_hint="--for")
+    duration = _parse_duration(for_, "--for")
+    cfg = _config(config)
+    zone = cfg.controller.timezone
+    at_ts = None
+    try:
+        if cron is not None:
+            cron_trigger(cron, zone)
+        else:
+            assert at is not None
+            at_ts = _parse_at(at, zone)
+    except ScheduleError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--cron") from None
+    store = _store(cfg, db)
+    schedule = Schedule(0, domain, watts, duration, cron=cron, at_ts=at_ts, timezone=zone)
+    try:
+        now = time.time()
+        if not force:
+            _check_reachable(
+                watts, cfg, store.snapshot(now, window_s=cfg.controller.forget_after_s)
+            )
+        new_id = store.add_schedule(schedule, _actor(), now)
+    except StoreError as exc:
+        fail(str(exc))
+    start = next_start(schedule, time.time())
+    when = "-" if start is None else time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(start))
+    typer.echo(f"schedule {new_id}: {domain} {format_power(watts)} for {for_}, next from {when}")
+
+
+def _parse_at(value: str, zone: str) -> float:
+    """ISO 8601; without an offset it is read in the configured time zone."""
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not an ISO 8601 time (e.g. 2026-12-24T17:00)", param_hint="--at"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=ZoneInfo(zone))
+    return moment.timestamp()
+
+
+def _check_reachable(watts: float, cfg: Any, snap: Any) -> None:
+    """A budget below what the facility draws with every node it may drain drained (one
+    node left at its GPUs' floors and its host power) cannot be met: refuse it."""
+    from wattkeeper.units import format_power
+
+    now = snap.ts
+    live = [n for n in snap.nodes if now - n.last_seen_at <= cfg.controller.forget_after_s]
+    if not live:
+        return
+    host_default = cfg.agent.host.idle_w + cfg.agent.host.per_cpu_util_w
+    floors = {n.name: 0.0 for n in live}
+    for g in snap.gpus:
+        if g.node in floors:
+            floors[g.node] += g.power_min_w
+    serving = {n.name: floors[n.name] + (n.non_gpu_power_w or host_default) for n in live}
+    drained = {
+        n.name: cfg.controller.drained_node_w or (n.non_gpu_power_w or host_default) for n in live
+    }
+    if cfg.controller.drain_nodes:
+        need = min(serving[k] + sum(drained.values()) - drained[k] for k in serving)
+        how = "with every node but one drained"
+    else:
+        need = sum(serving.values())
+        how = "with every GPU at its floor (controller.drain_nodes is off)"
+    if watts < need:
+        fail(
+            f"budget {format_power(watts)} cannot be met: the facility draws "
+            f"{format_power(need)} {how} (--force adds it anyway)"
+        )
+
+
+@schedule_app.command("list")
+def schedule_list(
+    output: OutputOpt = Output.table, db: DbOpt = None, config: ConfigOpt = None
+) -> None:
+    """Every budget schedule, with its next window and whether it is in force now."""
+    from wattkeeper.policies.schedule import next_start, window_start
+    from wattkeeper.store.db import StoreError
+    from wattkeeper.units import format_power
+
+    store = _store(_config(config), db)
+    try:
+        schedules = store.schedules()
+    except StoreError as exc:
+        fail(str(exc))
+    now = time.time()
+    rows = [
+        {
+            "id": s.id,
+            "domain": s.scope,
+            "budget_w": s.limit_w,
+            "duration_s": s.duration_s,
+            "cron": s.cron,
+            "at_ts": s.at_ts,
+            "timezone": s.timezone,
+            "in_force": window_start(s, now) is not None,
+            "next_start_ts": next_start(s, now),
+        }
+        for s in schedules
+    ]
+    if output is Output.json:
+        _emit_json({"format_version": 1, "schedules": rows})
+        return
+    if not rows:
+        typer.echo("no budget schedules (wattkeeper budget schedule add 12kW --cron ... --for 3h)")
+    for r in rows:
+        when = r["cron"] or time.strftime("%Y-%m-%d %H:%M", time.localtime(r["at_ts"]))
+        nxt = r["next_start_ts"]
+        typer.echo(
+            f"{r['id']}: {r['domain']} {format_power(r['budget_w'])} for {r['duration_s']:.0f} s"
+            f" at {when} ({r['timezone']})"
+            + (" - in force now" if r["in_force"] else "")
+            + ("" if nxt is None else time.strftime(", next %Y-%m-%d %H:%M", time.localtime(nxt)))
+        )
+
+
+@schedule_app.command("remove")
+def schedule_remove(
+    schedule_id: Annotated[int, typer.Argument(help="The id `budget schedule list` shows.")],
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Remove a budget schedule (a window in force ends at the controller's next tick)."""
+    from wattkeeper.store.db import StoreError
+
+    store = _store(_config(config), db)
+    try:
+        removed = store.remove_schedule(schedule_id, _actor(), time.time())
+    except StoreError as exc:
+        fail(str(exc))
+    if not removed:
+        fail(f"no budget schedule {schedule_id} (wattkeeper budget schedule list)")
+    typer.echo(f"schedule {schedule_id} removed")
+
+
 @budget_app.command("show")
 def budget_show(
     output: OutputOpt = Output.table, db: DbOpt = None, config: ConfigOpt = None
@@ -686,29 +870,38 @@ def budget_show(
     """Show the facility budget, who set it and when."""
     cfg = _config(config)
     store = _store(cfg, db)
+    from wattkeeper.policies.schedule import effective_budget
     from wattkeeper.store.db import StoreError
     from wattkeeper.units import format_power
 
     try:
         row = store.get_budget()
+        schedules = store.schedules()
     except StoreError as exc:
         fail(str(exc))
+    standing = row.limit_w if row else None
+    in_force, source = effective_budget(standing, schedules, time.time(), 0.0)
     data = {
         "format_version": 1,
         "scope": "facility",
-        "budget_w": row.limit_w if row else None,
+        "budget_w": standing,
         "updated_at": row.updated_at if row else None,
         "updated_by": row.updated_by if row else None,
+        "in_force_w": in_force,
+        "in_force_schedule": None if source is None else source.id,
     }
     if output is Output.json:
         _emit_json(data)
-    elif row is None:
+        return
+    if row is None:
         typer.echo("no facility budget set (wattkeeper budget set 18kW)")
     else:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.updated_at))
         typer.echo(
             f"facility budget: {format_power(row.limit_w)} (set by {row.updated_by} at {when})"
         )
+    if source is not None:
+        typer.echo(f"in force now: {format_power(in_force)} (schedule {source.id})")
 
 
 # -- audit --------------------------------------------------------------------------------------

@@ -106,6 +106,8 @@ class AgentConfig(_Section):
 
 
 class ControllerConfig(_Section):
+    timezone: str = "UTC"
+    """Time zone of budget schedules' cron expressions and --at times."""
     interval_s: DurationS = 5.0
     lease_s: DurationS = 30.0
     stale_after_s: DurationS = 10.0
@@ -119,6 +121,20 @@ class ControllerConfig(_Section):
     drain_nodes: bool = False
     """Let the controller drain nodes a budget cannot serve (docs/policy.md); each
     node's agent needs agent.drain_command for a drain to take work off it."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(value)
+        except (KeyError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r} (an IANA name, e.g. Europe/Paris)"
+            ) from None
+        return value
+
     drained_node_w: PowerW | None = None
     """What a drained node draws (its standby power where the drain powers it down);
     unset: its host power, as if a drain saved only the GPUs' power."""

@@ -15,8 +15,9 @@ from wattkeeper.policies.plan import (
     fresh_node_power,
     plan,
 )
+from wattkeeper.policies.schedule import effective_budget
 from wattkeeper.policies.slo import Ceilings, NodeLatency
-from wattkeeper.store.repository import Snapshot, Store, TargetSpec
+from wattkeeper.store.repository import FACILITY, Snapshot, Store, TargetSpec
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class ControllerState:
     """Learned rise of non-GPU power per watt of GPU power (None until observed)."""
     emergencies: int = 0
     last_drain_ts: float = float("-inf")
+    active_schedule: int | None = None
     serving_host_w: dict[str, float] = field(default_factory=dict)
     """Each node's non-GPU power when last seen serving: a drained node in standby
     measures far less, and undraining it brings the serving figure back."""
@@ -54,6 +56,7 @@ class Controller:
         forget_after_s: float = 3600.0,
         ceilings: Ceilings | None = None,
         drains: DrainSettings | None = None,
+        reaction_s: float = 0.0,
     ) -> None:
         self.store = store
         self.forget_after_s = forget_after_s
@@ -63,6 +66,8 @@ class Controller:
         """Latency ceilings per node; None when no SLO is configured."""
         self.drains = drains
         """Drain decisions; None: the controller never drains."""
+        self.reaction_s = reaction_s
+        """How far ahead a scheduled budget step is applied, so it is met when due."""
         self.state = ControllerState()
 
     def _snapshot(self, now: float) -> Snapshot:
@@ -71,7 +76,7 @@ class Controller:
     def tick(self, now: float, snap: Snapshot | None = None, periodic: bool = True) -> Plan | None:
         """Plan and write targets. Only the periodic tick moves latency ceilings: the
         emergency re-plan between periods reuses them, so their pace stays the period's."""
-        snap = snap or self._snapshot(now)
+        snap = self._with_schedules(snap or self._snapshot(now), now)
         self.state.last_tick_ts = now
         if snap.budget_w is None and self.ceilings is None:
             if not self.state.no_budget_warned:
@@ -100,7 +105,7 @@ class Controller:
     def guard(self, now: float) -> Plan | None:
         """The emergency path, run between control periods: when measured facility power
         is over the budget, re-plan at once on the measurement instead of waiting."""
-        snap = self._snapshot(now)
+        snap = self._with_schedules(self._snapshot(now), now)
         if snap.budget_w is None:
             return None
         nodes, gpus = planning_inputs(snap, self.forget_after_s)
@@ -114,6 +119,22 @@ class Controller:
             "facility at %.0f W over its %.0f W budget: re-planning now", measured, snap.budget_w
         )
         return self.tick(now, snap, periodic=False)
+
+    def _with_schedules(self, snap: Snapshot, now: float) -> Snapshot:
+        """The snapshot with the budget in force: the standing one, or a scheduled window's
+        when lower (looking ahead by the reaction time)."""
+        schedules = [s for s in self.store.schedules() if s.scope == FACILITY]
+        if not schedules:
+            return snap
+        budget, source = effective_budget(snap.budget_w, schedules, now, self.reaction_s)
+        active = None if source is None else source.id
+        if active != self.state.active_schedule:
+            if source is not None:
+                log.warning("budget schedule %d in force: %.0f W", source.id, source.limit_w)
+            else:
+                log.warning("budget schedule ended: standing budget in force")
+            self.state.active_schedule = active
+        return replace(snap, budget_w=budget)
 
     def _drain(
         self,

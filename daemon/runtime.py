@@ -240,6 +240,7 @@ def make_controller(cfg: Config, store: Store) -> Controller:
         cfg.controller.forget_after_s,
         ceilings=ceilings,
         drains=drains,
+        reaction_s=cfg.controller.interval_s + cfg.agent.interval_s,
     )
 
 

@@ -19,6 +19,7 @@ from pg import PgServer
 from wattkeeper.clock import SimClock
 from wattkeeper.collectors.gpu import GpuInfo, GpuSample, PowerLimitConstraints
 from wattkeeper.config import load_config
+from wattkeeper.policies.schedule import Schedule
 from wattkeeper.runtime import build_simulated, open_store
 from wattkeeper.simulator.facility import FacilitySpec
 from wattkeeper.store.db import StoreError, make_engine, upgrade
@@ -70,6 +71,11 @@ CALLS = {
     "prune": lambda s: s.prune(NOW - 3600),
     "get_budget": lambda s: s.get_budget(),
     "set_budget": lambda s: s.set_budget(5000.0, "test", NOW),
+    "add_schedule": lambda s: s.add_schedule(
+        Schedule(0, "facility", 4000.0, 3600.0, cron="0 17 * * 1-5"), "test", NOW
+    ),
+    "schedules": lambda s: s.schedules(),
+    "remove_schedule": lambda s: s.remove_schedule(1, "test", NOW),
     "write_targets": lambda s: s.write_targets([TargetSpec("GPU-err-0", 400.0)], NOW, 30.0),
     "targets_for_node": lambda s: s.targets_for_node("n0"),
     "audit": lambda s: s.audit("test", "x.y", "n0", {}, NOW),

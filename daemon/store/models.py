@@ -136,6 +136,22 @@ class Budget(Base):
     updated_by: Mapped[str] = mapped_column(String(255))
 
 
+class BudgetSchedule(Base):
+    """A budget that holds during a window: once (``at_ts``) or on a cron schedule."""
+
+    __tablename__ = "budget_schedules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(255))
+    limit_w: Mapped[float] = mapped_column(Float)
+    duration_s: Mapped[float] = mapped_column(Float)
+    cron: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    at_ts: Mapped[float | None] = mapped_column(Float, nullable=True)
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(255))
+
+
 class Target(Base):
     __tablename__ = "targets"
     __table_args__ = (UniqueConstraint("gpu_id"),)

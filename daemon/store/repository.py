@@ -34,10 +34,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from wattkeeper.collectors.gpu import GpuInfo, GpuSample
+from wattkeeper.policies.schedule import Schedule
 from wattkeeper.store.db import StoreError, engine_name, error_line
 from wattkeeper.store.models import (
     AuditEntry,
     Budget,
+    BudgetSchedule,
     Gpu,
     GpuSampleRow,
     HostSampleRow,
@@ -414,6 +416,72 @@ class Store:
                 )
             )
             return previous
+
+    def add_schedule(self, schedule: Schedule, actor: str, now: float) -> int:
+        """Store a budget schedule (its ``id`` is ignored) and audit it; returns its id."""
+        with self.session() as s, s.begin():
+            row = BudgetSchedule(
+                scope=schedule.scope,
+                limit_w=schedule.limit_w,
+                duration_s=schedule.duration_s,
+                cron=schedule.cron,
+                at_ts=schedule.at_ts,
+                timezone=schedule.timezone,
+                created_at=now,
+                created_by=actor,
+            )
+            s.add(row)
+            s.flush()
+            detail = {
+                "limit_w": schedule.limit_w,
+                "duration_s": schedule.duration_s,
+                "cron": schedule.cron,
+                "at_ts": schedule.at_ts,
+                "timezone": schedule.timezone,
+            }
+            s.add(
+                AuditEntry(
+                    ts=now,
+                    actor=actor,
+                    action="budget.schedule.add",
+                    subject=schedule.scope,
+                    detail={"id": row.id, **detail},
+                )
+            )
+            return row.id
+
+    def schedules(self) -> list[Schedule]:
+        with self.session() as s:
+            return [
+                Schedule(
+                    id=r.id,
+                    scope=r.scope,
+                    limit_w=r.limit_w,
+                    duration_s=r.duration_s,
+                    cron=r.cron,
+                    at_ts=r.at_ts,
+                    timezone=r.timezone,
+                )
+                for r in s.scalars(select(BudgetSchedule).order_by(BudgetSchedule.id))
+            ]
+
+    def remove_schedule(self, schedule_id: int, actor: str, now: float) -> bool:
+        """Delete a schedule and audit it; False when there is none with that id."""
+        with self.session() as s, s.begin():
+            row = s.get(BudgetSchedule, schedule_id)
+            if row is None:
+                return False
+            s.delete(row)
+            s.add(
+                AuditEntry(
+                    ts=now,
+                    actor=actor,
+                    action="budget.schedule.remove",
+                    subject=row.scope,
+                    detail={"id": schedule_id, "limit_w": row.limit_w},
+                )
+            )
+            return True
 
     def write_targets(
         self, specs: Sequence[TargetSpec], now: float, lease_s: float, actor: str = "controller"

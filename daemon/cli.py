@@ -333,7 +333,7 @@ def _run_live(rt: Any, duration_s: float | None, output: Output) -> None:
     import threading
 
     from wattkeeper.runtime import run_realtime
-    from wattkeeper.summary import facility_summary
+    from wattkeeper.summary import cost_options, facility_summary
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -343,7 +343,10 @@ def _run_live(rt: Any, duration_s: float | None, output: Output) -> None:
         # The same moment and clock as `status` on this store, so the two agree.
         as_of, clock = _status_moment(rt.store)
         return facility_summary(
-            rt.store.snapshot(as_of), stale_after_s=rt.cfg.controller.stale_after_s, clock=clock
+            rt.store.snapshot(as_of),
+            stale_after_s=rt.cfg.controller.stale_after_s,
+            clock=clock,
+            **cost_options(rt.cfg, as_of),
         )
 
     if output is Output.json:
@@ -383,6 +386,11 @@ def _live_table(s: dict) -> Any:
         + (f" ({used:.0%})" if used is not None else "")
         + (f" | {s['tokens_per_s']:,.0f} tok/s" if s["tokens_per_s"] is not None else " | - tok/s")
         + (f" | {s['tokens_per_joule']:.3f} tok/J" if s["tokens_per_joule"] else " | - tok/J")
+        + (
+            f" | {s['cost_per_million_tokens']:.4g} per M tokens"
+            if s.get("cost_per_million_tokens") is not None
+            else ""
+        )
         + (f" | {s['stale_nodes']} node(s) silent, not counted" if s["stale_nodes"] else "")
     )
     t = Table(title=title)
@@ -414,7 +422,7 @@ def status(
 ) -> None:
     """Facility power against budget, tokens/s and tokens/J, per node (and per GPU)."""
     from wattkeeper.store.db import StoreError
-    from wattkeeper.summary import facility_summary
+    from wattkeeper.summary import cost_options, facility_summary
 
     cfg = _config(config)
     store = _store(cfg, db)
@@ -425,6 +433,7 @@ def status(
             with_gpus=gpus,
             stale_after_s=cfg.controller.stale_after_s,
             clock=clock,
+            **cost_options(cfg, as_of),
         )
     except StoreError as exc:
         fail(str(exc))

@@ -172,12 +172,40 @@ class SloConfig(_Section):
         return self.ttft_s is not None and self.tpot_s is not None
 
 
+class CostConfig(_Section):
+    """What energy costs, for cost per million tokens in `status` and the exporter."""
+
+    price_per_kwh: float | None = Field(default=None, ge=0)
+    """Price of a kWh drawn from the grid (any currency); unset: no cost figures."""
+    hourly_price_per_kwh: list[float] | None = None
+    """24 prices, one per hour of the day in controller.timezone; overrides the flat one."""
+    pue: float = Field(default=1.0, ge=1.0, le=5.0)
+    """Power usage effectiveness: grid power per watt the IT equipment draws."""
+
+    @field_validator("hourly_price_per_kwh")
+    @classmethod
+    def _one_per_hour(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (len(value) != 24 or min(value) < 0):
+            raise ValueError("24 prices, one per hour from 00:00, none negative")
+        return value
+
+    def price_at(self, ts: float, timezone: str) -> float | None:
+        if self.hourly_price_per_kwh is not None:
+            import datetime as dt
+            from zoneinfo import ZoneInfo
+
+            hour = dt.datetime.fromtimestamp(ts, ZoneInfo(timezone)).hour
+            return self.hourly_price_per_kwh[hour]
+        return self.price_per_kwh
+
+
 class Config(_Section):
     store: StoreConfig = StoreConfig()
     agent: AgentConfig = AgentConfig()
     controller: ControllerConfig = ControllerConfig()
     metrics: MetricsConfig = MetricsConfig()
     slo: SloConfig = SloConfig()
+    cost: CostConfig = CostConfig()
 
     @model_validator(mode="after")
     def _timings_fit_together(self) -> Config:

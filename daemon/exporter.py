@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from wattkeeper import __version__
 from wattkeeper.collectors.gpu import THROTTLE_REASONS
 from wattkeeper.store.db import StoreError
-from wattkeeper.summary import facility_summary
+from wattkeeper.summary import cost_options, facility_summary
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -473,7 +473,11 @@ class WattkeeperCollector(Collector):
             value=time.perf_counter() - t0,
         )
         if snap is not None:
-            summary = facility_summary(snap, stale_after_s=self.rt.cfg.controller.stale_after_s)
+            summary = facility_summary(
+                snap,
+                stale_after_s=self.rt.cfg.controller.stale_after_s,
+                **cost_options(self.rt.cfg, snap.ts),
+            )
             yield from _facility(snap, summary)
 
 
@@ -531,6 +535,18 @@ def _facility(snap: Snapshot, s: dict) -> Iterator[Metric]:
             node_tpj.add_metric([n["name"]], n["tokens_per_joule"])
     yield node_tpj
     yield drained
+    cost = _gauge(
+        "wattkeeper_cost_per_million_tokens",
+        "Energy cost of a million generated tokens at the present rate (cost.price_per_kwh"
+        ' and cost.pue); node="" for the facility. Absent without a price.',
+        ["node"],
+    )
+    if s["cost_per_million_tokens"] is not None:
+        cost.add_metric([""], s["cost_per_million_tokens"])
+    for n in s["nodes"]:
+        if n["cost_per_million_tokens"] is not None:
+            cost.add_metric([n["name"]], n["cost_per_million_tokens"])
+    yield cost
     yield from _node_latency(snap)
     target = _gauge(
         "wattkeeper_gpu_target_power_limit_watts",

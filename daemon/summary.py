@@ -20,18 +20,38 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
+def cost_options(cfg: Any, ts: float) -> dict[str, Any]:
+    """``facility_summary``'s price and PUE from the configuration, at moment ``ts``."""
+    return {
+        "price_per_kwh": cfg.cost.price_at(ts, cfg.controller.timezone),
+        "pue": cfg.cost.pue,
+    }
+
+
 def facility_summary(
     snap: Snapshot,
     *,
     with_gpus: bool = False,
     stale_after_s: float = float("inf"),
     clock: str = "wall",
+    price_per_kwh: float | None = None,
+    pue: float = 1.0,
 ) -> dict[str, Any]:
     """Totals count only nodes heard from within ``stale_after_s``; a silent node is
     listed with its last values and ``stale: true``, never added in as if current.
 
     Ages and staleness are judged at ``snap.ts``: the wall clock for real nodes, the
-    simulated run's last moment for a simulation (``clock``, reported as is)."""
+    simulated run's last moment for a simulation (``clock``, reported as is).
+
+    With ``price_per_kwh`` (the price in force at ``snap.ts``), cost per million tokens
+    at the present rate: facility-side power (IT power times ``pue``) over tokens/s."""
+
+    def cost(power_w: float, tps: float | None) -> float | None:
+        if price_per_kwh is None or not tps:
+            return None
+        per_s = power_w * pue / 3.6e6 * price_per_kwh
+        return round(per_s / tps * 1e6, 4)
+
     now = snap.ts
     by_node: dict[str, list] = {}
     for g in snap.gpus:
@@ -71,6 +91,7 @@ def facility_summary(
             "non_gpu_power_source": n.power_source,
             "tokens_per_s": None if tps is None else round(tps, 1),
             "tokens_per_joule": _round(_ratio(tps, gpu_w + host_w)),
+            "cost_per_million_tokens": cost(gpu_w + host_w, tps),
             "endpoints_up": n.endpoints_up,
             "endpoints": n.endpoints_total,
             "sample_age_s": None if node_newest is None else round(now - node_newest, 1),
@@ -108,6 +129,8 @@ def facility_summary(
         "budget_used_ratio": _round(_ratio(facility_w, snap.budget_w)),
         "tokens_per_s": None if tps_total is None else round(tps_total, 1),
         "tokens_per_joule": _round(_ratio(tps_total, facility_w)),
+        "price_per_kwh": price_per_kwh,
+        "cost_per_million_tokens": cost(facility_w, tps_total),
         "newest_sample_age_s": None if newest is None else round(now - newest, 1),
         "stale_nodes": stale_nodes,
         "nodes": nodes,

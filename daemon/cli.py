@@ -612,16 +612,22 @@ def _status_moment(store: Any) -> tuple[float, str]:
 # -- budget ------------------------------------------------------------------------------------
 @budget_app.command("set", context_settings={"ignore_unknown_options": True})
 def budget_set(
-    value: Annotated[str, typer.Argument(help="Power with a unit: W, kW or MW (e.g. 18kW).")],
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="[DOMAIN] VALUE",
+            help="The domain (default: the facility) and a power with a unit (e.g. 18kW).",
+        ),
+    ],
     force: Annotated[
         bool, typer.Option("--force", help="Set a budget below the GPUs' hardware floor anyway.")
     ] = False,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Set the facility budget; the running controller picks it up on its next tick."""
-    watts = _parse_power(value, "VALUE")
+    """Set a budget; the running controller picks it up on its next tick."""
     cfg = _config(config)
+    domain, watts = _domain_and_power(args, cfg)
     store = _store(cfg, db)
     from wattkeeper.store.db import StoreError
     from wattkeeper.units import format_power
@@ -630,13 +636,47 @@ def budget_set(
         now = time.time()
         snap = store.snapshot(now, window_s=cfg.controller.forget_after_s)
         live = {n.name for n in snap.nodes if now - n.last_seen_at <= cfg.controller.forget_after_s}
-        floors = [g.power_min_w for g in snap.gpus if g.node in live]
+        under = _domain_nodes(cfg, domain)
+        floors = [
+            g.power_min_w
+            for g in snap.gpus
+            if g.node in live and (under is None or g.node in under)
+        ]
         if not force:
             _check_floor(watts, floors)
-        previous = store.set_budget(watts, _actor(), now)
+        previous = store.set_budget(watts, _actor(), now, scope=domain)
     except StoreError as exc:
         fail(str(exc))
-    typer.echo(f"facility budget: {format_power(watts)} (was {format_power(previous)})")
+    if previous is None:  # never set at run time: the configured limit was in force
+        previous = next((d.limit for d in cfg.budget.domains if d.name == domain), None)
+    typer.echo(f"{domain} budget: {format_power(watts)} (was {format_power(previous)})")
+
+
+def _domain_and_power(args: list[str], cfg: Any) -> tuple[str, float]:
+    if len(args) not in (1, 2):
+        raise typer.BadParameter("give [DOMAIN] VALUE, e.g. '18kW' or 'rack-4 40kW'")
+    domain = args[0] if len(args) == 2 else "facility"
+    known = ["facility", *(d.name for d in cfg.budget.domains)]
+    if domain not in known:
+        fail(f"unknown budget domain {domain!r}: expected one of {', '.join(known)}")
+    return domain, _parse_power(args[-1], "VALUE")
+
+
+def _domain_nodes(cfg: Any, domain: str) -> set[str] | None:
+    """Nodes under ``domain`` (None: the facility, every node)."""
+    if domain == "facility":
+        return None
+    children: dict[str, list[str]] = {}
+    for d in cfg.budget.domains:
+        children.setdefault(d.parent, []).append(d.name)
+    nodes: set[str] = set()
+    stack = [domain]
+    while stack:
+        name = stack.pop()
+        spec = next(d for d in cfg.budget.domains if d.name == name)
+        nodes.update(spec.nodes)
+        stack.extend(children.get(name, []))
+    return nodes
 
 
 @node_app.command("drain")
@@ -723,18 +763,13 @@ def schedule_add(
     from wattkeeper.store.db import StoreError
     from wattkeeper.units import format_power
 
-    if len(args) not in (1, 2):
-        raise typer.BadParameter("give [DOMAIN] VALUE, e.g. 'facility 12kW'", param_hint="ARGS")
-    domain = args[0] if len(args) == 2 else "facility"
-    if domain != "facility":
-        fail(f"unknown budget domain {domain!r}: budgets are set for the facility")
-    watts = _parse_power(args[-1], "VALUE")
+    cfg = _config(config)
+    domain, watts = _domain_and_power(args, cfg)
     if (cron is None) == (at is None):
         raise typer.BadParameter("give exactly one of --cron and --at", param_hint="--cron/--at")
     if not for_:
         raise typer.BadParameter("say how long the window lasts, e.g. --for 3h", param_hint="--for")
     duration = _parse_duration(for_, "--for")
-    cfg = _config(config)
     zone = cfg.controller.timezone
     at_ts = None
     try:
@@ -750,9 +785,8 @@ def schedule_add(
     try:
         now = time.time()
         if not force:
-            _check_reachable(
-                watts, cfg, store.snapshot(now, window_s=cfg.controller.forget_after_s)
-            )
+            snap = store.snapshot(now, window_s=cfg.controller.forget_after_s)
+            _check_reachable(watts, cfg, snap, _domain_nodes(cfg, domain))
         new_id = store.add_schedule(schedule, _actor(), now)
     except StoreError as exc:
         fail(str(exc))
@@ -777,13 +811,18 @@ def _parse_at(value: str, zone: str) -> float:
     return moment.timestamp()
 
 
-def _check_reachable(watts: float, cfg: Any, snap: Any) -> None:
-    """A budget below what the facility draws with every node it may drain drained (one
+def _check_reachable(watts: float, cfg: Any, snap: Any, under: set[str] | None) -> None:
+    """A budget below what its nodes draw with every node it may drain drained (one
     node left at its GPUs' floors and its host power) cannot be met: refuse it."""
     from wattkeeper.units import format_power
 
     now = snap.ts
-    live = [n for n in snap.nodes if now - n.last_seen_at <= cfg.controller.forget_after_s]
+    live = [
+        n
+        for n in snap.nodes
+        if now - n.last_seen_at <= cfg.controller.forget_after_s
+        and (under is None or n.name in under)
+    ]
     if not live:
         return
     host_default = cfg.agent.host.idle_w + cfg.agent.host.per_cpu_util_w
@@ -876,7 +915,8 @@ def schedule_remove(
 def budget_show(
     output: OutputOpt = Output.table, db: DbOpt = None, config: ConfigOpt = None
 ) -> None:
-    """Show the facility budget, who set it and when."""
+    """Every budget as a tree: the facility and its domains, the limit in force at each
+    level (set, configured or scheduled), the power measured under it and the headroom."""
     cfg = _config(config)
     store = _store(cfg, db)
     from wattkeeper.policies.schedule import effective_budget
@@ -885,19 +925,45 @@ def budget_show(
 
     try:
         row = store.get_budget()
+        stored = store.budgets()
         schedules = store.schedules()
+        as_of, _ = _status_moment(store)
+        snap = store.snapshot(as_of, window_s=max(60.0, 3 * cfg.controller.stale_after_s))
     except StoreError as exc:
         fail(str(exc))
-    standing = row.limit_w if row else None
-    in_force, source = effective_budget(standing, schedules, time.time(), 0.0)
+    now = time.time()
+    node_power: dict[str, float] = {n.name: n.non_gpu_power_w or 0.0 for n in snap.nodes}
+    for g in snap.gpus:
+        node_power[g.node] = node_power.get(g.node, 0.0) + (g.power_w or 0.0)
+
+    def level(name: str, parent: str | None, standing: float | None) -> dict[str, Any]:
+        mine = [s for s in schedules if s.scope == name]
+        in_force, source = effective_budget(standing, mine, now, 0.0)
+        under = _domain_nodes(cfg, name)
+        power = sum(w for n, w in node_power.items() if under is None or n in under)
+        return {
+            "name": name,
+            "parent": parent,
+            "budget_w": standing,
+            "in_force_w": in_force,
+            "in_force_schedule": None if source is None else source.id,
+            "power_w": round(power, 1),
+            "headroom_w": None if in_force is None else round(in_force - power, 1),
+        }
+
+    facility = level("facility", None, row.limit_w if row else None)
+    domains = [level(d.name, d.parent, stored.get(d.name, d.limit)) for d in cfg.budget.domains]
     data = {
         "format_version": 1,
         "scope": "facility",
-        "budget_w": standing,
+        "budget_w": facility["budget_w"],
         "updated_at": row.updated_at if row else None,
         "updated_by": row.updated_by if row else None,
-        "in_force_w": in_force,
-        "in_force_schedule": None if source is None else source.id,
+        "in_force_w": facility["in_force_w"],
+        "in_force_schedule": facility["in_force_schedule"],
+        "power_w": facility["power_w"],
+        "headroom_w": facility["headroom_w"],
+        "domains": domains,
     }
     if output is Output.json:
         _emit_json(data)
@@ -909,8 +975,26 @@ def budget_show(
         typer.echo(
             f"facility budget: {format_power(row.limit_w)} (set by {row.updated_by} at {when})"
         )
-    if source is not None:
-        typer.echo(f"in force now: {format_power(in_force)} (schedule {source.id})")
+
+    def line(item: dict[str, Any], depth: int) -> None:
+        limit = item["in_force_w"]
+        sched = item["in_force_schedule"]
+        typer.echo(
+            f"{'  ' * depth}{item['name']}: {format_power(limit)}"
+            + (f" (schedule {sched})" if sched is not None else "")
+            + f", drawing {format_power(item['power_w'])}"
+            + (
+                ""
+                if item["headroom_w"] is None
+                else f", headroom {format_power(item['headroom_w'])}"
+            )
+        )
+        for child in domains:
+            if child["parent"] == item["name"]:
+                line(child, depth + 1)
+
+    if domains or facility["in_force_schedule"] is not None:
+        line(facility, 0)
 
 
 # -- audit --------------------------------------------------------------------------------------

@@ -172,6 +172,49 @@ class SloConfig(_Section):
         return self.ttft_s is not None and self.tpot_s is not None
 
 
+class DomainConfig(_Section):
+    """A budget domain below the facility: a room, PDU or rack."""
+
+    name: str = Field(min_length=1)
+    parent: str = "facility"
+    limit: PowerW | None = None
+    """Its budget unless one is set at run time (wattkeeper budget set NAME VALUE)."""
+    nodes: list[str] = Field(default_factory=list)
+    """Nodes directly under it; a node in no domain is directly under the facility."""
+
+
+class BudgetConfig(_Section):
+    domains: list[DomainConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _a_tree(self) -> BudgetConfig:
+        names = [d.name for d in self.domains]
+        seen: set[str] = set()
+        for name in names:
+            if name == "facility" or name in seen:
+                raise ValueError(f"budget domain {name!r} is defined twice (or is 'facility')")
+            seen.add(name)
+        placed: dict[str, str] = {}
+        for d in self.domains:
+            if d.parent != "facility" and d.parent not in seen:
+                raise ValueError(f"budget domain {d.name!r}: unknown parent {d.parent!r}")
+            for node in d.nodes:
+                if node in placed:
+                    raise ValueError(
+                        f"node {node!r} is in budget domains {placed[node]!r} and {d.name!r}"
+                    )
+                placed[node] = d.name
+        parent = {d.name: d.parent for d in self.domains}
+        for name in names:
+            chain, at = [name], parent[name]
+            while at != "facility":
+                if at in chain:
+                    raise ValueError(f"budget domains form a cycle: {' > '.join([*chain, at])}")
+                chain.append(at)
+                at = parent[at]
+        return self
+
+
 class CostConfig(_Section):
     """What energy costs, for cost per million tokens in `status` and the exporter."""
 
@@ -206,6 +249,7 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     slo: SloConfig = SloConfig()
     cost: CostConfig = CostConfig()
+    budget: BudgetConfig = BudgetConfig()
 
     @model_validator(mode="after")
     def _timings_fit_together(self) -> Config:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from wattkeeper.policies.drain import DrainNode, DrainSettings, decide
 from wattkeeper.policies.plan import (
+    Domain,
     Plan,
     PlanGpu,
     PlanNode,
@@ -15,7 +17,7 @@ from wattkeeper.policies.plan import (
     fresh_node_power,
     plan,
 )
-from wattkeeper.policies.schedule import effective_budget
+from wattkeeper.policies.schedule import Schedule, effective_budget
 from wattkeeper.policies.slo import Ceilings, NodeLatency
 from wattkeeper.store.repository import FACILITY, Snapshot, Store, TargetSpec
 
@@ -57,6 +59,7 @@ class Controller:
         ceilings: Ceilings | None = None,
         drains: DrainSettings | None = None,
         reaction_s: float = 0.0,
+        domains: Sequence[Domain] = (),
     ) -> None:
         self.store = store
         self.forget_after_s = forget_after_s
@@ -66,6 +69,10 @@ class Controller:
         """Latency ceilings per node; None when no SLO is configured."""
         self.drains = drains
         """Drain decisions; None: the controller never drains."""
+        self.domains = tuple(domains)
+        """Budget domains below the facility, with their configured limits (the store's,
+        set at run time, take precedence)."""
+        self._schedules: list[Schedule] = []
         self.reaction_s = reaction_s
         """How far ahead a scheduled budget step is applied, so it is met when due."""
         self.state = ControllerState()
@@ -94,7 +101,7 @@ class Controller:
         settings = self.settings
         if self.state.coupling is not None and self.state.coupling > settings.non_gpu_w_per_gpu_w:
             settings = replace(settings, non_gpu_w_per_gpu_w=self.state.coupling)
-        result = plan(nodes, gpus, snap.budget_w, settings)
+        result = plan(nodes, gpus, snap.budget_w, settings, self._domain_limits(now))
         self.state.last_plan = result
         specs = [TargetSpec(t.uuid, t.power_limit_w, reason=t.reason) for t in result.targets]
         self.state.targets_changed += self.store.write_targets(specs, now, self.lease_s)
@@ -123,7 +130,8 @@ class Controller:
     def _with_schedules(self, snap: Snapshot, now: float) -> Snapshot:
         """The snapshot with the budget in force: the standing one, or a scheduled window's
         when lower (looking ahead by the reaction time)."""
-        schedules = [s for s in self.store.schedules() if s.scope == FACILITY]
+        self._schedules = self.store.schedules()
+        schedules = [s for s in self._schedules if s.scope == FACILITY]
         if not schedules:
             return snap
         budget, source = effective_budget(snap.budget_w, schedules, now, self.reaction_s)
@@ -135,6 +143,20 @@ class Controller:
                 log.warning("budget schedule ended: standing budget in force")
             self.state.active_schedule = active
         return replace(snap, budget_w=budget)
+
+    def _domain_limits(self, now: float) -> list[Domain]:
+        """Each domain's budget in force: set at run time, else configured, lowered by
+        any of its schedules' windows."""
+        if not self.domains:
+            return []
+        stored = self.store.budgets()
+        out = []
+        for d in self.domains:
+            standing = stored.get(d.name, d.limit_w)
+            mine = [s for s in self._schedules if s.scope == d.name]
+            limit, _ = effective_budget(standing, mine, now, self.reaction_s)
+            out.append(replace(d, limit_w=limit))
+        return out
 
     def _drain(
         self,

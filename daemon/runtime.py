@@ -19,7 +19,7 @@ from wattkeeper.collectors.drain import CommandDrain, DrainActuator
 from wattkeeper.config import Config
 from wattkeeper.controller import Controller
 from wattkeeper.policies.drain import DrainSettings
-from wattkeeper.policies.plan import PlanSettings
+from wattkeeper.policies.plan import Domain, PlanSettings
 from wattkeeper.policies.slo import Ceilings, Slo, SloSettings
 from wattkeeper.store.db import (
     StoreError,
@@ -241,6 +241,7 @@ def make_controller(cfg: Config, store: Store) -> Controller:
         ceilings=ceilings,
         drains=drains,
         reaction_s=cfg.controller.interval_s + cfg.agent.interval_s,
+        domains=[Domain(d.name, d.parent, d.limit, tuple(d.nodes)) for d in cfg.budget.domains],
     )
 
 

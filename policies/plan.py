@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from wattkeeper.policies.allocator import GpuState, allocate
+import numpy as np
+
+from wattkeeper.policies.allocator import GpuState, estimate_demand_w
+from wattkeeper.policies.budget_tree import BudgetTree, TreeAllocation, allocate_tree
 
 
 @dataclass(frozen=True)
@@ -68,47 +71,70 @@ class Plan:
     explanation: str
 
 
+@dataclass(frozen=True)
+class Domain:
+    """A budget below the facility's: a room, PDU or rack, holding nodes and domains."""
+
+    name: str
+    parent: str
+    """Its parent domain's name; ``FACILITY`` for a top-level one."""
+    limit_w: float | None
+    """None: it only groups (no limit of its own)."""
+    nodes: tuple[str, ...] = ()
+
+
+FACILITY = "facility"
+
+
 def plan(
-    nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float | None, s: PlanSettings
+    nodes: list[PlanNode],
+    gpus: list[PlanGpu],
+    budget_w: float | None,
+    s: PlanSettings,
+    domains: Sequence[Domain] = (),
 ) -> Plan:
     """Per-GPU power limits that keep facility power under ``budget_w`` (None: no
-    budget) and each GPU under its latency ceiling.
+    budget), every domain under its own limit, and each GPU under its latency ceiling.
 
-    Stale GPUs (no sample younger than ``stale_after_s``) keep their current target and
-    count at that target: a controller that cannot see a GPU does not relax its cap.
+    One water-filling for all of it (``policies/budget_tree.py``): GPUs rise to a common
+    level, a budget that fills freezes its subtree, and each node's non-GPU power counts
+    against every budget above it. Stale GPUs (no sample younger than
+    ``stale_after_s``) keep their current target and count at that target in their
+    node: a controller that cannot see a GPU does not relax its cap.
     """
-    non_gpu = 0.0
+    overhead: dict[str, float] = {}
     for n in nodes:
         measured = n.non_gpu_power_w if s.is_fresh(n.sample_age_s) else None
         if measured is None and n.drained and s.drained_node_w is not None:
             measured = s.drained_node_w  # powered down: its agent cannot report
-        non_gpu += measured if measured is not None else s.default_node_overhead_w
-    usable = math.inf if budget_w is None else budget_w * (1 - s.margin_ratio) - non_gpu
-    drawn = sum(fresh_gpu_power(gpus, s))
-    if usable > drawn:
-        # Raising GPU power raises non-GPU power too: G + H0 + k (G - G0) <= B'.
-        usable = drawn + (usable - drawn) / (1 + s.non_gpu_w_per_gpu_w)
+        overhead[n.name] = measured if measured is not None else s.default_node_overhead_w
+    non_gpu = sum(overhead.values())
     stale: list[PlanGpu] = []
     fresh_gpus: list[PlanGpu] = []
     targets: list[PlanTarget] = []
     drained = {n.name for n in nodes if n.drained}
+    held = dict.fromkeys(overhead, 0.0)  # GPU watts a node holds outside the water-filling
     for g in gpus:
+        held.setdefault(g.node, 0.0)
+        overhead.setdefault(g.node, s.default_node_overhead_w)
         if g.node in drained:
             # Out of service: at the floor until it empties, budgeted at what it draws
             # (nothing once its actuator powered it down).
             targets.append(PlanTarget(g.uuid, g.min_w, "node drained: held at the floor"))
             fresh = g.power_w is not None and s.is_fresh(g.sample_age_s)
             if fresh and g.power_w is not None:
-                usable -= min(g.power_w, g.max_w)
+                held[g.node] += min(g.power_w, g.max_w)
             elif s.drained_node_w is None:
-                usable -= g.min_w  # may still be powered and at its floor
+                held[g.node] += g.min_w  # may still be powered and at its floor
             # else: powered down, counted in the node's standby power
             continue
-        (fresh_gpus if s.is_fresh(g.sample_age_s) else stale).append(g)
-    for g in stale:
+        if s.is_fresh(g.sample_age_s):
+            fresh_gpus.append(g)
+            continue
+        stale.append(g)
         if g.target_w is None and g.limit_w is None:
             targets.append(PlanTarget(g.uuid, g.min_w, "never sampled: held at the floor"))
-            usable -= g.min_w
+            held[g.node] += g.min_w
             continue
         keep = g.target_w if g.target_w is not None else g.limit_w
         assert keep is not None
@@ -117,24 +143,110 @@ def plan(
         # Budget the larger of what we asked and what the GPU last had: a cleanly
         # stopped agent restores its GPUs above their target, a crashed one leaves the
         # target in force; either way that is what the GPU may draw now.
-        usable -= min(max(keep, g.limit_w or 0.0), g.max_w)
-    tops = [g.max_w if g.ceiling_w is None else min(g.max_w, g.ceiling_w) for g in fresh_gpus]
-    result = allocate(
-        [
-            GpuState(g.uuid, g.min_w, top, g.power_w, g.limit_w, g.power_capped)
-            for g, top in zip(fresh_gpus, tops, strict=True)
-        ],
-        usable,
+        held[g.node] += min(max(keep, g.limit_w or 0.0), g.max_w)
+
+    # The facility: raising GPU power raises non-GPU power too, G + H0 + k (G - G0) <= B',
+    # so the GPUs' share above today's draw shrinks by 1 + k.
+    usable = math.inf if budget_w is None else budget_w * (1 - s.margin_ratio) - non_gpu
+    drawn = sum(fresh_gpu_power(fresh_gpus, s))
+    if usable > drawn:
+        usable = drawn + (usable - drawn) / (1 + s.non_gpu_w_per_gpu_w)
+    usable -= sum(held.values())
+
+    tree, node_index = _tree(domains, overhead, held, usable, s)
+    tops = np.array(
+        [g.max_w if g.ceiling_w is None else min(g.max_w, g.ceiling_w) for g in fresh_gpus]
     )
-    for g, top, a in zip(fresh_gpus, tops, result.allocations, strict=True):
-        at_ceiling = top < g.max_w and a.limit_w >= math.floor(top)
-        reason = f"latency ceiling {top:.0f} W: {g.ceiling_reason}" if at_ceiling else a.reason
-        targets.append(PlanTarget(a.uuid, a.limit_w, reason))
-    held = "no budget" if budget_w is None else f"budget {budget_w:.0f} W"
-    explanation = f"{held}, non-GPU {non_gpu:.0f} W, margin {s.margin_ratio:.0%}: {result.summary}"
+    mins = np.array([g.min_w for g in fresh_gpus])
+    demand = np.array(
+        [
+            min(top, estimate_demand_w(GpuState(g.uuid, g.min_w, top, g.power_w, g.limit_w,
+                                                g.power_capped)))
+            for g, top in zip(fresh_gpus, tops, strict=True)
+        ]
+    )  # fmt: skip
+    leaf = np.array([node_index[g.node] for g in fresh_gpus], dtype=np.int64)
+    # Demand first (a GPU drawing less than its share keeps headroom above its draw),
+    # then what demand left over, up to each GPU's ceiling.
+    first = allocate_tree(tree, leaf, mins, demand)
+    second = allocate_tree(tree, leaf, first.limits_w, tops) if fresh_gpus else first
+    for i, g in enumerate(fresh_gpus):
+        limit = float(second.limits_w[i])
+        targets.append(
+            PlanTarget(
+                g.uuid,
+                max(g.min_w, float(np.floor(limit))),
+                _why(g, limit, float(tops[i]), float(demand[i]), second, tree, i),
+            )
+        )
+    infeasible = first.infeasible or second.infeasible
+    said = "no budget" if budget_w is None else f"budget {budget_w:.0f} W"
+    explanation = f"{said}, non-GPU {non_gpu:.0f} W, margin {s.margin_ratio:.0%}: "
+    if infeasible:
+        explanation += "; ".join(b.reason for b in infeasible) + (
+            "; draining nodes is the remaining lever"
+        )
+    elif np.isfinite(usable):
+        explanation += f"{len(fresh_gpus)} GPUs share {usable:.0f} W"
+    else:
+        explanation += f"{len(fresh_gpus)} GPUs at their ceilings"
     if stale:
         explanation += f"; {len(stale)} GPU(s) without fresh samples held at their cap"
-    return Plan(tuple(targets), budget_w, usable, non_gpu, result.feasible, len(stale), explanation)
+    return Plan(tuple(targets), budget_w, usable, non_gpu, not infeasible, len(stale), explanation)
+
+
+def _tree(
+    domains: Sequence[Domain],
+    overhead: dict[str, float],
+    held: dict[str, float],
+    usable: float,
+    s: PlanSettings,
+) -> tuple[BudgetTree, dict[str, int]]:
+    """Facility, domains and one leaf per node (its non-GPU power and held GPU watts as
+    overhead). The facility's limit is what its GPUs may share plus all overhead, so its
+    capacity for the water-filling is exactly ``usable``; a domain keeps the same margin."""
+    names = [FACILITY] + [d.name for d in domains]
+    index = {name: i for i, name in enumerate(names)}
+    parents = [-1] + [index[d.parent] for d in domains]
+    limits = [math.inf] + [
+        math.inf if d.limit_w is None else d.limit_w * (1 - s.margin_ratio) for d in domains
+    ]
+    home = {node: index[d.name] for d in domains for node in d.nodes}
+    node_index: dict[str, int] = {}
+    overheads = [0.0] * len(names)
+    for node in overhead:
+        node_index[node] = len(names)
+        names.append(f"node:{node}")
+        parents.append(home.get(node, 0))
+        limits.append(math.inf)
+        overheads.append(overhead[node] + held.get(node, 0.0))
+    total_overhead = sum(overheads)
+    limits[0] = usable + total_overhead if np.isfinite(usable) else math.inf
+    return BudgetTree.from_parents(names, parents, limits, overheads), node_index
+
+
+def _why(
+    g: PlanGpu,
+    limit: float,
+    top: float,
+    demand: float,
+    alloc: TreeAllocation,
+    tree: BudgetTree,
+    i: int,
+) -> str:
+    holder = int(alloc.limited_by[i])
+    if holder >= 0 and limit < top - 1e-6:
+        name = tree.names[holder]
+        if np.isneginf(alloc.node_level_w[holder]):
+            return f"budget {name} is below its GPUs' floors: held at the floor"
+        return f"budget {name} holds it at {limit:.0f} W"
+    if top < g.max_w and limit >= top - 1e-6:
+        return f"latency ceiling {top:.0f} W: {g.ceiling_reason}"
+    if limit >= g.max_w - 1e-6:
+        return "uncapped: the budgets allow the maximum"
+    if demand < top - 1e-6:
+        return f"draws {g.power_w or 0:.0f} W: limit {limit:.0f} W leaves headroom"
+    return f"limit {limit:.0f} W"
 
 
 def fresh_gpu_power(gpus: list[PlanGpu], s: PlanSettings) -> Iterator[float]:

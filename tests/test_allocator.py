@@ -1,21 +1,27 @@
 import numpy as np
 import pytest
 
-from wattkeeper.policies.allocator import GpuState, allocate, water_fill
-from wattkeeper.policies.plan import PlanGpu, PlanNode, PlanSettings, plan
+from wattkeeper.policies.allocator import GpuState
+from wattkeeper.policies.plan import Plan, PlanGpu, PlanNode, PlanSettings, plan
 
 
 def h100(uuid, power=None, limit=700.0, capped=False):
     return GpuState(uuid, 200.0, 700.0, power, limit, capped)
 
 
-def test_water_fill_hits_the_total_within_bounds():
-    lower = np.array([200.0, 200, 200])
-    upper = np.array([700.0, 300, 700])
-    out = water_fill(lower, upper, 1000.0)
-    assert out.sum() == pytest.approx(1000.0)
-    assert out[1] == pytest.approx(300.0)
-    assert out[0] == pytest.approx(out[2])
+class Split:
+    """The plan for ``gpus`` on one node with no host power, no margin and no coupling:
+    what the GPUs may share is exactly ``budget``."""
+
+    def __init__(self, gpus: list[GpuState], budget: float) -> None:
+        node = [PlanNode("n", 0.0, 0.0)]
+        plan_gpus = [
+            PlanGpu(g.uuid, "n", g.min_w, g.max_w, g.power_w, g.limit_w, None, 0.0, g.power_capped)
+            for g in gpus
+        ]
+        settings = PlanSettings(margin_ratio=0.0, non_gpu_w_per_gpu_w=0.0)
+        self.plan: Plan = plan(node, plan_gpus, budget, settings)
+        self.limits = {t.uuid: t.power_limit_w for t in self.plan.targets}
 
 
 def test_sum_of_limits_never_exceeds_the_gpu_budget():
@@ -26,8 +32,7 @@ def test_sum_of_limits_never_exceeds_the_gpu_budget():
             for i in range(16)
         ]
         budget = float(rng.uniform(3300, 11000))
-        res = allocate(gpus, budget)
-        limits = [a.limit_w for a in res.allocations]
+        limits = list(Split(gpus, budget).limits.values())
         assert sum(limits) <= budget + 1e-6
         assert all(200.0 <= x <= 700.0 for x in limits)
 
@@ -37,16 +42,16 @@ def test_light_gpus_keep_headroom_and_give_the_rest_to_capped_ones():
         h100("light", power=250.0, limit=400.0),
         h100("busy", power=399.0, limit=400.0, capped=True),
     ]
-    res = {a.uuid: a.limit_w for a in allocate(gpus, 1000.0).allocations}
+    res = Split(gpus, 1000.0).limits
     assert res["light"] == pytest.approx(250 * 1.1 + 25, abs=1)
     assert res["busy"] == pytest.approx(1000 - res["light"], abs=1)
 
 
 def test_budget_below_floor_holds_everyone_at_the_floor():
-    res = allocate([h100("a"), h100("b")], 300.0)
-    assert not res.feasible
-    assert [a.limit_w for a in res.allocations] == [200.0, 200.0]
-    assert "drain" in res.summary
+    res = Split([h100("a", 500.0), h100("b", 500.0)], 300.0)
+    assert not res.plan.feasible
+    assert list(res.limits.values()) == [200.0, 200.0]
+    assert "drain" in res.plan.explanation
 
 
 def test_plan_counts_non_gpu_power_and_margin():
@@ -101,7 +106,8 @@ def test_stale_gpu_restored_above_its_target_is_budgeted_at_the_restored_limit()
 
 
 def test_fractional_floor_is_never_rounded_below():
-    res = allocate(
-        [GpuState("a", 100.5, 400, None, None), GpuState("b", 100.5, 400, None, None)], 201.0
+    res = Split(
+        [GpuState("a", 100.5, 400, 300.0, 400.0), GpuState("b", 100.5, 400, 300.0, 400.0)],
+        201.0,
     )
-    assert [a.limit_w for a in res.allocations] == [100.5, 100.5]
+    assert list(res.limits.values()) == [100.5, 100.5]

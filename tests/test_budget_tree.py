@@ -5,8 +5,24 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from wattkeeper.policies.allocator import water_fill
 from wattkeeper.policies.budget_tree import BudgetTree, allocate_tree
+
+
+def water_fill(lower: np.ndarray, upper: np.ndarray, total: float) -> np.ndarray:
+    """Reference for one budget: x_i = clip(level, lower_i, upper_i) summing to total."""
+    if upper.sum() <= total:
+        return upper.copy()
+    if lower.sum() >= total:
+        return lower.copy()
+    lo, hi = float(lower.min()), float(upper.max())
+    for _ in range(200):
+        level = (lo + hi) / 2
+        if np.clip(level, lower, upper).sum() > total:
+            hi = level
+        else:
+            lo = level
+    return np.clip(lo, lower, upper)
+
 
 TOL = 1e-6
 

@@ -75,6 +75,7 @@ CALLS = {
         Schedule(0, "facility", 4000.0, 3600.0, cron="0 17 * * 1-5"), "test", NOW
     ),
     "schedules": lambda s: s.schedules(),
+    "budgets": lambda s: s.budgets(),
     "remove_schedule": lambda s: s.remove_schedule(1, "test", NOW),
     "write_targets": lambda s: s.write_targets([TargetSpec("GPU-err-0", 400.0)], NOW, 30.0),
     "targets_for_node": lambda s: s.targets_for_node("n0"),

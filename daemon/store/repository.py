@@ -417,6 +417,11 @@ class Store:
             )
             return previous
 
+    def budgets(self) -> dict[str, float]:
+        """Every budget set in the store, by scope (the facility and any domains)."""
+        with self.session() as s:
+            return {b.scope: b.limit_w for b in s.scalars(select(Budget))}
+
     def add_schedule(self, schedule: Schedule, actor: str, now: float) -> int:
         """Store a budget schedule (its ``id`` is ignored) and audit it; returns its id."""
         with self.session() as s, s.begin():

@@ -1,0 +1,139 @@
+"""Budget domains below the facility (room, PDU, rack): the plan on hand-made inputs,
+the configuration's refusals, the CLI, and a rack budget held on the simulated facility."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from wattkeeper.cli import app
+from wattkeeper.clock import SimClock
+from wattkeeper.config import ConfigError, load_config
+from wattkeeper.policies.plan import Domain, PlanGpu, PlanNode, PlanSettings, plan
+from wattkeeper.runtime import build_simulated, open_store
+from wattkeeper.simulator.facility import FacilitySpec
+from wattkeeper.store.db import make_engine, upgrade
+
+S = PlanSettings(margin_ratio=0.0, non_gpu_w_per_gpu_w=0.0)
+
+
+def gpus(node: str, n: int = 4) -> list[PlanGpu]:
+    return [
+        PlanGpu(f"{node}-{i}", node, 200.0, 700.0, 690.0, 700.0, None, 1.0, True) for i in range(n)
+    ]
+
+
+def nodes(*names: str) -> list[PlanNode]:
+    return [PlanNode(name, 1000.0, 1.0) for name in names]
+
+
+def limits(p, node: str) -> list[float]:
+    return [t.power_limit_w for t in p.targets if t.uuid.startswith(f"{node}-")]
+
+
+def test_a_rack_budget_holds_its_nodes_and_the_facility_gives_the_rest_to_others() -> None:
+    rack = [Domain("rack-a", "facility", 3000.0, ("a",))]
+    p = plan(nodes("a", "b"), gpus("a") + gpus("b"), 8000.0, S, rack)
+    # Rack a: 3 kW less its node's 1 kW of host = 500 W per GPU; the facility's 8 kW
+    # less 2 kW of hosts and rack a's 2 kW leaves b 1 kW per GPU, capped at 700 W.
+    assert limits(p, "a") == [500.0] * 4 and limits(p, "b") == [700.0] * 4
+    assert all("rack-a" in t.reason for t in p.targets if t.uuid.startswith("a-"))
+    # Without the rack both share evenly.
+    even = plan(nodes("a", "b"), gpus("a") + gpus("b"), 8000.0, S)
+    assert limits(even, "a") == limits(even, "b") == [750.0 - 50.0] * 4
+
+
+def test_nested_domains_each_hold_and_a_hopeless_one_sits_at_the_floor() -> None:
+    tree = [
+        Domain("room", "facility", 5000.0, ()),
+        Domain("rack-a", "room", None, ("a",)),
+        Domain("rack-b", "room", 1500.0, ("b",)),
+    ]
+    p = plan(nodes("a", "b", "c"), gpus("a") + gpus("b") + gpus("c"), 20_000.0, S, tree)
+    # rack-b: 1.5 kW cannot pay its 1 kW host and four 200 W floors: held at the floor.
+    assert limits(p, "b") == [200.0] * 4 and not p.feasible
+    assert "rack-b" in p.explanation
+    # The room pays a's host, b's host and floors: a gets (5000 - 2000 - 800) / 4.
+    # (whole watts, rounded down: never a fraction above what fits)
+    assert limits(p, "a") == pytest.approx([(5000 - 2000 - 800) / 4] * 4, abs=1.0)
+    assert sum(limits(p, "a")) <= 5000 - 2000 - 800
+    assert limits(p, "c") == [700.0] * 4  # outside the room, under the roomy facility
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('[[budget.domains]]\nname = "r1"\nparent = "room-9"\n', "unknown parent 'room-9'"),
+        (
+            '[[budget.domains]]\nname = "a"\nparent = "b"\n'
+            '[[budget.domains]]\nname = "b"\nparent = "a"\n',
+            "cycle",
+        ),
+        (
+            '[[budget.domains]]\nname = "a"\nnodes = ["n1"]\n'
+            '[[budget.domains]]\nname = "b"\nnodes = ["n1"]\n',
+            "node 'n1' is in budget domains 'a' and 'b'",
+        ),
+        ('[[budget.domains]]\nname = "facility"\n', "defined twice"),
+        ('[[budget.domains]]\nname = "r1"\nlimit = "-4kW"\n', "limit"),
+    ],
+)
+def test_a_bad_tree_in_the_config_is_refused_by_name(tmp_path: Path, text: str, says: str) -> None:
+    path = tmp_path / "wattkeeper.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=says):
+        load_config(path, environ={})
+
+
+TREE = """
+[[budget.domains]]
+name = "room-1"
+limit = "30kW"
+
+[[budget.domains]]
+name = "rack-a"
+parent = "room-1"
+limit = "6kW"
+nodes = ["sim-node-0"]
+"""
+
+
+def test_a_rack_budget_is_held_on_the_simulated_facility_and_shown_as_a_tree(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    config = tmp_path / "wattkeeper.toml"
+    config.write_text(TREE)
+    cfg = load_config(config, environ={})
+    upgrade(make_engine(sqlite_url))
+    store = open_store(cfg, sqlite_url)
+    start = 30_000.0
+    rt = build_simulated(cfg, store, FacilitySpec(2, 8), SimClock(start))
+    store.set_budget(40_000.0, "test", start)
+    f = rt.facility
+    node_w = []
+    for k in range(1, 91):
+        rt.clock.set(start + k)
+        f.advance_to(start + k)
+        rt.step(k % 5 == 0)
+        gpu = f.power_avg_1s()
+        node_w.append(float(gpu[:8].sum() + f.host_power[0]))
+    assert max(node_w[15:]) <= 6000.0  # after the first control periods
+    assert max(node_w[:5]) > 6000.0  # it did have to be held
+    runner = CliRunner()
+    base = ["--db", sqlite_url, "--config", str(config)]
+    r = runner.invoke(app, ["budget", "show", "-o", "json", *base])
+    assert r.exit_code == 0, r.output
+    rack = next(d for d in json.loads(r.stdout)["domains"] if d["name"] == "rack-a")
+    assert rack["parent"] == "room-1" and rack["in_force_w"] == 6000.0
+    assert 0 < rack["power_w"] <= 6000.0 and rack["headroom_w"] == pytest.approx(
+        6000.0 - rack["power_w"], abs=0.2
+    )
+    r = runner.invoke(app, ["budget", "set", "rack-a", "5kW", *base])
+    assert r.exit_code == 0 and "rack-a budget: 5.00 kW (was 6.00 kW)" in r.output
+    assert store.budgets()["rack-a"] == 5000.0
+    r = runner.invoke(app, ["budget", "set", "rack-z", "5kW", *base])
+    assert r.exit_code == 1 and "unknown budget domain 'rack-z'" in r.output
+    rt.store.engine.dispose()

@@ -1,4 +1,4 @@
-"""Plan time against fleet size: the budget-tree allocator next to today's facility plan.
+"""Plan time against fleet size: the budget-tree allocator alone, and the controller's plan.
 
 The controller plans once per tick, so this says how large a facility one controller
 core can hold at a given tick. Each fleet is facility > 4 rooms > up to 40 PDUs >
@@ -10,8 +10,9 @@ and GPUs with a mix of idle, light and capped load. Timed, median of ``--repeat`
 - ``tree alloc``: one ``allocate_tree`` pass over the arrays,
 - ``tree plan``: what a tree-aware ``plan`` would do each tick from ``PlanGpu`` objects:
   arrays from the objects, the demand estimate vectorised, then two passes (to demand,
-  then what is left up to each GPU's maximum), as ``allocator.allocate`` does,
-- ``facility plan``: today's ``policies.plan.plan`` on the same GPUs (one facility budget).
+  then what is left up to each GPU's maximum),
+- ``facility plan``: ``policies.plan.plan`` on the same GPUs and one facility budget: the
+  same tree allocation plus the stale/drained handling and a reason per GPU.
 
 One core: BLAS/OpenMP threads are set to 1 before numpy loads and the process pins
 itself to one CPU (``--no-pin`` to skip). Numbers, not pass/fail.
@@ -36,9 +37,16 @@ from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from wattkeeper.policies.allocator import CAPPED_RATIO, HEADROOM_RATIO, HEADROOM_W  # noqa: E402
 from wattkeeper.policies.budget_tree import BudgetTree, allocate_tree  # noqa: E402
-from wattkeeper.policies.plan import PlanGpu, PlanNode, PlanSettings, plan  # noqa: E402
+from wattkeeper.policies.plan import (  # noqa: E402  # noqa: E402
+    CAPPED_RATIO,
+    HEADROOM_RATIO,
+    HEADROOM_W,
+    PlanGpu,
+    PlanNode,
+    PlanSettings,
+    plan,
+)
 
 GPUS_PER_NODE = 8
 NODES_PER_RACK = 10

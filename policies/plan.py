@@ -8,8 +8,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wattkeeper.policies.allocator import GpuState, estimate_demand_w
 from wattkeeper.policies.budget_tree import BudgetTree, TreeAllocation, allocate_tree
+
+CAPPED_RATIO = 0.97
+"""A GPU drawing this share of its limit is taken as held back by it (demand unknown)."""
+HEADROOM_W = 25.0
+HEADROOM_RATIO = 0.10
+"""A GPU drawing less than its limit wants its draw plus this share and these watts."""
 
 
 @dataclass(frozen=True)
@@ -154,31 +159,24 @@ def plan(
     usable -= sum(held.values())
 
     tree, node_index = _tree(domains, overhead, held, usable, s)
-    tops = np.array(
-        [g.max_w if g.ceiling_w is None else min(g.max_w, g.ceiling_w) for g in fresh_gpus]
+    maxs = np.array([g.max_w for g in fresh_gpus], dtype=float)
+    ceilings = np.array(
+        [np.inf if g.ceiling_w is None else g.ceiling_w for g in fresh_gpus], dtype=float
     )
-    mins = np.array([g.min_w for g in fresh_gpus])
-    demand = np.array(
-        [
-            min(top, estimate_demand_w(GpuState(g.uuid, g.min_w, top, g.power_w, g.limit_w,
-                                                g.power_capped)))
-            for g, top in zip(fresh_gpus, tops, strict=True)
-        ]
-    )  # fmt: skip
+    tops = np.minimum(maxs, ceilings)
+    mins = np.array([g.min_w for g in fresh_gpus], dtype=float)
+    demand = np.minimum(tops, demand_w(fresh_gpus, mins, tops))
     leaf = np.array([node_index[g.node] for g in fresh_gpus], dtype=np.int64)
     # Demand first (a GPU drawing less than its share keeps headroom above its draw),
     # then what demand left over, up to each GPU's ceiling.
     first = allocate_tree(tree, leaf, mins, demand)
     second = allocate_tree(tree, leaf, first.limits_w, tops) if fresh_gpus else first
-    for i, g in enumerate(fresh_gpus):
-        limit = float(second.limits_w[i])
-        targets.append(
-            PlanTarget(
-                g.uuid,
-                max(g.min_w, float(np.floor(limit))),
-                _why(g, limit, float(tops[i]), float(demand[i]), second, tree, i),
-            )
-        )
+    # Whole watts, rounded down, but never below a fractional hardware floor.
+    whole = np.maximum(mins, np.floor(second.limits_w)).tolist()
+    for g, limit, reason in zip(
+        fresh_gpus, whole, _reasons(fresh_gpus, second, tree, tops, maxs, demand), strict=True
+    ):
+        targets.append(PlanTarget(g.uuid, limit, reason))
     infeasible = first.infeasible or second.infeasible
     said = "no budget" if budget_w is None else f"budget {budget_w:.0f} W"
     explanation = f"{said}, non-GPU {non_gpu:.0f} W, margin {s.margin_ratio:.0%}: "
@@ -225,28 +223,51 @@ def _tree(
     return BudgetTree.from_parents(names, parents, limits, overheads), node_index
 
 
-def _why(
-    g: PlanGpu,
-    limit: float,
-    top: float,
-    demand: float,
+def demand_w(gpus: list[PlanGpu], mins: np.ndarray, tops: np.ndarray) -> np.ndarray:
+    """What each GPU would draw if it were not capped, as far as we can tell: a GPU
+    drawing well under its limit wants a little more than it draws (it keeps headroom
+    above its draw); one at its limit, or unknown, wants its top."""
+    power = np.array([np.nan if g.power_w is None else g.power_w for g in gpus], dtype=float)
+    limit = np.array([np.nan if g.limit_w is None else g.limit_w for g in gpus], dtype=float)
+    capped = np.array([g.power_capped for g in gpus], dtype=bool)
+    unknown = np.isnan(power) | np.isnan(limit)
+    held = capped | (power >= CAPPED_RATIO * limit)
+    light = np.clip(power * (1 + HEADROOM_RATIO) + HEADROOM_W, mins, tops)
+    return np.where(unknown | held, tops, light)
+
+
+def _reasons(
+    gpus: list[PlanGpu],
     alloc: TreeAllocation,
     tree: BudgetTree,
-    i: int,
-) -> str:
-    holder = int(alloc.limited_by[i])
-    if holder >= 0 and limit < top - 1e-6:
-        name = tree.names[holder]
-        if np.isneginf(alloc.node_level_w[holder]):
-            return f"budget {name} is below its GPUs' floors: held at the floor"
-        return f"budget {name} holds it at {limit:.0f} W"
-    if top < g.max_w and limit >= top - 1e-6:
-        return f"latency ceiling {top:.0f} W: {g.ceiling_reason}"
-    if limit >= g.max_w - 1e-6:
-        return "uncapped: the budgets allow the maximum"
-    if demand < top - 1e-6:
-        return f"draws {g.power_w or 0:.0f} W: limit {limit:.0f} W leaves headroom"
-    return f"limit {limit:.0f} W"
+    tops: np.ndarray,
+    maxs: np.ndarray,
+    demand: np.ndarray,
+) -> list[str]:
+    """Why each GPU got its limit, in words for the audit log and ``explain``: the budget
+    that holds it (by name), its latency ceiling, or its own demand."""
+    limits = alloc.limits_w
+    holder = alloc.limited_by
+    held = (holder >= 0) & (limits < tops - 1e-6)
+    hopeless = np.isneginf(alloc.node_level_w)
+    out = []
+    for i, g in enumerate(gpus):
+        limit = float(limits[i])
+        if held[i]:
+            h = int(holder[i])
+            if hopeless[h]:
+                out.append(f"budget {tree.names[h]} is below its GPUs' floors: held at the floor")
+            else:
+                out.append(f"budget {tree.names[h]} holds it at {limit:.0f} W")
+        elif tops[i] < maxs[i] and limit >= tops[i] - 1e-6:
+            out.append(f"latency ceiling {tops[i]:.0f} W: {g.ceiling_reason}")
+        elif limit >= maxs[i] - 1e-6:
+            out.append("uncapped: the budgets allow the maximum")
+        elif demand[i] < tops[i] - 1e-6:
+            out.append(f"draws {g.power_w or 0:.0f} W: limit {limit:.0f} W leaves headroom")
+        else:
+            out.append(f"limit {limit:.0f} W")
+    return out
 
 
 def fresh_gpu_power(gpus: list[PlanGpu], s: PlanSettings) -> Iterator[float]:

@@ -1,8 +1,18 @@
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 
-from wattkeeper.policies.allocator import GpuState
 from wattkeeper.policies.plan import Plan, PlanGpu, PlanNode, PlanSettings, plan
+
+
+class GpuState(NamedTuple):
+    uuid: str
+    min_w: float
+    max_w: float
+    power_w: float | None
+    limit_w: float | None
+    power_capped: bool = False
 
 
 def h100(uuid, power=None, limit=700.0, capped=False):

@@ -536,16 +536,17 @@ def _facility(snap: Snapshot, s: dict) -> Iterator[Metric]:
     yield node_tpj
     yield drained
     cost = _gauge(
-        "wattkeeper_cost_per_million_tokens",
-        "Energy cost of a million generated tokens at the present rate (cost.price_per_kwh"
-        ' and cost.pue); node="" for the facility. Absent without a price.',
+        "wattkeeper_energy_cost_per_token",
+        "Energy cost of a generated token at the present rate, in the price's currency"
+        " (cost.price_per_kwh and cost.pue; status shows it per million tokens);"
+        ' node="" for the facility. Absent without a price.',
         ["node"],
     )
     if s["cost_per_million_tokens"] is not None:
-        cost.add_metric([""], s["cost_per_million_tokens"])
+        cost.add_metric([""], s["cost_per_million_tokens"] / 1e6)
     for n in s["nodes"]:
         if n["cost_per_million_tokens"] is not None:
-            cost.add_metric([n["name"]], n["cost_per_million_tokens"])
+            cost.add_metric([n["name"]], n["cost_per_million_tokens"] / 1e6)
     yield cost
     yield from _node_latency(snap)
     target = _gauge(

@@ -13,6 +13,12 @@ target_metadata = Base.metadata
 
 
 def _run(connection: Connection) -> None:
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        # Batch mode rebuilds a table to change it (copy, drop, rename); with foreign keys
+        # on, dropping ``nodes`` would cascade to every GPU, sample and target. SQLite
+        # only honours this outside a transaction, so before the migration begins.
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
@@ -23,6 +29,9 @@ def _run(connection: Connection) -> None:
     )
     with context.begin_transaction():
         context.run_migrations()
+    if sqlite:
+        connection.commit()
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
 
 
 engine = config.attributes.get("engine")

@@ -71,3 +71,34 @@ def test_sqlite_pragmas(sqlite_url):
     with make_engine(sqlite_url).connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_stepping_down_and_up_keeps_the_fleet(db_url):
+    """Each step down and back up keeps the nodes, GPUs and their samples: on SQLite a
+    column drop rebuilds the table, which with foreign keys on used to cascade."""
+    from wattkeeper.collectors.gpu import GpuInfo, PowerLimitConstraints
+    from wattkeeper.store.repository import Store
+
+    engine = make_engine(db_url)
+    upgrade(engine)
+    store = Store(engine)
+    info = GpuInfo("GPU-keep", 0, "H100", "0:0", 1, PowerLimitConstraints(200.0, 700.0, 700.0), 1)
+    ids = store.register_node("n1", "sim", [info], 1.0)
+    store.set_drained("n1", True, "cli:root", 2.0)
+
+    def counts() -> tuple[int, int]:
+        with engine.connect() as c:
+            return (
+                c.exec_driver_sql("SELECT count(*) FROM nodes").scalar_one(),
+                c.exec_driver_sql("SELECT count(*) FROM gpus").scalar_one(),
+            )
+
+    assert ids and counts() == (1, 1)
+    for rev in ("0002", "0001"):
+        downgrade(engine, rev)
+        assert counts() == (1, 1), rev
+    upgrade(engine)
+    assert counts() == (1, 1)
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as c:  # and foreign keys are on again afterwards
+            assert c.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1

@@ -13,6 +13,7 @@ from wattkeeper.policies.plan import (
     PlanGpu,
     PlanNode,
     PlanSettings,
+    domain_members,
     fresh_gpu_power,
     fresh_node_power,
     plan,
@@ -70,6 +71,7 @@ class Controller:
         self.drains = drains
         """Drain decisions; None: the controller never drains."""
         self.domains = tuple(domains)
+        self._members = domain_members(self.domains)
         """Budget domains below the facility, with their configured limits (the store's,
         set at run time, take precedence)."""
         self._schedules: list[Schedule] = []
@@ -85,7 +87,9 @@ class Controller:
         emergency re-plan between periods reuses them, so their pace stays the period's."""
         snap = self._with_schedules(snap or self._snapshot(now), now)
         self.state.last_tick_ts = now
-        if snap.budget_w is None and self.ceilings is None:
+        domains = self._domain_limits(now)
+        limited = any(d.limit_w is not None for d in domains)
+        if snap.budget_w is None and self.ceilings is None and not limited:
             if not self.state.no_budget_warned:
                 log.warning("no facility budget set: nothing to enforce (wattkeeper budget set)")
                 self.state.no_budget_warned = True
@@ -101,7 +105,7 @@ class Controller:
         settings = self.settings
         if self.state.coupling is not None and self.state.coupling > settings.non_gpu_w_per_gpu_w:
             settings = replace(settings, non_gpu_w_per_gpu_w=self.state.coupling)
-        result = plan(nodes, gpus, snap.budget_w, settings, self._domain_limits(now))
+        result = plan(nodes, gpus, snap.budget_w, settings, domains)
         self.state.last_plan = result
         specs = [TargetSpec(t.uuid, t.power_limit_w, reason=t.reason) for t in result.targets]
         self.state.targets_changed += self.store.write_targets(specs, now, self.lease_s)
@@ -113,18 +117,32 @@ class Controller:
         """The emergency path, run between control periods: when measured facility power
         is over the budget, re-plan at once on the measurement instead of waiting."""
         snap = self._with_schedules(self._snapshot(now), now)
-        if snap.budget_w is None:
+        domains = [d for d in self._domain_limits(now) if d.limit_w is not None]
+        if snap.budget_w is None and not domains:
             return None
         nodes, gpus = planning_inputs(snap, self.forget_after_s)
-        measured = sum(fresh_gpu_power(gpus, self.settings)) + sum(
-            fresh_node_power(nodes, self.settings)
-        )
-        if measured <= snap.budget_w:
+        node_w: dict[str, float] = {}
+        for n in nodes:
+            if n.non_gpu_power_w is not None and self.settings.is_fresh(n.sample_age_s):
+                node_w[n.name] = n.non_gpu_power_w
+        for g in gpus:
+            if g.power_w is not None and self.settings.is_fresh(g.sample_age_s):
+                node_w[g.node] = node_w.get(g.node, 0.0) + g.power_w
+        over = []
+        if snap.budget_w is not None and sum(node_w.values()) > snap.budget_w:
+            over.append(("facility", sum(node_w.values()), snap.budget_w))
+        for d in domains:
+            assert d.limit_w is not None
+            measured = sum(node_w.get(n, 0.0) for n in self._members[d.name])
+            if measured > d.limit_w:
+                over.append((d.name, measured, d.limit_w))
+        if not over:
             return None
         self.state.emergencies += 1
-        log.warning(
-            "facility at %.0f W over its %.0f W budget: re-planning now", measured, snap.budget_w
-        )
+        for name, measured, limit in over:
+            log.warning(
+                "%s at %.0f W over its %.0f W budget: re-planning now", name, measured, limit
+            )
         return self.tick(now, snap, periodic=False)
 
     def _with_schedules(self, snap: Snapshot, now: float) -> Snapshot:
@@ -186,7 +204,8 @@ class Controller:
                 DrainNode(
                     name=n.name,
                     drained=n.drained,
-                    by_person=n.drained and v.drained_by not in (None, CONTROLLER),
+                    # A drain of unknown origin (before drains were attributed) is a person's.
+                    by_person=n.drained and v.drained_by != CONTROLLER,
                     gpu_floor_w=sum(g.min_w for g in members),
                     gpu_max_w=sum(g.max_w for g in members),
                     host_w=host,
@@ -197,7 +216,7 @@ class Controller:
         usable = budget_w * (1 - self.settings.margin_ratio)
         changed = {}
         for d in decide(candidates, usable, now, self.state.last_drain_ts, self.drains):
-            if self.store.set_drained(d.name, d.drain, CONTROLLER, now):
+            if self.store.set_drained(d.name, d.drain, CONTROLLER, now, only_own=True):
                 log.warning("%s %s: %s", "draining" if d.drain else "returning", d.name, d.reason)
                 self.store.audit(CONTROLLER, "drain.reason", d.name, {"reason": d.reason}, now)
                 changed[d.name] = d.drain

@@ -91,6 +91,21 @@ class Domain:
 FACILITY = "facility"
 
 
+def domain_members(domains: Sequence[Domain]) -> dict[str, set[str]]:
+    """The nodes under each domain, its subdomains' included."""
+    children: dict[str, list[Domain]] = {}
+    for d in domains:
+        children.setdefault(d.parent, []).append(d)
+
+    def under(d: Domain) -> set[str]:
+        out = set(d.nodes)
+        for child in children.get(d.name, []):
+            out |= under(child)
+        return out
+
+    return {d.name: under(d) for d in domains}
+
+
 def plan(
     nodes: list[PlanNode],
     gpus: list[PlanGpu],
@@ -158,7 +173,11 @@ def plan(
         usable = drawn + (usable - drawn) / (1 + s.non_gpu_w_per_gpu_w)
     usable -= sum(held.values())
 
-    tree, node_index = _tree(domains, overhead, held, usable, s)
+    drawn_by_node: dict[str, float] = {}
+    for g in fresh_gpus:
+        if g.power_w is not None:
+            drawn_by_node[g.node] = drawn_by_node.get(g.node, 0.0) + g.power_w
+    tree, node_index = _tree(domains, overhead, held, drawn_by_node, usable, s)
     maxs = np.array([g.max_w for g in fresh_gpus], dtype=float)
     ceilings = np.array(
         [np.inf if g.ceiling_w is None else g.ceiling_w for g in fresh_gpus], dtype=float
@@ -197,18 +216,30 @@ def _tree(
     domains: Sequence[Domain],
     overhead: dict[str, float],
     held: dict[str, float],
+    drawn_by_node: dict[str, float],
     usable: float,
     s: PlanSettings,
 ) -> tuple[BudgetTree, dict[str, int]]:
     """Facility, domains and one leaf per node (its non-GPU power and held GPU watts as
     overhead). The facility's limit is what its GPUs may share plus all overhead, so its
-    capacity for the water-filling is exactly ``usable``; a domain keeps the same margin."""
+    capacity for the water-filling is exactly ``usable``. A domain keeps the same margin
+    and, like the facility, pays for the non-GPU power its GPUs' rise would add."""
     names = [FACILITY] + [d.name for d in domains]
     index = {name: i for i, name in enumerate(names)}
     parents = [-1] + [index[d.parent] for d in domains]
-    limits = [math.inf] + [
-        math.inf if d.limit_w is None else d.limit_w * (1 - s.margin_ratio) for d in domains
-    ]
+    members = domain_members(domains)
+    limits = [math.inf]
+    for d in domains:
+        if d.limit_w is None:
+            limits.append(math.inf)
+            continue
+        limit = d.limit_w * (1 - s.margin_ratio)
+        fixed = sum(overhead.get(n, 0.0) + held.get(n, 0.0) for n in members[d.name])
+        drawn = sum(drawn_by_node.get(n, 0.0) for n in members[d.name])
+        room = limit - fixed - drawn
+        if room > 0:  # G + H + k (G - G0) <= L: the rise above today's draw shrinks
+            limit = fixed + drawn + room / (1 + s.non_gpu_w_per_gpu_w)
+        limits.append(limit)
     home = {node: index[d.name] for d in domains for node in d.nodes}
     node_index: dict[str, int] = {}
     overheads = [0.0] * len(names)

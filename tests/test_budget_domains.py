@@ -63,6 +63,18 @@ def test_nested_domains_each_hold_and_a_hopeless_one_sits_at_the_floor() -> None
     assert limits(p, "c") == [700.0] * 4  # outside the room, under the roomy facility
 
 
+def test_a_rack_pays_for_the_host_power_its_gpus_rise_brings() -> None:
+    """Host power rises 0.2 W per watt the GPUs rise: the rack's limit holds after it."""
+    k = 0.2
+    settings = PlanSettings(margin_ratio=0.0, non_gpu_w_per_gpu_w=k)
+    node = [PlanNode("a", 2000.0, 1.0)]
+    light = [PlanGpu(f"a-{i}", "a", 200.0, 700.0, 375.0, 700.0, None, 1.0, False) for i in range(8)]
+    p = plan(node, light, None, settings, [Domain("rack", "facility", 10_000.0, ("a",))])
+    gpu_w = sum(limits(p, "a"))
+    assert gpu_w + 2000.0 + k * (gpu_w - 3000.0) <= 10_000.0 + 1e-6
+    assert gpu_w > 3000.0  # and it still gave them room to rise
+
+
 @pytest.mark.parametrize(
     ("text", "says"),
     [
@@ -101,9 +113,11 @@ nodes = ["sim-node-0"]
 """
 
 
+@pytest.mark.parametrize("facility_w", [40_000.0, None])
 def test_a_rack_budget_is_held_on_the_simulated_facility_and_shown_as_a_tree(
-    tmp_path: Path, sqlite_url: str
+    tmp_path: Path, sqlite_url: str, facility_w: float | None
 ) -> None:
+    """With or without a facility budget: a rack's limit alone is enforced too."""
     config = tmp_path / "wattkeeper.toml"
     config.write_text(TREE)
     cfg = load_config(config, environ={})
@@ -111,7 +125,8 @@ def test_a_rack_budget_is_held_on_the_simulated_facility_and_shown_as_a_tree(
     store = open_store(cfg, sqlite_url)
     start = 30_000.0
     rt = build_simulated(cfg, store, FacilitySpec(2, 8), SimClock(start))
-    store.set_budget(40_000.0, "test", start)
+    if facility_w is not None:
+        store.set_budget(facility_w, "test", start)
     f = rt.facility
     node_w = []
     for k in range(1, 91):

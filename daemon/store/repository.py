@@ -242,15 +242,25 @@ class Store:
                 )
             return ids
 
-    def set_drained(self, name: str, drained: bool, actor: str, now: float) -> bool:
+    def set_drained(
+        self, name: str, drained: bool, actor: str, now: float, only_own: bool = False
+    ) -> bool:
         """Mark a node drained (no new work; its agent's drain actuator acts on it) or back
         in service; audited. Returns whether anything changed. Raises ``KeyError`` for a
-        node the store does not know."""
+        node the store does not know.
+
+        A drain made by someone else is taken over: a person draining a node the
+        controller drained makes it theirs, so the controller never returns it.
+        ``only_own`` (the controller) returns a node only if ``actor`` drained it, checked
+        in the same statement as the change, so a person's drain made a moment before
+        is never undone."""
         with self.session() as s, s.begin():
-            node = s.scalar(select(Node).where(Node.name == name))
+            node = s.scalar(select(Node).where(Node.name == name).with_for_update())
             if node is None:
                 raise KeyError(name)
-            if node.drained == drained:
+            if not drained and only_own and node.drained and node.drained_by != actor:
+                return False
+            if node.drained == drained and (not drained or node.drained_by == actor):
                 return False
             node.drained = drained
             node.drained_by = actor if drained else None

@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,6 +36,8 @@ from wattkeeper.store.repository import LIMIT_TOLERANCE_W, Store, TokenRow
 log = logging.getLogger(__name__)
 
 MAX_PENDING_AUDIT = 10_000
+DRAIN_RETRY_S = 30.0
+"""After a drain or resume command failed, wait this long before running it again."""
 """Audit entries kept while the store is away; beyond this the oldest are dropped."""
 
 
@@ -97,6 +100,9 @@ class Agent:
         self.node = node
         self.drain = drain
         self._drained_applied: bool | None = None
+        self._drain_job: tuple[bool, Future[None]] | None = None
+        self._drain_pool: ThreadPoolExecutor | None = None
+        self._drain_retry_at = float("-inf")
         self._errors: dict[str, str] = {}
         self.backend = backend
         self.store = store
@@ -160,6 +166,7 @@ class Agent:
         self.state.samples = samples
         self.state.host = host
         self.state.tick_ts = now
+        drained: bool | None = None
         try:
             if not self.gpu_ids:
                 self.register(now)
@@ -182,29 +189,65 @@ class Agent:
             self._store_ok(True, None)
         except StoreError as exc:
             self._store_ok(False, exc)
-        else:
-            self._apply_drain(drained, now)
         self.reconcile(now, samples)
+        if drained is not None:
+            # After the GPUs are reconciled: a drain command may take seconds.
+            self._apply_drain(drained, now)
 
     def _apply_drain(self, drained: bool, now: float) -> None:
         """Act on the store's drain mark when it changes, and at start when it is set (a
         node drained while its agent was down is drained when it comes back; one in
-        service is not "resumed", which would undo a drain made outside wattkeeper)."""
-        if self.drain is None or drained == self._drained_applied:
+        service is not "resumed", which would undo a drain made outside wattkeeper).
+
+        A command runs in a worker thread, so a hung ``scontrol`` never holds up the
+        next sample or the caps; its outcome is taken at a later tick, and a failure is
+        retried after ``DRAIN_RETRY_S``, said once per distinct error."""
+        if self.drain is None:
+            return
+        job = self._drain_job
+        if job is not None:
+            want, future = job
+            if not future.done():
+                return
+            self._drain_job = None
+            self._drain_done(want, future.exception(), now)
+        if drained == self._drained_applied or now < self._drain_retry_at:
             return
         if self._drained_applied is None and not drained:
             self._drained_applied = False
             return
-        try:
-            self.drain.set_drained(drained)
-        except DrainError as exc:
-            log.error("%s: %s", "drain" if drained else "resume", exc)
-            self._audit(
-                "node.drain.failed", self.node, {"drained": drained, "error": str(exc)}, now
-            )
+        if getattr(self.drain, "inline", False):
+            try:
+                self.drain.set_drained(drained)
+            except DrainError as exc:
+                self._drain_done(drained, exc, now)
+            else:
+                self._drain_done(drained, None, now)
             return
+        if self._drain_pool is None:
+            self._drain_pool = ThreadPoolExecutor(1, thread_name_prefix=f"drain-{self.node}")
+        self._drain_job = (drained, self._drain_pool.submit(self.drain.set_drained, drained))
+
+    def _drain_done(self, drained: bool, error: BaseException | None, now: float) -> None:
+        what = "drain" if drained else "resume"
+        if error is not None:
+            self._drain_retry_at = now + DRAIN_RETRY_S
+            if self._first("drain", f"{what}: {error}"):
+                log.error("%s: %s", what, error)
+                self._audit(
+                    "node.drain.failed", self.node, {"drained": drained, "error": str(error)}, now
+                )
+            return
+        self._first("drain", None)
         self._drained_applied = drained
-        self._audit("node.drain.applied", self.node, {"drained": drained}, now)
+        standby = drained and bool(getattr(self.drain, "powers_down", False))
+        self._audit(
+            "node.drain.applied", self.node, {"drained": drained, "powers_down": standby}, now
+        )
+        try:
+            self.store.set_standby(self.node, standby)
+        except StoreError as exc:
+            self._store_ok(False, exc)
 
     def _store_ok(self, ok: bool, exc: StoreError | None) -> None:
         if ok and not self.state.store_ok:
@@ -384,6 +427,8 @@ class Agent:
         the audit entries: never a GPU left capped. What a crashed earlier run changed is
         restored from the original limits it persisted.
         """
+        if self._drain_pool is not None:
+            self._drain_pool.shutdown(wait=False, cancel_futures=True)
         if not self.restore_on_exit:
             return
         restored: dict[str, float | None] = {}

@@ -778,6 +778,10 @@ def schedule_add(
         else:
             assert at is not None
             at_ts = _parse_at(at, zone)
+            if at_ts + duration <= time.time():
+                raise typer.BadParameter(
+                    f"{at} + {for_} is over already: give a time to come", param_hint="--at"
+                )
     except ScheduleError as exc:
         raise typer.BadParameter(str(exc), param_hint="--cron") from None
     store = _store(cfg, db)

@@ -129,13 +129,13 @@ class ControllerConfig(_Section):
 
         try:
             ZoneInfo(value)
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, OSError):
             raise ValueError(
                 f"unknown time zone {value!r} (an IANA name, e.g. Europe/Paris)"
             ) from None
         return value
 
-    drained_node_w: PowerW | None = None
+    drained_node_w: Annotated[float, BeforeValidator(_power), Field(ge=0)] | None = None
     """What a drained node draws (its standby power where the drain powers it down);
     unset: its host power, as if a drain saved only the GPUs' power."""
 

@@ -18,7 +18,7 @@ from wattkeeper.policies.plan import (
     fresh_node_power,
     plan,
 )
-from wattkeeper.policies.schedule import Schedule, effective_budget
+from wattkeeper.policies.schedule import Schedule, ScheduleError, effective_budget, window_start
 from wattkeeper.policies.slo import Ceilings, NodeLatency
 from wattkeeper.store.repository import FACILITY, Snapshot, Store, TargetSpec
 
@@ -36,6 +36,8 @@ class ControllerState:
     emergencies: int = 0
     last_drain_ts: float = float("-inf")
     active_schedule: int | None = None
+    bad_schedules: set[int] = field(default_factory=set)
+    was_drained: set[str] = field(default_factory=set)
     serving_host_w: dict[str, float] = field(default_factory=dict)
     """Each node's non-GPU power when last seen serving: a drained node in standby
     measures far less, and undraining it brings the serving figure back."""
@@ -148,7 +150,7 @@ class Controller:
     def _with_schedules(self, snap: Snapshot, now: float) -> Snapshot:
         """The snapshot with the budget in force: the standing one, or a scheduled window's
         when lower (looking ahead by the reaction time)."""
-        self._schedules = self.store.schedules()
+        self._schedules = [s for s in self.store.schedules() if self._usable_schedule(s, now)]
         schedules = [s for s in self._schedules if s.scope == FACILITY]
         if not schedules:
             return snap
@@ -161,6 +163,20 @@ class Controller:
                 log.warning("budget schedule ended: standing budget in force")
             self.state.active_schedule = active
         return replace(snap, budget_w=budget)
+
+    def _usable_schedule(self, schedule: Schedule, now: float) -> bool:
+        """A stored schedule that no longer parses (a time zone gone from this host's
+        database, a row edited by hand) is skipped and said once, never a reason to stop
+        planning."""
+        try:
+            window_start(schedule, now)
+        except ScheduleError as exc:
+            if schedule.id not in self.state.bad_schedules:
+                self.state.bad_schedules.add(schedule.id)
+                log.error("budget schedule %d ignored: %s", schedule.id, exc)
+            return False
+        self.state.bad_schedules.discard(schedule.id)
+        return True
 
     def _domain_limits(self, now: float) -> list[Domain]:
         """Each domain's budget in force: set at run time, else configured, lowered by
@@ -229,7 +245,13 @@ class Controller:
         """Each GPU's latency ceiling, moved one period's step on its node's servers'
         latency. Nodes without a token source get none: the budget alone decides."""
         assert self.ceilings is not None
-        views = {n.name: n for n in snap.nodes if n.endpoints_total > 0}
+        drained = {n.name for n in snap.nodes if n.drained}
+        for name in self.state.was_drained - drained:
+            # Back in service: its own drain put its GPUs at their floors, which is not
+            # where its servers need them. Start from the top and walk down again.
+            self.ceilings.reset(name, 1.0, now)
+        self.state.was_drained = drained
+        views = {n.name: n for n in snap.nodes if n.endpoints_total > 0 and n.name not in drained}
         by_node: dict[str, list[PlanGpu]] = {}
         for g in gpus:
             by_node.setdefault(g.node, []).append(g)
@@ -317,6 +339,7 @@ def planning_inputs(
             n.non_gpu_power_w,
             None if n.host_ts is None else now - n.host_ts,
             drained=n.drained,
+            standby=n.standby,
         )
         for n in live
     ]

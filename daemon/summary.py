@@ -50,7 +50,7 @@ def facility_summary(
         if price_per_kwh is None or not tps:
             return None
         per_s = power_w * pue / 3.6e6 * price_per_kwh
-        return round(per_s / tps * 1e6, 4)
+        return float(f"{per_s / tps * 1e6:.6g}")  # significant figures: prices vary widely
 
     now = snap.ts
     by_node: dict[str, list] = {}

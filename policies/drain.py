@@ -76,11 +76,14 @@ def decide(
         return []
     out: list[DrainDecision] = []
     if need_w(nodes, serving, s) > usable_w:
-        # Least tokens per watt first; a node that reports no tokens counts as making none.
-        order = sorted(
-            (n for n in nodes if n.name in serving),
-            key=lambda n: ((n.tokens_per_s or 0.0) / n.power_w if n.power_w else 0.0, n.name),
-        )
+        # Least tokens per watt first. A node whose tokens are not known (no token
+        # source, a failing scrape) may be serving well: it goes last, not first.
+        def efficiency(n: DrainNode) -> tuple[int, float, str]:
+            if n.tokens_per_s is None or not n.power_w:
+                return (1, 0.0, n.name)
+            return (0, n.tokens_per_s / n.power_w, n.name)
+
+        order = sorted((n for n in nodes if n.name in serving), key=efficiency)
         for n in order:
             if len(serving) <= 1 or need_w(nodes, serving, s) <= usable_w:
                 break
@@ -105,5 +108,5 @@ def decide(
                         n.name, False, f"budget {usable_w:.0f} W serves it: needs {need:.0f} W"
                     )
                 )
-            break
+                break  # one at a time; one too big to return does not block a smaller one
     return out

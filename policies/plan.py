@@ -56,6 +56,8 @@ class PlanNode:
     non_gpu_power_w: float | None
     sample_age_s: float | None
     drained: bool = False
+    standby: bool = False
+    """Its drain powered it down (its agent said so): silent, it draws standby power."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ def plan(
     overhead: dict[str, float] = {}
     for n in nodes:
         measured = n.non_gpu_power_w if s.is_fresh(n.sample_age_s) else None
-        if measured is None and n.drained and s.drained_node_w is not None:
+        if measured is None and n.standby and s.drained_node_w is not None:
             measured = s.drained_node_w  # powered down: its agent cannot report
         overhead[n.name] = measured if measured is not None else s.default_node_overhead_w
     non_gpu = sum(overhead.values())
@@ -133,24 +135,26 @@ def plan(
     fresh_gpus: list[PlanGpu] = []
     targets: list[PlanTarget] = []
     drained = {n.name for n in nodes if n.drained}
+    asleep = {n.name for n in nodes if n.drained and n.standby}
     held = dict.fromkeys(overhead, 0.0)  # GPU watts a node holds outside the water-filling
     for g in gpus:
         held.setdefault(g.node, 0.0)
         overhead.setdefault(g.node, s.default_node_overhead_w)
-        if g.node in drained:
-            # Out of service: at the floor until it empties, budgeted at what it draws
-            # (nothing once its actuator powered it down).
+        fresh = s.is_fresh(g.sample_age_s)
+        if g.node in drained and (fresh or g.node in asleep):
+            # Out of service: at the floor until it empties, budgeted at what it draws;
+            # silent after its drain powered it down, at nothing (its host at standby).
             targets.append(PlanTarget(g.uuid, g.min_w, "node drained: held at the floor"))
-            fresh = g.power_w is not None and s.is_fresh(g.sample_age_s)
             if fresh and g.power_w is not None:
                 held[g.node] += min(g.power_w, g.max_w)
-            elif s.drained_node_w is None:
-                held[g.node] += g.min_w  # may still be powered and at its floor
-            # else: powered down, counted in the node's standby power
+            elif g.node not in asleep or s.drained_node_w is None:
+                held[g.node] += g.min_w
             continue
-        if s.is_fresh(g.sample_age_s):
+        if fresh:
             fresh_gpus.append(g)
             continue
+        # Silent and not known to be powered down (a drain that failed or only cordons,
+        # an agent that died): what it may draw is what its caps allow.
         stale.append(g)
         if g.target_w is None and g.limit_w is None:
             targets.append(PlanTarget(g.uuid, g.min_w, "never sampled: held at the floor"))
@@ -159,7 +163,10 @@ def plan(
         keep = g.target_w if g.target_w is not None else g.limit_w
         assert keep is not None
         keep = min(max(keep, g.min_w), g.max_w)
-        targets.append(PlanTarget(g.uuid, keep, "no fresh sample: cap held, not relaxed"))
+        if g.node in drained:
+            targets.append(PlanTarget(g.uuid, g.min_w, "node drained, silent: to the floor"))
+        else:
+            targets.append(PlanTarget(g.uuid, keep, "no fresh sample: cap held, not relaxed"))
         # Budget the larger of what we asked and what the GPU last had: a cleanly
         # stopped agent restores its GPUs above their target, a crashed one leaves the
         # target in force; either way that is what the GPU may draw now.

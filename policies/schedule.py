@@ -36,13 +36,17 @@ def cron_trigger(expr: str, timezone: str) -> CronTrigger:
     """A five-field crontab expression ('0 17 * * 1-5') in ``timezone``."""
     try:
         zone = ZoneInfo(timezone)
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, OSError) as exc:
         raise ScheduleError(f"unknown time zone {timezone!r}") from exc
     fields = expr.split()
     if len(fields) != 5:
         raise ScheduleError(
             f"cron {expr!r}: {len(fields)} fields (five: minute hour day month weekday)"
         )
+    if fields[2] != "*" and fields[4] != "*":
+        # crontab fires when either matches; APScheduler when both do. Refuse rather
+        # than mean something else than the line says.
+        raise ScheduleError(f"cron {expr!r}: restrict the day of month or the weekday, not both")
     try:
         minute, hour, day, month, weekday = fields
         weekday = _crontab_weekdays(weekday)
@@ -64,9 +68,11 @@ def _crontab_weekdays(field: str) -> str:
     Saturday. Numeric items become explicit day names; named ones pass through."""
     out: list[str] = []
     for item in field.split(","):
-        if item == "*" or any(c.isalpha() for c in item):
-            out.append(item)
+        if item == "*" or item.isalpha() or all(c.isalpha() or c == "-" for c in item):
+            out.append(item)  # names ('mon-fri') mean the same to both
             continue
+        if any(c.isalpha() for c in item):
+            raise ValueError(f"weekday {item!r}: use numbers or names, not both")
         span, _, step = item.partition("/")
         if span == "*":
             lo, hi = 0, 6

@@ -136,6 +136,9 @@ class Ceilings:
             self.nodes[name] = CeilingState(ratio=min(1.0, in_force_ratio), last_seen_ts=now)
         return self.nodes[name]
 
+    def reset(self, name: str, ratio: float, now: float) -> None:
+        self.nodes[name] = CeilingState(ratio=ratio, last_seen_ts=now)
+
     def update(self, n: NodeLatency, in_force_ratio: float, now: float) -> CeilingState:
         """Move node ``n``'s ceiling for this period. ``in_force_ratio`` is where its
         limits are now (as a share of the range): a step down starts from there, so a

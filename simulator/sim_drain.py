@@ -8,6 +8,8 @@ from typing import Any
 
 class SimDrain:
     powers_down = True
+    inline = True
+    """Applied within the tick: the simulated clock must not race a worker thread."""
 
     def __init__(self, facility: Any, node: int) -> None:
         self.facility = facility

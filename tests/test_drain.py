@@ -35,6 +35,21 @@ def test_a_budget_that_cannot_serve_everyone_drains_the_least_efficient_first() 
     assert decide(nodes, 17_000.0, now=0.0, last_change_ts=float("-inf"), s=S) == []
 
 
+def test_a_node_whose_tokens_are_unknown_is_drained_last() -> None:
+    nodes = [node("blind", tps=0.0), node("slow", 500.0), node("fast", 1500.0)]
+    nodes[0] = DrainNode("blind", False, False, 1600.0, 5600.0, 2000.0, None, 4000.0)
+    out = decide(nodes, 8_600.0, now=0.0, last_change_ts=float("-inf"), s=S)
+    assert [d.name for d in out] == ["slow"]
+
+
+def test_a_node_too_big_to_return_does_not_block_one_that_fits() -> None:
+    big = DrainNode("a-big", True, False, 3200.0, 11200.0, 4000.0, 1.0, 1.0)
+    nodes = [node("serving"), big, node("b-small", drained=True)]
+    usable = 1.1 * need_w(nodes, {"serving", "b-small"}, S) + 1.0
+    out = decide(nodes, usable, now=400.0, last_change_ts=0.0, s=S)
+    assert [(d.name, d.drain) for d in out] == [("b-small", False)]
+
+
 def test_the_last_serving_node_is_never_drained() -> None:
     nodes = [node("a"), node("b", drained=True)]
     assert decide(nodes, 100.0, now=0.0, last_change_ts=float("-inf"), s=S) == []
@@ -108,3 +123,59 @@ def test_the_controller_drains_to_meet_a_budget_capping_cannot() -> None:
     res = run_policy(sc, "wattkeeper", duration_s=360)
     assert res.over_budget_s < 150
     assert res.goodput_tokens > 0
+
+
+def test_a_hung_drain_command_never_holds_up_the_agent(tmp_path: Path, sqlite_url: str) -> None:
+    """The drain command blocks until the test lets it go: meanwhile the agent keeps
+    ticking (sampling, reconciling); once it finishes, the next tick records it. A
+    failing command is said once, however many ticks retry it."""
+    import time
+
+    from wattkeeper.clock import SimClock
+    from wattkeeper.config import load_config
+    from wattkeeper.runtime import build_simulated, open_store
+    from wattkeeper.simulator.facility import FacilitySpec
+    from wattkeeper.store.db import make_engine, upgrade
+
+    upgrade(make_engine(sqlite_url))
+    cfg = load_config(None, environ={})
+    store = open_store(cfg, sqlite_url)
+    rt = build_simulated(cfg, store, FacilitySpec(1, 2), SimClock(1000.0))
+    agent = rt.agents[0]
+    gate = tmp_path / "go"
+    wait = f"import os, sys, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.05)\n"
+    agent.drain = CommandDrain(
+        agent.node, shlex.join([sys.executable, "-c", wait]), "true", timeout_s=120
+    )
+    t = 1000.0
+    agent.tick(t)
+    store.set_drained(agent.node, True, "cli:root", t)
+    for _ in range(3):
+        t += 1
+        agent.tick(t)  # returns although the command is still waiting
+    assert agent.state.tick_ts == t and agent._drain_job is not None
+    assert "node.drain.applied" not in [e.action for e in store.audit_log(50)]
+    gate.touch()
+    deadline = time.monotonic() + 60
+    while agent._drain_job is not None and time.monotonic() < deadline:
+        t += 1
+        agent.tick(t)
+        time.sleep(0.05)
+    assert [e.action for e in store.audit_log(50)].count("node.drain.applied") == 1
+
+    agent.drain = CommandDrain(agent.node, "true", _recorder(tmp_path, "RESUME", code=2))
+    store.set_drained(agent.node, False, "cli:root", t)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        t += 40  # past the retry wait each time: the command runs again
+        agent.tick(t)
+        time.sleep(0.05)
+        if (tmp_path / "calls.log").exists() and len(
+            (tmp_path / "calls.log").read_text().splitlines()
+        ) >= 3:
+            break
+    agent.tick(t + 1)
+    assert len((tmp_path / "calls.log").read_text().splitlines()) >= 3  # retried
+    assert [e.action for e in store.audit_log(100)].count("node.drain.failed") == 1  # said once
+    agent.shutdown(t + 2)
+    rt.store.engine.dispose()

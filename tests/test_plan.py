@@ -121,3 +121,32 @@ def test_fractional_floor_is_never_rounded_below():
         201.0,
     )
     assert list(res.limits.values()) == [100.5, 100.5]
+
+
+def test_a_silent_drained_node_counts_at_its_caps_until_its_agent_said_it_powered_down():
+    """A drained node whose samples stopped may have powered down, or its drain may have
+    failed with the GPUs still at their old limits: only the agent's word that its drain
+    powers the node down lets the plan count it at standby power."""
+    settings = PlanSettings(margin_ratio=0.0, non_gpu_w_per_gpu_w=0.0, drained_node_w=150.0)
+    serving = [
+        PlanGpu(f"a-{i}", "a", 200.0, 700.0, 690.0, 700.0, None, 1.0, True) for i in range(4)
+    ]
+    silent = [
+        PlanGpu(f"b-{i}", "b", 200.0, 700.0, 700.0, 700.0, 700.0, 60.0, False) for i in range(4)
+    ]
+
+    def a_total(standby: bool) -> float:
+        nodes = [
+            PlanNode("a", 1000.0, 1.0),
+            PlanNode("b", 1000.0, 60.0, drained=True, standby=standby),
+        ]
+        p = plan(nodes, serving + silent, 3500.0, settings)
+        b = [t for t in p.targets if t.uuid.startswith("b-")]
+        assert all(t.power_limit_w == 200.0 for t in b)  # drained: asked to the floor
+        return sum(t.power_limit_w for t in p.targets if t.uuid.startswith("a-"))
+
+    # Not known to be down: b may draw 4 x 700 W and its host (assumed 2 kW), which
+    # leaves nothing of 3.5 kW: a is held at its floors.
+    assert a_total(standby=False) == 4 * 200.0
+    # Its agent said the drain powers it down: b is 150 W, a gets the rest.
+    assert a_total(standby=True) == pytest.approx(3500.0 - 1000.0 - 150.0, abs=4.0)

@@ -55,6 +55,12 @@ def test_a_bad_cron_or_zone_names_the_problem() -> None:
         window_start(Schedule(1, "facility", 1.0, 60.0, cron="0 17 * *"), 0.0)
     with pytest.raises(ScheduleError, match="weekday"):
         window_start(Schedule(1, "facility", 1.0, 60.0, cron="0 17 * * 3-9"), 0.0)
+    with pytest.raises(ScheduleError, match="not both"):  # crontab ORs them, APScheduler ANDs
+        window_start(Schedule(1, "facility", 1.0, 60.0, cron="0 0 1 * 1"), 0.0)
+    with pytest.raises(ScheduleError, match="numbers or names"):
+        window_start(Schedule(1, "facility", 1.0, 60.0, cron="0 0 * * 1-fri"), 0.0)
+    with pytest.raises(ScheduleError, match="Europe"):  # a folder of the zone database
+        window_start(Schedule(1, "facility", 1.0, 60.0, cron="0 0 * * *", timezone="Europe"), 0.0)
     with pytest.raises(ScheduleError, match="61"):
         window_start(Schedule(1, "facility", 1.0, 60.0, cron="61 * * * *"), 0.0)
     with pytest.raises(ScheduleError, match="Mars/Olympus"):
@@ -125,6 +131,7 @@ def test_the_cli_adds_lists_and_removes_and_refuses_what_cannot_work(sqlite_url:
         (["9kW", "--at", "tomorrow", "--for", "1h"], "ISO 8601"),
         (["9kW", "--for", "1h"], "exactly one of --cron and --at"),
         (["9kW", "--at", "2030-01-01T17:00"], "--for"),
+        (["9kW", "--at", "2020-01-01T17:00", "--for", "1h"], "over already"),
         (["9", "--at", "2030-01-01T17:00", "--for", "1h"], "unit"),
     ):
         r = cli("add", *bad)
@@ -162,4 +169,23 @@ def test_the_controller_meets_a_scheduled_window_on_time_and_lets_go_after(
     after = [p for k, p in seen if k >= 200]
     assert max(during) <= low
     assert min(after) > low
+    rt.store.engine.dispose()
+
+
+def test_a_schedule_that_no_longer_parses_is_skipped_not_fatal(sqlite_url: str) -> None:
+    """A row whose time zone this host does not know: said once, and planning goes on."""
+    upgrade(make_engine(sqlite_url))
+    cfg = load_config(None, environ={})
+    store = open_store(cfg, sqlite_url)
+    start = 40_000.0
+    rt = build_simulated(cfg, store, FacilitySpec(1, 4), SimClock(start))
+    store.set_budget(3_000.0, "test", start)
+    bad = Schedule(0, "facility", 2_000.0, 3600.0, cron="* * * * *", timezone="Mars/Olympus")
+    store.add_schedule(bad, "test", start)
+    for k in range(1, 12):
+        rt.clock.set(start + k)
+        rt.facility.advance_to(start + k)
+        rt.step(k % 5 == 0)
+    plan = rt.controller.state.last_plan
+    assert plan is not None and plan.budget_w == 3_000.0
     rt.store.engine.dispose()

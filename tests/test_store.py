@@ -511,6 +511,7 @@ def _reference(store: Store, now: float, window_s: float) -> Snapshot:
                 name=n.name,
                 drained=n.drained,
                 drained_by=n.drained_by if n.drained else None,
+                standby=bool(n.standby) and n.drained,
                 last_seen_at=n.last_seen_at,
                 host_ts=h and h.ts,
                 non_gpu_power_w=h and h.non_gpu_power_w,

@@ -55,6 +55,7 @@ CALLS = {
     "node_id": lambda s: s.node_id("n0"),
     "set_drained": lambda s: s.set_drained("n0", True, "test", NOW),
     "node_drained": lambda s: s.node_drained("n0"),
+    "set_standby": lambda s: s.set_standby("n0", True),
     "original_power_limits": lambda s: s.original_power_limits("n0"),
     "clear_original_power_limits": lambda s: s.clear_original_power_limits([1]),
     "node_backends": lambda s: s.node_backends(),

@@ -39,6 +39,9 @@ class Node(Base):
     last_seen_at: Mapped[float] = mapped_column(Float)
     drained: Mapped[bool] = mapped_column(Boolean, default=False)
     drained_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    standby: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Its agent ran a drain that powers the node down: from then on a silent node is
+    budgeted at standby power, not at the caps it last had."""
     """Who drained it: 'controller', or a person ('cli:root'), whose drain the controller
     never undoes."""
     backend: Mapped[str] = mapped_column(String(32))

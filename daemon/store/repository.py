@@ -122,6 +122,7 @@ class NodeView:
     endpoints_up: int
     endpoints_total: int
     drained_by: str | None = None
+    standby: bool = False
     token_ts: float | None = None
     """When the node's servers were last read (None: no token source)."""
     requests_waiting: float | None = None
@@ -274,6 +275,11 @@ class Store:
                 )
             )
             return True
+
+    def set_standby(self, name: str, standby: bool) -> None:
+        """Record whether the node's drain powered it down (its agent says so)."""
+        with self.session() as s, s.begin():
+            s.execute(update(Node).where(Node.name == name).values(standby=standby))
 
     def node_drained(self, name: str) -> bool:
         with self.session() as s:
@@ -673,6 +679,7 @@ class Store:
                 name,
                 drained,
                 drained_by,
+                standby,
                 last_seen_at,
                 host_ts,
                 non_gpu_w,
@@ -685,6 +692,7 @@ class Store:
                         name=name,
                         drained=drained,
                         drained_by=drained_by if drained else None,
+                        standby=bool(standby) and drained,
                         last_seen_at=last_seen_at,
                         host_ts=host_ts,
                         non_gpu_power_w=non_gpu_w,
@@ -838,6 +846,7 @@ def _node_snapshot_statement(dialect: str, since: float, now: float) -> Select:
             _NODES.c.name,
             _NODES.c.drained,
             _NODES.c.drained_by,
+            _NODES.c.standby,
             _NODES.c.last_seen_at,
             host.c.ts,
             host.c.non_gpu_power_w,

@@ -31,10 +31,14 @@ def upgrade() -> None:
             batch_op.add_column(sa.Column(name, sa.Float(), nullable=True))
     with op.batch_alter_table("nodes", schema=None) as batch_op:
         batch_op.add_column(sa.Column("drained_by", sa.String(length=255), nullable=True))
+        batch_op.add_column(
+            sa.Column("standby", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("nodes", schema=None) as batch_op:
+        batch_op.drop_column("standby")
         batch_op.drop_column("drained_by")
     with op.batch_alter_table("token_samples", schema=None) as batch_op:
         for name in reversed(COLUMNS):

@@ -240,6 +240,8 @@ class Agent:
             return
         self._first("drain", None)
         self._drained_applied = drained
+        if self._asleep:
+            log.info("%s drained and powering down: its GPUs going silent is expected", self.node)
         standby = drained and bool(getattr(self.drain, "powers_down", False))
         self._audit(
             "node.drain.applied", self.node, {"drained": drained, "powers_down": standby}, now
@@ -286,7 +288,13 @@ class Agent:
             self._errors.pop(key, None)
         else:
             self._errors[key] = error
-        return True
+        # In standby its GPUs are expected to be unreachable: nothing to say.
+        return error is None or not self._asleep or key == "drain"
+
+    @property
+    def _asleep(self) -> bool:
+        """Drained by an actuator that powers the node down."""
+        return bool(self._drained_applied) and bool(getattr(self.drain, "powers_down", False))
 
     def _sample_host(self, now: float) -> HostSample | None:
         if self.host is None:
@@ -446,7 +454,7 @@ class Agent:
                     self.backend.set_power_limit(uuid, min(max(persisted, lim.min_w), lim.max_w))
                     restored[uuid] = persisted
             except GpuError as exc:
-                log.error("cannot restore %s: %s", uuid, exc)
+                (log.debug if self._asleep else log.error)("cannot restore %s: %s", uuid, exc)
         for uuid, watts in restored.items():
             self._audit("gpu.restore", uuid, {"power_limit_w": watts}, now)
         try:

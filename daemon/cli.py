@@ -26,7 +26,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-budget_app = typer.Typer(help="Show or set the facility power budget.", no_args_is_help=True)
+budget_app = typer.Typer(
+    help="Show or set power budgets: the facility, its domains (room, PDU, rack), schedules.",
+    no_args_is_help=True,
+)
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 
 
@@ -258,6 +261,7 @@ def run(
             _check_floor(
                 budget_w,
                 [g.power_limits.min_w for a in rt.agents for g in a.backend.gpus()],
+                forcing="wattkeeper budget set --force sets it anyway",
             )
             store.set_budget(budget_w, "cli:run", clock.now())
         if fast:
@@ -406,8 +410,8 @@ def _live_table(s: dict) -> Any:
             "-" if n["tokens_per_s"] is None else f"{n['tokens_per_s']:,.0f}",
             "-" if n["tokens_per_joule"] is None else f"{n['tokens_per_joule']:.3f}",
             ("-" if n["sample_age_s"] is None else f"{n['sample_age_s']:.0f}s")
-            + (" stale" if n["stale"] else ""),
-            style="dim" if n["stale"] else None,
+            + (" drained" if n["drained"] else " stale" if n["stale"] else ""),
+            style="dim" if n["stale"] or n["drained"] else None,
         )
     return t
 
@@ -545,6 +549,7 @@ def _explain(
         for key in ("ttft_mean_s", "tpot_mean_s", "ttft_p90_s", "tpot_p90_s", "requests_running")
     }
     data = {
+        "format_version": 1,
         "node": node,
         "drained": view.drained,
         "drained_by": view.drained_by,
@@ -714,7 +719,9 @@ def _set_drained(name: str, drained: bool, db: str | None, config: Path | None) 
     typer.echo(f"{name}: {state}" + ("" if changed else " (already)"))
 
 
-def _check_floor(watts: float, floors: list[float]) -> None:
+def _check_floor(
+    watts: float, floors: list[float], forcing: str = "--force sets it anyway"
+) -> None:
     """A budget below what the GPUs draw at their lowest limits cannot be met by capping:
     refuse it, unless forced (then the controller holds every GPU at its floor)."""
     from wattkeeper.units import format_power
@@ -724,7 +731,7 @@ def _check_floor(watts: float, floors: list[float]) -> None:
         fail(
             f"budget {format_power(watts)} is below the hardware floor: {len(floors)} GPUs at "
             f"their lowest power limits draw {format_power(floor)}, before any non-GPU power; "
-            "only draining nodes could meet it (--force sets it anyway)"
+            f"only draining nodes could meet it ({forcing})"
         )
 
 
@@ -790,7 +797,7 @@ def schedule_add(
         now = time.time()
         if not force:
             snap = store.snapshot(now, window_s=cfg.controller.forget_after_s)
-            _check_reachable(watts, cfg, snap, _domain_nodes(cfg, domain))
+            _check_reachable(watts, cfg, snap, _domain_nodes(cfg, domain), domain)
         new_id = store.add_schedule(schedule, _actor(), now)
     except StoreError as exc:
         fail(str(exc))
@@ -815,7 +822,9 @@ def _parse_at(value: str, zone: str) -> float:
     return moment.timestamp()
 
 
-def _check_reachable(watts: float, cfg: Any, snap: Any, under: set[str] | None) -> None:
+def _check_reachable(
+    watts: float, cfg: Any, snap: Any, under: set[str] | None, domain: str = "facility"
+) -> None:
     """A budget below what its nodes draw with every node it may drain drained (one
     node left at its GPUs' floors and its host power) cannot be met: refuse it."""
     from wattkeeper.units import format_power
@@ -838,7 +847,7 @@ def _check_reachable(watts: float, cfg: Any, snap: Any, under: set[str] | None) 
     drained = {
         n.name: cfg.controller.drained_node_w or (n.non_gpu_power_w or host_default) for n in live
     }
-    if cfg.controller.drain_nodes:
+    if cfg.controller.drain_nodes and under is None:  # the controller drains for the facility
         need = min(serving[k] + sum(drained.values()) - drained[k] for k in serving)
         how = "with every node but one drained"
     else:
@@ -846,7 +855,7 @@ def _check_reachable(watts: float, cfg: Any, snap: Any, under: set[str] | None) 
         how = "with every GPU at its floor (controller.drain_nodes is off)"
     if watts < need:
         fail(
-            f"budget {format_power(watts)} cannot be met: the facility draws "
+            f"budget {format_power(watts)} cannot be met: {domain} draws "
             f"{format_power(need)} {how} (--force adds it anyway)"
         )
 
@@ -997,8 +1006,7 @@ def budget_show(
             if child["parent"] == item["name"]:
                 line(child, depth + 1)
 
-    if domains or facility["in_force_schedule"] is not None:
-        line(facility, 0)
+    line(facility, 0)
 
 
 # -- audit --------------------------------------------------------------------------------------

@@ -44,7 +44,16 @@ def _duration(value: Any) -> Any:
     return parse_duration_s(value) if isinstance(value, str) else value
 
 
+def _power_with_unit(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError(f'give a power with a unit, W, kW or MW ("{value}kW"?), not {value!r}')
+    return parse_power_w(value, require_unit=True)
+
+
 PowerW = Annotated[float, BeforeValidator(_power), Field(gt=0)]
+"""Keys named ``*_w``: a bare number is watts, as the name says."""
+PowerWithUnit = Annotated[float, BeforeValidator(_power_with_unit), Field(gt=0)]
+"""Other powers: '40kW', never a bare 40 that could be watts or kilowatts."""
 DurationS = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
 
 
@@ -153,8 +162,9 @@ class MetricsConfig(_Section):
 
 class SloConfig(_Section):
     """The latency the servers promise. With both set, the controller lowers each node's
-    power ceiling while the servers' p90 TTFT and TPOT have slack against them (see
-    docs/policy.md); unset, it only enforces budgets."""
+    power ceiling while the servers' mean TTFT and TPOT have slack against them, and
+    raises it when their p90 misses (see docs/policy.md); unset, it only enforces
+    budgets."""
 
     ttft_s: DurationS | None = None
     tpot_s: DurationS | None = None
@@ -177,7 +187,7 @@ class DomainConfig(_Section):
 
     name: str = Field(min_length=1)
     parent: str = "facility"
-    limit: PowerW | None = None
+    limit: PowerWithUnit | None = None
     """Its budget unless one is set at run time (wattkeeper budget set NAME VALUE)."""
     nodes: list[str] = Field(default_factory=list)
     """Nodes directly under it; a node in no domain is directly under the facility."""
@@ -191,8 +201,10 @@ class BudgetConfig(_Section):
         names = [d.name for d in self.domains]
         seen: set[str] = set()
         for name in names:
-            if name == "facility" or name in seen:
-                raise ValueError(f"budget domain {name!r} is defined twice (or is 'facility')")
+            if name == "facility":
+                raise ValueError("'facility' is the root of the budget tree, not a domain name")
+            if name in seen:
+                raise ValueError(f"budget domain {name!r} is defined twice")
             seen.add(name)
         placed: dict[str, str] = {}
         for d in self.domains:

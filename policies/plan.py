@@ -207,9 +207,7 @@ def plan(
     said = "no budget" if budget_w is None else f"budget {budget_w:.0f} W"
     explanation = f"{said}, non-GPU {non_gpu:.0f} W, margin {s.margin_ratio:.0%}: "
     if infeasible:
-        explanation += "; ".join(b.reason for b in infeasible) + (
-            "; draining nodes is the remaining lever"
-        )
+        explanation += "; ".join(b.reason for b in infeasible)
     elif np.isfinite(usable):
         explanation += f"{len(fresh_gpus)} GPUs share {usable:.0f} W"
     else:
@@ -290,16 +288,18 @@ def _reasons(
     hopeless = np.isneginf(alloc.node_level_w)
     out = []
     for i, g in enumerate(gpus):
-        limit = float(limits[i])
+        raw = float(limits[i])
+        limit = max(g.min_w, math.floor(raw))  # as written: whole watts
+        top = max(g.min_w, math.floor(tops[i]))
         if held[i]:
             h = int(holder[i])
             if hopeless[h]:
                 out.append(f"budget {tree.names[h]} is below its GPUs' floors: held at the floor")
             else:
                 out.append(f"budget {tree.names[h]} holds it at {limit:.0f} W")
-        elif tops[i] < maxs[i] and limit >= tops[i] - 1e-6:
-            out.append(f"latency ceiling {tops[i]:.0f} W: {g.ceiling_reason}")
-        elif limit >= maxs[i] - 1e-6:
+        elif tops[i] < maxs[i] and raw >= tops[i] - 1e-6:
+            out.append(f"latency ceiling {top:.0f} W: {g.ceiling_reason}")
+        elif raw >= maxs[i] - 1e-6:
             out.append("uncapped: the budgets allow the maximum")
         elif demand[i] < tops[i] - 1e-6:
             out.append(f"draws {g.power_w or 0:.0f} W: limit {limit:.0f} W leaves headroom")

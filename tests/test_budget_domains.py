@@ -89,8 +89,10 @@ def test_a_rack_pays_for_the_host_power_its_gpus_rise_brings() -> None:
             '[[budget.domains]]\nname = "b"\nnodes = ["n1"]\n',
             "node 'n1' is in budget domains 'a' and 'b'",
         ),
-        ('[[budget.domains]]\nname = "facility"\n', "defined twice"),
+        ('[[budget.domains]]\nname = "facility"\n', "root of the budget tree"),
         ('[[budget.domains]]\nname = "r1"\nlimit = "-4kW"\n', "limit"),
+        ('[[budget.domains]]\nname = "r1"\nlimit = "40"\n', "give a unit"),
+        ('[[budget.domains]]\nname = "r1"\nlimit = 40\n', "with a unit"),
     ],
 )
 def test_a_bad_tree_in_the_config_is_refused_by_name(tmp_path: Path, text: str, says: str) -> None:

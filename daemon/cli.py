@@ -337,7 +337,7 @@ def _run_live(rt: Any, duration_s: float | None, output: Output) -> None:
     import threading
 
     from wattkeeper.runtime import run_realtime
-    from wattkeeper.summary import cost_options, facility_summary
+    from wattkeeper.summary import cost_options, facility_summary, in_force
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -347,7 +347,7 @@ def _run_live(rt: Any, duration_s: float | None, output: Output) -> None:
         # The same moment and clock as `status` on this store, so the two agree.
         as_of, clock = _status_moment(rt.store)
         return facility_summary(
-            rt.store.snapshot(as_of),
+            in_force(rt.store, rt.store.snapshot(as_of), as_of),
             stale_after_s=rt.cfg.controller.stale_after_s,
             clock=clock,
             **cost_options(rt.cfg, as_of),
@@ -426,14 +426,14 @@ def status(
 ) -> None:
     """Facility power against budget, tokens/s and tokens/J, per node (and per GPU)."""
     from wattkeeper.store.db import StoreError
-    from wattkeeper.summary import cost_options, facility_summary
+    from wattkeeper.summary import cost_options, facility_summary, in_force
 
     cfg = _config(config)
     store = _store(cfg, db)
     try:
         as_of, clock = _status_moment(store)
         s = facility_summary(
-            store.snapshot(as_of, window_s=cfg.store.retention_s),
+            in_force(store, store.snapshot(as_of, window_s=cfg.store.retention_s), as_of),
             with_gpus=gpus,
             stale_after_s=cfg.controller.stale_after_s,
             clock=clock,

@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from wattkeeper import __version__
 from wattkeeper.collectors.gpu import THROTTLE_REASONS
 from wattkeeper.store.db import StoreError
-from wattkeeper.summary import cost_options, facility_summary
+from wattkeeper.summary import cost_options, facility_summary, in_force
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -458,7 +458,8 @@ class WattkeeperCollector(Collector):
     def _store(self) -> Iterator[Metric]:
         t0 = time.perf_counter()
         try:
-            snap: Snapshot | None = self.rt.store.snapshot(self.rt.clock.now())
+            now = self.rt.clock.now()
+            snap: Snapshot | None = in_force(self.rt.store, self.rt.store.snapshot(now), now)
         except (StoreError, SQLAlchemyError) as exc:
             log.warning("scrape without store metrics: %s", str(exc).splitlines()[0])
             snap = None

@@ -20,6 +20,21 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
+def in_force(store: Any, snap: Snapshot, now: float) -> Snapshot:
+    """The snapshot with the facility budget in force at ``now``: a schedule's window
+    lowers the standing one, as the controller sees it (without its look-ahead)."""
+    from dataclasses import replace
+
+    from wattkeeper.policies.schedule import ScheduleError, effective_budget
+
+    try:
+        schedules = [s for s in store.schedules() if s.scope == "facility"]
+        budget, _ = effective_budget(snap.budget_w, schedules, now, 0.0)
+    except ScheduleError:
+        return snap  # the controller skips such a row too, and says so
+    return replace(snap, budget_w=budget)
+
+
 def cost_options(cfg: Any, ts: float) -> dict[str, Any]:
     """``facility_summary``'s price and PUE from the configuration, at moment ``ts``."""
     return {

@@ -5,6 +5,7 @@ clock obeying a window."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -137,6 +138,14 @@ def test_the_cli_adds_lists_and_removes_and_refuses_what_cannot_work(sqlite_url:
         r = cli("add", *bad)
         assert r.exit_code != 0 and says in r.output, (bad, r.output)
     assert len(store.schedules()) == 2  # nothing refused was written
+    # A window open now is the budget in force in status (and on /metrics).
+    started = dt.datetime.now(ZoneInfo("UTC")) - dt.timedelta(minutes=1)
+    at = started.replace(tzinfo=None).isoformat(timespec="seconds")
+    r = cli("add", "2kW", "--at", at, "--for", "1h", "--force")
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["status", "-o", "json", "--db", sqlite_url])
+    assert r.exit_code == 0 and json.loads(r.stdout)["budget_w"] == 2000.0
+    store.remove_schedule(3, "test", 0.0)
     r = cli("list", "-o", "json")
     assert r.exit_code == 0 and '"cron": "0 17 * * 1-5"' in r.stdout
     assert cli("remove", "1").exit_code == 0

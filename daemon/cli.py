@@ -188,7 +188,7 @@ def run(
             help="Simulated clock, as fast as the CPU allows (needs --simulate and --duration).",
         ),
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the simulated facility.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the simulated facility.")] = 0,
     metrics_listen: Annotated[
         str | None,
         typer.Option(
@@ -1012,7 +1012,9 @@ def budget_show(
 # -- audit --------------------------------------------------------------------------------------
 @app.command()
 def audit(
-    limit: Annotated[int, typer.Option(help="How many entries, newest first.")] = 50,
+    limit: Annotated[
+        int, typer.Option(min=1, max=100_000, help="How many entries, newest first.")
+    ] = 50,
     output: OutputOpt = Output.table,
     db: DbOpt = None,
     config: ConfigOpt = None,

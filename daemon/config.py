@@ -89,7 +89,8 @@ class HostPowerConfig(_Section):
 
 class AgentConfig(_Section):
     node: str = Field(default_factory=socket.gethostname)
-    interval_s: DurationS = 1.0
+    interval_s: Annotated[DurationS, Field(ge=0.1)] = 1.0
+    """GPU sampling period; below 100 ms NVML's averaged power is no longer an average."""
     tokens_interval_s: DurationS = 5.0
     """How often the inference servers' pages are read (GPUs are read every interval_s)."""
     restore_on_exit: bool = True
@@ -116,8 +117,8 @@ class AgentConfig(_Section):
 
 class ControllerConfig(_Section):
     timezone: str = "UTC"
-    """Time zone of budget schedules' cron expressions and --at times."""
-    interval_s: DurationS = 5.0
+    """Time zone of budget schedules' cron expressions and --at times, and hourly prices."""
+    interval_s: Annotated[DurationS, Field(ge=1.0)] = 5.0
     lease_s: DurationS = 30.0
     stale_after_s: DurationS = 10.0
     """Samples older than this do not count as fresh; without fresh samples caps never relax."""
@@ -290,11 +291,21 @@ class Config(_Section):
 def parse_listen(value: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 as [::1]:PORT), refusing anything else with the expected form."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not (0 < int(port) < 65536) or not host:
+    bracketed = host.startswith("[") and host.endswith("]")
+    name = host[1:-1] if bracketed else host
+    if (
+        not sep
+        or not port.isdigit()
+        or not (0 < int(port) < 65536)
+        or not name
+        or (":" in name and not bracketed)
+        or any(c in name for c in "[] ")
+    ):
         raise ValueError(
-            f"invalid listen address {value!r}: expected HOST:PORT, e.g. 127.0.0.1:9847"
+            f"invalid listen address {value!r}: expected HOST:PORT, e.g. 127.0.0.1:9847 or "
+            "[::1]:9847 (0.0.0.0 to listen on every interface, said on purpose)"
         )
-    return host.strip("[]"), int(port)
+    return name, int(port)
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

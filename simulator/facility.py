@@ -153,6 +153,11 @@ SIMPLE_OUTPUT = LengthDist(mean=400.0, sigma=0.7)
 shape of ShareGPT-like chat traces; it puts about 13% of an 8B replica's time in prefill."""
 
 
+MAX_SIMULATED_GPUS = 10_000
+"""Beyond this one simulated facility takes minutes and gigabytes before the first tick."""
+MAX_SIMULATED_GPUS_PER_NODE = 72
+
+
 @dataclass(frozen=True)
 class FacilitySpec:
     """The CLI's ``--simulate NODESxGPUS``: one kind, one model, steady chat traffic."""
@@ -173,6 +178,12 @@ class FacilitySpec:
         m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
         if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
             raise ValueError(f"invalid --simulate {text!r}: expected NODESxGPUS, for example 4x8")
+        nodes, per_node = int(m.group(1)), int(m.group(2))
+        if per_node > MAX_SIMULATED_GPUS_PER_NODE or nodes * per_node > MAX_SIMULATED_GPUS:
+            raise ValueError(
+                f"--simulate {text}: at most {MAX_SIMULATED_GPUS_PER_NODE} GPUs per node and "
+                f"{MAX_SIMULATED_GPUS:,} in all (one process simulates them all)"
+            )
         return cls(nodes=int(m.group(1)), gpus_per_node=int(m.group(2)), **kw)  # type: ignore[arg-type]
 
     def scenario(self) -> Scenario:

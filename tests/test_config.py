@@ -1,6 +1,6 @@
 import pytest
 
-from wattkeeper.config import ConfigError, load_config
+from wattkeeper.config import ConfigError, load_config, parse_listen
 
 
 def write(tmp_path, text):
@@ -39,6 +39,25 @@ def test_bad_listen_address(tmp_path):
     p = write(tmp_path, '[metrics]\nlisten = "localhost"\n')
     with pytest.raises(ConfigError, match=r"metrics\.listen: invalid listen address"):
         load_config(p, environ={})
+
+
+@pytest.mark.parametrize("listen", ["[]:9847", ":9847", "::1:9847", "[::1]]:9847", "a b:9847"])
+def test_an_empty_or_malformed_host_is_refused_not_every_interface(listen):
+    """'[]:9847' used to bind every interface: only 0.0.0.0 or [::] says that."""
+    with pytest.raises(ConfigError, match="invalid listen address"):
+        load_config(None, environ={"WATTKEEPER_METRICS__LISTEN": listen})
+    assert parse_listen("[::1]:9847") == ("::1", 9847)
+    assert parse_listen("0.0.0.0:9847") == ("0.0.0.0", 9847)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("WATTKEEPER_AGENT__INTERVAL_S", "100ms"), ("WATTKEEPER_CONTROLLER__INTERVAL_S", "1s")],
+)
+def test_the_shortest_periods_that_make_sense_are_accepted_and_shorter_refused(key, value):
+    load_config(None, environ={key: value, "WATTKEEPER_CONTROLLER__LEASE_S": "1h"})
+    with pytest.raises(ConfigError, match="greater than or equal"):
+        load_config(None, environ={key: "0.0001s", "WATTKEEPER_CONTROLLER__LEASE_S": "1h"})
 
 
 def test_environment_overrides_file(tmp_path):

@@ -477,3 +477,17 @@ def test_live_run_json_and_status_describe_the_same_moment_and_clock(sqlite_url)
     assert live["clock"] == st["clock"] == "simulated"
     assert live["ts"] == st["ts"]
     assert [n["name"] for n in live["nodes"]] == [n["name"] for n in st["nodes"]]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["run", "--simulate", "1x2", "--seed", "-1", "--fast", "--duration", "1m"], "--seed"),
+        (["run", "--simulate", "100000x8", "--fast", "--duration", "1m"], "10,000 in all"),
+        (["run", "--simulate", "1x200", "--fast", "--duration", "1m"], "72 GPUs per node"),
+        (["audit", "--limit", "-1"], "--limit"),
+    ],
+)
+def test_out_of_range_options_are_refused_before_any_work(sqlite_url, args, says):
+    r = runner.invoke(app, [*args, "--db", sqlite_url])
+    assert r.exit_code != 0 and says in r.output and "Traceback" not in r.output

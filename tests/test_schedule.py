@@ -93,8 +93,13 @@ def test_schedules_are_kept_in_the_store(db_url: str) -> None:
     ]
     assert store.remove_schedule(a, "t", 3.0) and not store.remove_schedule(a, "t", 4.0)
     assert [s.id for s in store.schedules()] == [b]
-    actions = [e.action for e in store.audit_log(3)]
-    assert actions == ["budget.schedule.remove", "budget.schedule.add", "budget.schedule.add"]
+    assert store.remove_schedule(b, "t", 5.0)
+    # Ids are never reused: the audit log names schedules by id.
+    c = store.add_schedule(Schedule(0, "facility", 7_000.0, 60.0, at_ts=9.0), "t", 6.0)
+    assert c not in (a, b)
+    store.remove_schedule(c, "t", 7.0)
+    actions = [e.action.removeprefix("budget.schedule.") for e in store.audit_log(6)]
+    assert actions == ["remove", "add", "remove", "remove", "add", "add"]
 
 
 def test_the_cli_adds_lists_and_removes_and_refuses_what_cannot_work(sqlite_url: str) -> None:

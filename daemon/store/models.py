@@ -3,6 +3,8 @@ store the same way and Prometheus-style arithmetic needs no conversion."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -143,6 +145,8 @@ class BudgetSchedule(Base):
     """A budget that holds during a window: once (``at_ts``) or on a cron schedule."""
 
     __tablename__ = "budget_schedules"
+    __table_args__: ClassVar[dict[str, bool]] = {"sqlite_autoincrement": True}
+    """A removed schedule's id is never given to a new one: the audit log names them."""
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     scope: Mapped[str] = mapped_column(String(255))

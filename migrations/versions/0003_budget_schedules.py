@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.Column("created_by", sa.String(length=255), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_budget_schedules")),
+        sqlite_autoincrement=True,
     )
 
 

@@ -231,6 +231,8 @@ def run(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--metrics-listen") from None
     cfg = _config(config)
+    if spec is None:
+        _require_gpus()  # before a store is created for a run that cannot start
     store = _store(cfg, db, create=True)
 
     from wattkeeper.clock import SimClock, WallClock
@@ -657,7 +659,19 @@ def budget_set(
     typer.echo(f"{domain} budget: {format_power(watts)} (was {format_power(previous)})")
 
 
+def _require_gpus() -> None:
+    from wattkeeper.collectors.gpu import BackendUnavailableError
+    from wattkeeper.collectors.nvml import NvmlBackend
+
+    try:
+        NvmlBackend().close()
+    except BackendUnavailableError as exc:
+        fail(str(exc))
+
+
 def _domain_and_power(args: list[str], cfg: Any) -> tuple[str, float]:
+    if len(args) == 2 and args[1].strip().lower() in ("w", "kw", "mw"):
+        args = [f"{args[0]}{args[1]}"]  # budget set 18 kW, unquoted
     if len(args) not in (1, 2):
         raise typer.BadParameter("give [DOMAIN] VALUE, e.g. '18kW' or 'rack-4 40kW'")
     domain = args[0] if len(args) == 2 else "facility"

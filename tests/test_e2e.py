@@ -491,3 +491,25 @@ def test_live_run_json_and_status_describe_the_same_moment_and_clock(sqlite_url)
 def test_out_of_range_options_are_refused_before_any_work(sqlite_url, args, says):
     r = runner.invoke(app, [*args, "--db", sqlite_url])
     assert r.exit_code != 0 and says in r.output and "Traceback" not in r.output
+
+
+def test_run_without_gpus_says_so_before_creating_a_store(tmp_path):
+    from wattkeeper.collectors.gpu import BackendUnavailableError
+    from wattkeeper.collectors.nvml import NvmlBackend
+
+    try:
+        NvmlBackend().close()
+    except BackendUnavailableError:
+        pass
+    else:
+        pytest.skip("this machine has NVIDIA GPUs: run would start for real")
+    path = tmp_path / "state" / "wattkeeper.db"
+    r = runner.invoke(app, ["run", "--db", f"sqlite:///{path}", "--duration", "5s"])
+    assert r.exit_code == 1 and "--simulate" in r.output
+    assert not path.exists() and not path.parent.exists()
+
+
+def test_an_unquoted_budget_with_a_space_is_understood(sqlite_url):
+    url = upgraded(sqlite_url)
+    r = runner.invoke(app, ["budget", "set", "18", "kW", "--db", url])
+    assert r.exit_code == 0 and "facility budget: 18.0 kW" in r.stdout

@@ -510,6 +510,80 @@ def explain_node(
     _explain(name, None, output, db, config)
 
 
+@explain_app.command("budget")
+def explain_budget(
+    domain: Annotated[str, typer.Argument(help="facility, or a configured domain.")] = "facility",
+    output: OutputOpt = Output.table,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """A budget: the limit in force and where it comes from (set, configured or a
+    schedule's window), the power drawn under it, its headroom, and the GPUs whose
+    targets it holds down."""
+    from wattkeeper.policies.schedule import ScheduleError, effective_budget
+    from wattkeeper.store.db import StoreError
+    from wattkeeper.units import format_power
+
+    cfg = _config(config)
+    known = ["facility", *(d.name for d in cfg.budget.domains)]
+    if domain not in known:
+        fail(f"unknown budget domain {domain!r}: expected one of {', '.join(known)}")
+    store = _store(cfg, db)
+    try:
+        as_of, _ = _status_moment(store)
+        snap = store.snapshot(as_of, window_s=max(60.0, 3 * cfg.controller.stale_after_s))
+        stored = store.budgets()
+        schedules = [s for s in store.schedules() if s.scope == domain]
+        under = _domain_nodes(cfg, domain)
+        nodes = [n.name for n in snap.nodes if under is None or n.name in under]
+        reasons = {
+            uuid: t.reason for node in nodes for uuid, t in store.targets_for_node(node).items()
+        }
+    except StoreError as exc:
+        fail(str(exc))
+    configured = next((d.limit for d in cfg.budget.domains if d.name == domain), None)
+    standing = stored.get(domain, configured)
+    try:
+        in_force, source = effective_budget(standing, schedules, time.time(), 0.0)
+    except ScheduleError:
+        in_force, source = standing, None
+    power = sum(n.non_gpu_power_w or 0.0 for n in snap.nodes if n.name in nodes) + sum(
+        g.power_w or 0.0 for g in snap.gpus if g.node in nodes
+    )
+    held = sorted(u for u, why in reasons.items() if f"budget {domain} " in why)
+    data = {
+        "format_version": 1,
+        "domain": domain,
+        "in_force_w": in_force,
+        "from": (
+            f"schedule {source.id}"
+            if source is not None
+            else "set at run time"
+            if domain in stored
+            else "configuration"
+            if configured is not None
+            else None
+        ),
+        "nodes": nodes,
+        "power_w": round(power, 1),
+        "headroom_w": None if in_force is None else round(in_force - power, 1),
+        "gpus_held": held,
+        "schedules": [s.id for s in schedules],
+    }
+    if output is Output.json:
+        _emit_json(data)
+        return
+    origin = f" ({data['from']})" if data["from"] else ""
+    typer.echo(
+        f"{domain}: {format_power(in_force)}{origin}, drawing {format_power(power)} over "
+        f"{len(nodes)} node(s)"
+        + ("" if in_force is None else f", headroom {format_power(in_force - power)}")
+    )
+    typer.echo(f"holds {len(held)} GPU target(s) below what they would get otherwise")
+    if schedules:
+        typer.echo(f"schedules: {', '.join(str(s.id) for s in schedules)}")
+
+
 @explain_app.command("gpu")
 def explain_gpu(
     uuid: Annotated[str, typer.Argument(help="The GPU's UUID, as `status --gpus` lists it.")],

@@ -148,6 +148,12 @@ def test_a_rack_budget_is_held_on_the_simulated_facility_and_shown_as_a_tree(
     assert 0 < rack["power_w"] <= 6000.0 and rack["headroom_w"] == pytest.approx(
         6000.0 - rack["power_w"], abs=0.2
     )
+    r = runner.invoke(app, ["explain", "budget", "rack-a", "-o", "json", *base])
+    assert r.exit_code == 0, r.output
+    explained = json.loads(r.stdout)
+    assert explained["from"] == "configuration" and explained["nodes"] == ["sim-node-0"]
+    assert len(explained["gpus_held"]) == 8  # the rack holds every GPU of its node
+    assert all(u.startswith("GPU-") for u in explained["gpus_held"])
     r = runner.invoke(app, ["budget", "set", "rack-a", "5kW", *base])
     assert r.exit_code == 0 and "rack-a budget: 5.00 kW (was 6.00 kW)" in r.output
     assert store.budgets()["rack-a"] == 5000.0

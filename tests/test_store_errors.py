@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -113,7 +114,9 @@ def dead_store(request, tmp_path) -> Iterator[tuple[Store, str]]:
         yield store, url
         return
     server = request.getfixturevalue("own_pg")
-    url = server.create_database(f"errors_{len(request.node.name)}_{id(request)}")
+    # A fresh name per test: id() of a finished request object is reused, and the
+    # server keeps every database made on it.
+    url = server.create_database(f"errors_{uuid.uuid4().hex[:16]}")
     engine = make_engine(url)
     upgrade(engine)
     store = Store(engine)

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from wattkeeper.collectors.drain import DrainActuator, DrainError
@@ -36,9 +36,9 @@ from wattkeeper.store.repository import LIMIT_TOLERANCE_W, Store, TokenRow
 log = logging.getLogger(__name__)
 
 MAX_PENDING_AUDIT = 10_000
+"""Audit entries kept while the store is away; beyond this the oldest are dropped."""
 DRAIN_RETRY_S = 30.0
 """After a drain or resume command failed, wait this long before running it again."""
-"""Audit entries kept while the store is away; beyond this the oldest are dropped."""
 
 
 @dataclass(frozen=True)
@@ -217,12 +217,12 @@ class Agent:
             self._drained_applied = False
             return
         if getattr(self.drain, "inline", False):
+            error: DrainError | None = None
             try:
                 self.drain.set_drained(drained)
             except DrainError as exc:
-                self._drain_done(drained, exc, now)
-            else:
-                self._drain_done(drained, None, now)
+                error = exc
+            self._drain_done(drained, error, now)
             return
         if self._drain_pool is None:
             self._drain_pool = ThreadPoolExecutor(1, thread_name_prefix=f"drain-{self.node}")
@@ -240,9 +240,9 @@ class Agent:
             return
         self._first("drain", None)
         self._drained_applied = drained
-        if self._asleep:
+        standby = self._asleep
+        if standby:
             log.info("%s drained and powering down: its GPUs going silent is expected", self.node)
-        standby = drained and bool(getattr(self.drain, "powers_down", False))
         self._audit(
             "node.drain.applied", self.node, {"drained": drained, "powers_down": standby}, now
         )
@@ -341,13 +341,7 @@ class Agent:
                         requests_running=series.requests_running,
                         requests_waiting=series.requests_waiting,
                         kv_cache_usage_ratio=series.kv_cache_usage_ratio,
-                        ttft_p90_s=latency.ttft_p90_s,
-                        tpot_p90_s=latency.tpot_p90_s,
-                        ttft_mean_s=latency.ttft_mean_s,
-                        tpot_mean_s=latency.tpot_mean_s,
-                        ttft_p90_floor_s=latency.ttft_p90_floor_s,
-                        tpot_p90_floor_s=latency.tpot_p90_floor_s,
-                        latency_requests=latency.observations,
+                        **asdict(latency),
                     )
                 )
         return rows

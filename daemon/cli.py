@@ -520,14 +520,12 @@ def explain_budget(
     """A budget: the limit in force and where it comes from (set, configured or a
     schedule's window), the power drawn under it, its headroom, and the GPUs whose
     targets it holds down."""
-    from wattkeeper.policies.schedule import ScheduleError, effective_budget
+    from wattkeeper.policies.schedule import effective_budget
     from wattkeeper.store.db import StoreError
     from wattkeeper.units import format_power
 
     cfg = _config(config)
-    known = ["facility", *(d.name for d in cfg.budget.domains)]
-    if domain not in known:
-        fail(f"unknown budget domain {domain!r}: expected one of {', '.join(known)}")
+    _check_domain(cfg, domain)
     store = _store(cfg, db)
     try:
         as_of, _ = _status_moment(store)
@@ -541,12 +539,9 @@ def explain_budget(
         }
     except StoreError as exc:
         fail(str(exc))
-    configured = next((d.limit for d in cfg.budget.domains if d.name == domain), None)
+    configured = _configured_limit(cfg, domain)
     standing = stored.get(domain, configured)
-    try:
-        in_force, source = effective_budget(standing, schedules, time.time(), 0.0)
-    except ScheduleError:
-        in_force, source = standing, None
+    in_force, source = effective_budget(standing, schedules, time.time(), 0.0)
     power = sum(n.non_gpu_power_w or 0.0 for n in snap.nodes if n.name in nodes) + sum(
         g.power_w or 0.0 for g in snap.gpus if g.node in nodes
     )
@@ -729,7 +724,7 @@ def budget_set(
     except StoreError as exc:
         fail(str(exc))
     if previous is None:  # never set at run time: the configured limit was in force
-        previous = next((d.limit for d in cfg.budget.domains if d.name == domain), None)
+        previous = _configured_limit(cfg, domain)
     typer.echo(f"{domain} budget: {format_power(watts)} (was {format_power(previous)})")
 
 
@@ -749,27 +744,28 @@ def _domain_and_power(args: list[str], cfg: Any) -> tuple[str, float]:
     if len(args) not in (1, 2):
         raise typer.BadParameter("give [DOMAIN] VALUE, e.g. '18kW' or 'rack-4 40kW'")
     domain = args[0] if len(args) == 2 else "facility"
+    _check_domain(cfg, domain)
+    return domain, _parse_power(args[-1], "VALUE")
+
+
+def _check_domain(cfg: Any, domain: str) -> None:
     known = ["facility", *(d.name for d in cfg.budget.domains)]
     if domain not in known:
         fail(f"unknown budget domain {domain!r}: expected one of {', '.join(known)}")
-    return domain, _parse_power(args[-1], "VALUE")
+
+
+def _configured_limit(cfg: Any, domain: str) -> float | None:
+    return next((d.limit for d in cfg.budget.domains if d.name == domain), None)
 
 
 def _domain_nodes(cfg: Any, domain: str) -> set[str] | None:
     """Nodes under ``domain`` (None: the facility, every node)."""
     if domain == "facility":
         return None
-    children: dict[str, list[str]] = {}
-    for d in cfg.budget.domains:
-        children.setdefault(d.parent, []).append(d.name)
-    nodes: set[str] = set()
-    stack = [domain]
-    while stack:
-        name = stack.pop()
-        spec = next(d for d in cfg.budget.domains if d.name == name)
-        nodes.update(spec.nodes)
-        stack.extend(children.get(name, []))
-    return nodes
+    from wattkeeper.policies.plan import domain_members
+    from wattkeeper.runtime import config_domains
+
+    return domain_members(config_domains(cfg))[domain]
 
 
 @node_app.command("drain")
@@ -953,7 +949,7 @@ def schedule_list(
     output: OutputOpt = Output.table, db: DbOpt = None, config: ConfigOpt = None
 ) -> None:
     """Every budget schedule, with its next window and whether it is in force now."""
-    from wattkeeper.policies.schedule import next_start, window_start
+    from wattkeeper.policies.schedule import ScheduleError, next_start, window_start
     from wattkeeper.store.db import StoreError
     from wattkeeper.units import format_power
 
@@ -963,8 +959,9 @@ def schedule_list(
     except StoreError as exc:
         fail(str(exc))
     now = time.time()
-    rows = [
-        {
+
+    def row(s: Any) -> dict[str, Any]:
+        data = {
             "id": s.id,
             "domain": s.scope,
             "budget_w": s.limit_w,
@@ -972,11 +969,18 @@ def schedule_list(
             "cron": s.cron,
             "at_ts": s.at_ts,
             "timezone": s.timezone,
-            "in_force": window_start(s, now) is not None,
-            "next_start_ts": next_start(s, now),
+            "in_force": False,
+            "next_start_ts": None,
+            "error": None,
         }
-        for s in schedules
-    ]
+        try:
+            data["in_force"] = window_start(s, now) is not None
+            data["next_start_ts"] = next_start(s, now)
+        except ScheduleError as exc:  # kept in the store, ignored by the controller
+            data["error"] = str(exc)
+        return data
+
+    rows = [row(s) for s in schedules]
     if output is Output.json:
         _emit_json({"format_version": 1, "schedules": rows})
         return
@@ -990,6 +994,7 @@ def schedule_list(
             f" at {when} ({r['timezone']})"
             + (" - in force now" if r["in_force"] else "")
             + ("" if nxt is None else time.strftime(", next %Y-%m-%d %H:%M", time.localtime(nxt)))
+            + (f" - ignored: {r['error']}" if r["error"] else "")
         )
 
 

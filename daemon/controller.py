@@ -73,9 +73,9 @@ class Controller:
         self.drains = drains
         """Drain decisions; None: the controller never drains."""
         self.domains = tuple(domains)
-        self._members = domain_members(self.domains)
         """Budget domains below the facility, with their configured limits (the store's,
         set at run time, take precedence)."""
+        self._members = domain_members(self.domains)
         self._schedules: list[Schedule] = []
         self.reaction_s = reaction_s
         """How far ahead a scheduled budget step is applied, so it is met when due."""
@@ -84,12 +84,18 @@ class Controller:
     def _snapshot(self, now: float) -> Snapshot:
         return self.store.snapshot(now, window_s=max(60.0, 3 * self.settings.stale_after_s))
 
-    def tick(self, now: float, snap: Snapshot | None = None, periodic: bool = True) -> Plan | None:
-        """Plan and write targets. Only the periodic tick moves latency ceilings: the
-        emergency re-plan between periods reuses them, so their pace stays the period's."""
-        snap = self._with_schedules(snap or self._snapshot(now), now)
+    def tick(self, now: float) -> Plan | None:
+        """The control period: plan and write targets."""
+        snap = self._with_schedules(self._snapshot(now), now)
+        return self._plan(now, snap, self._domain_limits(now), periodic=True)
+
+    def _plan(
+        self, now: float, snap: Snapshot, domains: list[Domain], periodic: bool
+    ) -> Plan | None:
+        """Plan on ``snap`` (budgets in force already applied) and write targets. Only the
+        periodic tick moves latency ceilings and drains: the emergency re-plan between
+        periods reuses them, so their pace stays the period's."""
         self.state.last_tick_ts = now
-        domains = self._domain_limits(now)
         limited = any(d.limit_w is not None for d in domains)
         if snap.budget_w is None and self.ceilings is None and not limited:
             if not self.state.no_budget_warned:
@@ -119,7 +125,8 @@ class Controller:
         """The emergency path, run between control periods: when measured facility power
         is over the budget, re-plan at once on the measurement instead of waiting."""
         snap = self._with_schedules(self._snapshot(now), now)
-        domains = [d for d in self._domain_limits(now) if d.limit_w is not None]
+        all_domains = self._domain_limits(now)
+        domains = [d for d in all_domains if d.limit_w is not None]
         if snap.budget_w is None and not domains:
             return None
         nodes, gpus = planning_inputs(snap, self.forget_after_s)
@@ -145,7 +152,7 @@ class Controller:
             log.warning(
                 "%s at %.0f W over its %.0f W budget: re-planning now", name, measured, limit
             )
-        return self.tick(now, snap, periodic=False)
+        return self._plan(now, snap, all_domains, periodic=False)
 
     def _with_schedules(self, snap: Snapshot, now: float) -> Snapshot:
         """The snapshot with the budget in force: the standing one, or a scheduled window's

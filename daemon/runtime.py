@@ -241,8 +241,13 @@ def make_controller(cfg: Config, store: Store) -> Controller:
         ceilings=ceilings,
         drains=drains,
         reaction_s=cfg.controller.interval_s + cfg.agent.interval_s,
-        domains=[Domain(d.name, d.parent, d.limit, tuple(d.nodes)) for d in cfg.budget.domains],
+        domains=config_domains(cfg),
     )
+
+
+def config_domains(cfg: Config) -> list[Domain]:
+    """The configured budget domains, with their configured limits."""
+    return [Domain(d.name, d.parent, d.limit, tuple(d.nodes)) for d in cfg.budget.domains]
 
 
 def build_local(cfg: Config, store: Store) -> Runtime:

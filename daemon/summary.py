@@ -25,13 +25,10 @@ def in_force(store: Any, snap: Snapshot, now: float) -> Snapshot:
     lowers the standing one, as the controller sees it (without its look-ahead)."""
     from dataclasses import replace
 
-    from wattkeeper.policies.schedule import ScheduleError, effective_budget
+    from wattkeeper.policies.schedule import effective_budget
 
-    try:
-        schedules = [s for s in store.schedules() if s.scope == "facility"]
-        budget, _ = effective_budget(snap.budget_w, schedules, now, 0.0)
-    except ScheduleError:
-        return snap  # the controller skips such a row too, and says so
+    schedules = [s for s in store.schedules() if s.scope == "facility"]
+    budget, _ = effective_budget(snap.budget_w, schedules, now, 0.0)
     return replace(snap, budget_w=budget)
 
 

@@ -130,7 +130,6 @@ def plan(
         if measured is None and n.standby and s.drained_node_w is not None:
             measured = s.drained_node_w  # powered down: its agent cannot report
         overhead[n.name] = measured if measured is not None else s.default_node_overhead_w
-    non_gpu = sum(overhead.values())
     stale: list[PlanGpu] = []
     fresh_gpus: list[PlanGpu] = []
     targets: list[PlanTarget] = []
@@ -172,18 +171,19 @@ def plan(
         # target in force; either way that is what the GPU may draw now.
         held[g.node] += min(max(keep, g.limit_w or 0.0), g.max_w)
 
-    # The facility: raising GPU power raises non-GPU power too, G + H0 + k (G - G0) <= B',
-    # so the GPUs' share above today's draw shrinks by 1 + k.
-    usable = math.inf if budget_w is None else budget_w * (1 - s.margin_ratio) - non_gpu
-    drawn = sum(fresh_gpu_power(fresh_gpus, s))
-    if usable > drawn:
-        usable = drawn + (usable - drawn) / (1 + s.non_gpu_w_per_gpu_w)
-    usable -= sum(held.values())
-
+    non_gpu = sum(overhead.values())
     drawn_by_node: dict[str, float] = {}
     for g in fresh_gpus:
         if g.power_w is not None:
             drawn_by_node[g.node] = drawn_by_node.get(g.node, 0.0) + g.power_w
+    # The facility: raising GPU power raises non-GPU power too, G + H0 + k (G - G0) <= B',
+    # so the GPUs' share above today's draw shrinks by 1 + k.
+    usable = math.inf if budget_w is None else budget_w * (1 - s.margin_ratio) - non_gpu
+    drawn = sum(drawn_by_node.values())
+    if usable > drawn:
+        usable = drawn + (usable - drawn) / (1 + s.non_gpu_w_per_gpu_w)
+    usable -= sum(held.values())
+
     tree, node_index = _tree(domains, overhead, held, drawn_by_node, usable, s)
     maxs = np.array([g.max_w for g in fresh_gpus], dtype=float)
     ceilings = np.array(

@@ -120,10 +120,14 @@ def effective_budget(
 ) -> tuple[float | None, Schedule | None]:
     """The budget in force at ``now``, looking ``lead_s`` ahead for windows about to
     open (but not holding one past its end), and the schedule that set it (None: the
-    standing budget)."""
+    standing budget). A row that no longer parses (a time zone gone from this host)
+    sets nothing: the controller says so once; a display must not fail on it."""
     best, source = standing_w, None
     for s in schedules:
-        if window_start(s, now) is None and window_start(s, now + lead_s) is None:
+        try:
+            if window_start(s, now) is None and window_start(s, now + lead_s) is None:
+                continue
+        except ScheduleError:
             continue
         if best is None or s.limit_w < best:
             best, source = s.limit_w, s

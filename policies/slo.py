@@ -4,10 +4,10 @@ A budget says how much power the facility may draw; it does not say how much the
 work needs. At a steady load a GPU makes the same tokens per second under any cap
 that keeps up with the arrivals, so every watt above the lowest such cap is wasted:
 it shortens time per output token below what anyone asked for. This module walks
-each node's ceiling down while the servers' own latency (TTFT and TPOT p90 since the
+each node's ceiling down while the servers' own latency (mean TTFT and TPOT since the
 previous read, from their histograms) has slack against the SLO, and back up at once
-when it has none. The budget's water-filling then works under these ceilings, so the
-watts one node does not need go to the nodes that do.
+when it has none or their p90 misses it. The budget's water-filling then works under
+these ceilings, so the watts one node does not need go to the nodes that do.
 
 It is a feedback rule, not a model: it needs no curve of the GPU or the model, and
 a prior that is off changes nothing. Steps down are proportional to the slack and
@@ -30,7 +30,8 @@ class Slo:
 @dataclass(frozen=True)
 class SloSettings:
     target_ratio: float = 0.85
-    """Aim for the p90 latency at this share of the SLO: the rest absorbs noise and steps."""
+    """Aim for the mean latency at this share of the SLO: the rest absorbs the spread of
+    requests around the mean, noise and steps."""
     high_ratio: float = 0.95
     """Above this share of the SLO the ceiling rises at once."""
     down_gain: float = 0.5

@@ -202,4 +202,9 @@ def test_a_schedule_that_no_longer_parses_is_skipped_not_fatal(sqlite_url: str) 
         rt.step(k % 5 == 0)
     plan = rt.controller.state.last_plan
     assert plan is not None and plan.budget_w == 3_000.0
+    for command in (["budget", "show"], ["status"], ["budget", "schedule", "list"]):
+        r = CliRunner().invoke(app, [*command, "--db", sqlite_url])
+        assert r.exit_code == 0 and "Traceback" not in r.output, (command, r.output)
+    r = CliRunner().invoke(app, ["budget", "schedule", "list", "--db", sqlite_url])
+    assert "ignored: unknown time zone 'Mars/Olympus'" in r.stdout
     rt.store.engine.dispose()

@@ -214,7 +214,7 @@ def test_latency_window_is_what_was_observed_between_scrapes() -> None:
     later = with_observations(NIM_PAGE, "time_per_output_token_seconds", 0.04, 50)
     later = with_observations(later, "time_to_first_token_seconds", 0.9, 50)
     w = windows.update("k", nim_series(later))
-    assert w.observations == 50
+    assert w.latency_requests == 50
     assert 0.025 < w.tpot_p90_s <= 0.05 and 0.5 < w.ttft_p90_s <= 1.0
     # The means are exact where the quantiles are as coarse as the buckets.
     assert w.tpot_mean_s == pytest.approx(0.04) and w.ttft_mean_s == pytest.approx(0.9)

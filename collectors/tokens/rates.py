@@ -95,8 +95,9 @@ class LatencyWindow:
     ttft_p90_floor_s: float | None = None
     """The p90 is at least this: the lower bound of its bucket."""
     tpot_p90_floor_s: float | None = None
-    observations: float | None = None
-    """Observations in the TPOT window, else in the TTFT window."""
+    latency_requests: float | None = None
+    """Observations in the TPOT window, else in the TTFT window (named as the store's
+    column: a window is stored field for field)."""
 
 
 def _mean(h: Histogram | None) -> float | None:
@@ -132,7 +133,7 @@ class LatencyWindows:
             tpot_mean_s=_mean(tpot),
             ttft_p90_floor_s=ttft.quantile_floor(LATENCY_QUANTILE) if ttft is not None else None,
             tpot_p90_floor_s=tpot.quantile_floor(LATENCY_QUANTILE) if tpot is not None else None,
-            observations=counted[0] if counted else None,
+            latency_requests=counted[0] if counted else None,
         )
 
     def forget(self, key: Hashable) -> None:

@@ -721,7 +721,12 @@ class Store:
 def _columns(rows: list[Any]) -> Callable[[str], list[Any]]:
     """Column accessor over token rows shaped as ``TOKEN_SNAPSHOT_COLUMNS`` without the id."""
     names = TOKEN_SNAPSHOT_COLUMNS[1:]
-    return lambda name: [r[names.index(name)] for r in rows if r[names.index(name)] is not None]
+
+    def column(name: str) -> list[Any]:
+        i = names.index(name)
+        return [r[i] for r in rows if r[i] is not None]
+
+    return column
 
 
 def _sum(values: list[float]) -> float | None:

@@ -228,6 +228,36 @@ class BudgetConfig(_Section):
         return self
 
 
+class HaproxyConfig(_Section):
+    """One HAProxy in front of the replicas, driven through its runtime API (a
+    ``stats socket ... level admin`` line in haproxy.cfg; see docs/router.md)."""
+
+    socket: str = Field(min_length=1)
+    """A Unix socket path (/run/haproxy/admin.sock) or host:port of a TCP stats socket."""
+    backend: str = Field(min_length=1)
+    """The backend whose servers are the replicas."""
+    servers: dict[str, list[str]] = Field(default_factory=dict)
+    """Each node's server names in that backend; a node not listed is one server named
+    after the node."""
+    timeout_s: Annotated[DurationS, Field(gt=0, le=30)] = 2.0
+    resync_s: Annotated[DurationS, Field(ge=1)] = 60.0
+    """Every route is sent again this often, so an HAProxy that restarted (and lost its
+    runtime settings) gets them back."""
+
+
+class RouterConfig(_Section):
+    """Routing weights and in-flight limits the controller decides (with an [slo]), and
+    where they are published besides the HTTP endpoint's /routes."""
+
+    weights: bool = True
+    """Tilt weights towards the nodes that make the most tokens per joule."""
+    inflight_limits: bool = True
+    """Cap the requests per server where TPOT nears the SLO and power cannot rise."""
+    file: Path | None = None
+    """A JSON file rewritten (atomically) whenever a route changes, for other routers."""
+    haproxy: list[HaproxyConfig] = Field(default_factory=list)
+
+
 class CostConfig(_Section):
     """What energy costs, for cost per million tokens in `status` and the exporter."""
 
@@ -262,6 +292,7 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     slo: SloConfig = SloConfig()
     cost: CostConfig = CostConfig()
+    router: RouterConfig = RouterConfig()
     budget: BudgetConfig = BudgetConfig()
 
     @model_validator(mode="after")

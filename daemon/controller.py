@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from wattkeeper.policies.drain import DrainNode, DrainSettings, decide
 from wattkeeper.policies.plan import (
@@ -18,11 +19,19 @@ from wattkeeper.policies.plan import (
     fresh_node_power,
     plan,
 )
+from wattkeeper.policies.route import RouteNode, Routes
 from wattkeeper.policies.schedule import Schedule, ScheduleError, effective_budget, window_start
 from wattkeeper.policies.slo import Ceilings, NodeLatency
-from wattkeeper.store.repository import FACILITY, Snapshot, Store, TargetSpec
+from wattkeeper.store.repository import FACILITY, RouteRow, Snapshot, Store, TargetSpec
 
 log = logging.getLogger(__name__)
+
+
+class RouteActuator(Protocol):
+    """Something that makes the router obey the published routes: HAProxy's runtime API,
+    a JSON file for other routers, the simulated facility's router."""
+
+    def apply(self, routes: Sequence[RouteRow], now: float) -> None: ...
 
 
 @dataclass
@@ -63,6 +72,8 @@ class Controller:
         drains: DrainSettings | None = None,
         reaction_s: float = 0.0,
         domains: Sequence[Domain] = (),
+        routes: Routes | None = None,
+        routers: Sequence[RouteActuator] = (),
     ) -> None:
         self.store = store
         self.forget_after_s = forget_after_s
@@ -79,6 +90,10 @@ class Controller:
         self._schedules: list[Schedule] = []
         self.reaction_s = reaction_s
         """How far ahead a scheduled budget step is applied, so it is met when due."""
+        self.routes = routes
+        """Routing weights and in-flight limits; None: the controller publishes none
+        (they need the latency SLO)."""
+        self.routers = list(routers)
         self.state = ControllerState()
 
     def _snapshot(self, now: float) -> Snapshot:
@@ -117,6 +132,8 @@ class Controller:
         self.state.last_plan = result
         specs = [TargetSpec(t.uuid, t.power_limit_w, reason=t.reason) for t in result.targets]
         self.state.targets_changed += self.store.write_targets(specs, now, self.lease_s)
+        if periodic and self.routes is not None:
+            self._route(snap, gpus, result, now)
         if not result.feasible:
             log.warning("%s", result.explanation)
         return result
@@ -297,6 +314,56 @@ class Controller:
             )
         return out
 
+    def _route(self, snap: Snapshot, gpus: list[PlanGpu], result: Plan, now: float) -> None:
+        """New weights and in-flight limits from this period's latency and plan, stored
+        and handed to every router actuator (which never stop the controller)."""
+        assert self.routes is not None and self.ceilings is not None
+        slo = self.ceilings.slo
+        planned = {t.uuid: t.power_limit_w for t in result.targets}
+        by_node: dict[str, list[PlanGpu]] = {}
+        for g in gpus:
+            by_node.setdefault(g.node, []).append(g)
+        fresh_s = self.settings.stale_after_s
+        nodes = []
+        for v in snap.nodes:
+            if v.endpoints_total == 0:
+                continue
+            members = by_node.get(v.name, [])
+            age = None if v.token_ts is None else snap.ts - v.token_ts
+            fresh = age is not None and age <= self.ceilings.settings.blind_after_s
+            enough = (
+                fresh and (v.latency_requests or 0.0) >= self.ceilings.settings.min_observations
+            )
+            ttft = v.ttft_mean_s / slo.ttft_s if enough and v.ttft_mean_s is not None else None
+            tpot = v.tpot_mean_s / slo.tpot_s if enough and v.tpot_mean_s is not None else None
+            power = [
+                g.power_w
+                for g in members
+                if g.power_w is not None and (g.sample_age_s or 0.0) <= fresh_s
+            ]
+            nodes.append(
+                RouteNode(
+                    name=v.name,
+                    serving=not v.drained and v.endpoints_up > 0 and bool(members),
+                    servers=v.endpoints_up,
+                    tokens_per_s=v.generation_tokens_per_s if fresh else None,
+                    gpu_power_w=sum(power) if power and len(power) == len(members) else None,
+                    steer=max((x for x in (ttft, tpot) if x is not None), default=None),
+                    tpot_ratio=tpot,
+                    power_can_rise=_power_can_rise(members, planned),
+                    requests_running=v.requests_running if fresh else None,
+                )
+            )
+        self.store.write_routes(self.routes.update(nodes), now)
+        if not self.routers:
+            return
+        rows = self.store.routes()
+        for router in self.routers:
+            try:
+                router.apply(rows, now)
+            except Exception as exc:  # a router's fault must not stop control
+                log.warning("router %s failed: %s", type(router).__name__, exc)
+
     def _learn_coupling(self, nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float) -> None:
         """Read how much non-GPU power (fans, PSU losses) follows GPU power, from how the
         two moved together since the last plan; the configured value is a floor."""
@@ -315,6 +382,18 @@ class Controller:
         observed = min(max(d_host / d_gpu, 0.0), COUPLING_MAX)
         prior = self.state.coupling if self.state.coupling is not None else observed
         self.state.coupling = 0.5 * prior + 0.5 * observed
+
+
+def _power_can_rise(members: list[PlanGpu], planned: dict[str, float]) -> bool:
+    """Whether the latency ceiling may still give the node's GPUs more power: some GPU's
+    limit is its ceiling (no budget holds it lower) and that is below its maximum."""
+    for g in members:
+        target = planned.get(g.uuid)
+        if target is None or g.ceiling_w is None or g.ceiling_w >= g.max_w - 1.0:
+            continue
+        if target >= g.ceiling_w - 1.0:
+            return True
+    return False
 
 
 def _in_force_ratio(gpus: list[PlanGpu]) -> float:

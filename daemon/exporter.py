@@ -15,6 +15,7 @@ while the database is down.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import socket
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -593,12 +595,42 @@ def _server_class(host: str) -> type[ThreadingHTTPServer]:
     return _V6Server
 
 
+def _handler(rt: Runtime) -> type[MetricsHandler]:
+    """/metrics (and any other path, as prometheus_client serves), plus /routes: the
+    published routing weights and in-flight limits as JSON, read from the store at
+    request time like everything else here."""
+    from wattkeeper.routers import publication
+    from wattkeeper.runtime import route_servers
+
+    base = MetricsHandler.factory(make_registry(rt))
+    servers = route_servers(rt.cfg)
+
+    class Handler(base):  # type: ignore[misc, valid-type]
+        def do_GET(self) -> None:
+            if urlsplit(self.path).path != "/routes":
+                super().do_GET()
+                return
+            try:
+                doc = publication(rt.store.routes(), servers, rt.clock.now())
+                status = 200
+            except StoreError as exc:
+                doc, status = {"error": str(exc)}, 503
+            body = (json.dumps(doc, indent=1) + "\n").encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
 def serve(rt: Runtime, host: str, port: int) -> ThreadingHTTPServer:
-    """Serve /metrics on a daemon thread; OSError when the address is taken.
+    """Serve /metrics and /routes on a daemon thread; OSError when the address is taken.
 
     The caller stops it with ``shutdown()`` and then ``server_close()`` to free the port.
     """
-    handler = MetricsHandler.factory(make_registry(rt))
+    handler = _handler(rt)
     server = _server_class(host)((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()

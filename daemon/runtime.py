@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +17,10 @@ from wattkeeper.agent import Agent, TokenEndpoint
 from wattkeeper.clock import SimClock, WallClock
 from wattkeeper.collectors.drain import CommandDrain, DrainActuator
 from wattkeeper.config import Config
-from wattkeeper.controller import Controller
+from wattkeeper.controller import Controller, RouteActuator
 from wattkeeper.policies.drain import DrainSettings
 from wattkeeper.policies.plan import Domain, PlanSettings
+from wattkeeper.policies.route import Routes, RouteSettings
 from wattkeeper.policies.slo import Ceilings, Slo, SloSettings
 from wattkeeper.store.db import (
     StoreError,
@@ -183,6 +184,7 @@ def build_on_facility(
     from wattkeeper.simulator.server import make_server
     from wattkeeper.simulator.sim_drain import SimDrain
     from wattkeeper.simulator.sim_host import SimHost
+    from wattkeeper.simulator.sim_router import SimRouter
 
     agents = []
     for node in range(facility.n_nodes):
@@ -198,7 +200,9 @@ def build_on_facility(
                 drain=SimDrain(facility, node),
             )
         )
-    return Runtime(cfg, store, clock, agents, make_controller(cfg, store), facility=facility)
+    router = SimRouter(facility, [a.node for a in agents])
+    controller = make_controller(cfg, store, routers=[router])
+    return Runtime(cfg, store, clock, agents, controller, facility=facility)
 
 
 def make_agent(
@@ -224,7 +228,29 @@ def make_agent(
     )
 
 
-def make_controller(cfg: Config, store: Store) -> Controller:
+def config_routers(cfg: Config) -> list[RouteActuator]:
+    """The route actuators the configuration names: HAProxys and a JSON file."""
+    from wattkeeper.routers import FileRouter, HaproxyRouter
+
+    r = cfg.router
+    out: list[RouteActuator] = [
+        HaproxyRouter(h.socket, h.backend, h.servers, h.timeout_s, h.resync_s) for h in r.haproxy
+    ]
+    if r.file is not None:
+        out.append(FileRouter(r.file, route_servers(cfg)))
+    return out
+
+
+def route_servers(cfg: Config) -> dict[str, list[str]]:
+    """Each node's server names as the configured HAProxys know them (first one wins)."""
+    servers: dict[str, list[str]] = {}
+    for h in cfg.router.haproxy:
+        for node, names in h.servers.items():
+            servers.setdefault(node, list(names))
+    return servers
+
+
+def make_controller(cfg: Config, store: Store, routers: Sequence[RouteActuator] = ()) -> Controller:
     ceilings = None
     if cfg.slo.ttft_s is not None and cfg.slo.tpot_s is not None:
         ceilings = Ceilings(
@@ -242,6 +268,17 @@ def make_controller(cfg: Config, store: Store) -> Controller:
         drains=drains,
         reaction_s=cfg.controller.interval_s + cfg.agent.interval_s,
         domains=config_domains(cfg),
+        routes=None if ceilings is None else Routes(route_settings(cfg)),
+        routers=[*routers, *config_routers(cfg)],
+    )
+
+
+def route_settings(cfg: Config) -> RouteSettings:
+    r = cfg.router
+    return RouteSettings(
+        weights=r.weights,
+        inflight_limits=r.inflight_limits,
+        target_ratio=cfg.slo.target_ratio,
     )
 
 

@@ -41,11 +41,11 @@ class Node(Base):
     last_seen_at: Mapped[float] = mapped_column(Float)
     drained: Mapped[bool] = mapped_column(Boolean, default=False)
     drained_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    """Who drained it: 'controller', or a person ('cli:root'), whose drain the controller
+    never undoes."""
     standby: Mapped[bool] = mapped_column(Boolean, default=False)
     """Its agent ran a drain that powers the node down: from then on a silent node is
     budgeted at standby power, not at the caps it last had."""
-    """Who drained it: 'controller', or a person ('cli:root'), whose drain the controller
-    never undoes."""
     backend: Mapped[str] = mapped_column(String(32))
 
 
@@ -170,6 +170,23 @@ class Target(Base):
     sm_clock_max_mhz: Mapped[int | None] = mapped_column(Integer, nullable=True)
     issued_at: Mapped[float] = mapped_column(Float)
     lease_expires_at: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str] = mapped_column(String(1024), default="")
+
+
+class Route(Base):
+    """What the router in front of a node's servers should do: its weight and how many
+    requests each of its servers may run. Written by the controller, published to the
+    load balancer (HAProxy's runtime API, a JSON file, the HTTP endpoint)."""
+
+    __tablename__ = "routes"
+
+    node_id: Mapped[int] = mapped_column(
+        ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True
+    )
+    weight: Mapped[int] = mapped_column(Integer)
+    max_inflight: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Per server; NULL: the servers' own limit."""
+    updated_at: Mapped[float] = mapped_column(Float)
     reason: Mapped[str] = mapped_column(String(1024), default="")
 
 

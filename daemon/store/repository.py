@@ -34,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from wattkeeper.collectors.gpu import GpuInfo, GpuSample
+from wattkeeper.policies.route import RouteTarget
 from wattkeeper.policies.schedule import Schedule
 from wattkeeper.store.db import StoreError, engine_name, error_line
 from wattkeeper.store.models import (
@@ -44,6 +45,7 @@ from wattkeeper.store.models import (
     GpuSampleRow,
     HostSampleRow,
     Node,
+    Route,
     Target,
     TokenSampleRow,
 )
@@ -51,6 +53,9 @@ from wattkeeper.store.models import (
 FACILITY = "facility"
 LIMIT_TOLERANCE_W = 1.0
 """Power limits closer than this are the same limit: not re-applied, not re-audited."""
+WEIGHT_TOLERANCE = 8
+"""Routing weights (0-256) closer than this are the same weight: a smoothed efficiency
+moves a little every period, and the router need not hear of it."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,17 @@ class TargetSpec:
     sm_clock_min_mhz: int | None = None
     sm_clock_max_mhz: int | None = None
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class RouteRow:
+    """One node's published route."""
+
+    node: str
+    weight: int
+    max_inflight: int | None
+    updated_at: float
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -594,6 +610,68 @@ class Store:
                 .where(Node.name == node_name)
             ).all()
             return {uuid: target for uuid, target in rows}
+
+    def write_routes(
+        self, targets: Sequence[RouteTarget], now: float, actor: str = "controller"
+    ) -> int:
+        """Store each node's route; write and audit only those that changed (a weight by
+        ``WEIGHT_TOLERANCE`` or more, to or from 0, or another in-flight limit). Returns
+        how many changed."""
+        changed = 0
+        with self.session() as s, s.begin():
+            ids = {name: node_id for name, node_id in s.execute(select(Node.name, Node.id))}
+            stored = {r.node_id: r for r in s.scalars(select(Route))}
+            for t in targets:
+                node_id = ids.get(t.node)
+                if node_id is None:
+                    continue
+                old = stored.get(node_id)
+                if old is not None and (
+                    abs(old.weight - t.weight) < WEIGHT_TOLERANCE
+                    and (old.weight == 0) == (t.weight == 0)
+                    and old.max_inflight == t.max_inflight
+                ):
+                    continue
+                previous = None if old is None else old.weight
+                if old is None:
+                    s.add(
+                        Route(
+                            node_id=node_id,
+                            weight=t.weight,
+                            max_inflight=t.max_inflight,
+                            updated_at=now,
+                            reason=t.reason,
+                        )
+                    )
+                else:
+                    old.weight, old.max_inflight = t.weight, t.max_inflight
+                    old.updated_at, old.reason = now, t.reason
+                s.add(
+                    AuditEntry(
+                        ts=now,
+                        actor=actor,
+                        action="route.set",
+                        subject=t.node,
+                        detail={
+                            "weight": t.weight,
+                            "max_inflight": t.max_inflight,
+                            "previous_weight": previous,
+                            "reason": t.reason,
+                        },
+                    )
+                )
+                changed += 1
+        return changed
+
+    def routes(self) -> list[RouteRow]:
+        """Every node's published route, by node name."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Node.name, Route.weight, Route.max_inflight, Route.updated_at, Route.reason)
+                .join(Route, Route.node_id == Node.id)
+                .order_by(Node.name)
+            ).all()
+        return [RouteRow(*row) for row in rows]
 
     def audit(self, actor: str, action: str, subject: str, detail: dict, now: float) -> None:
         with self.session() as s, s.begin():

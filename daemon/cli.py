@@ -613,6 +613,7 @@ def _explain(
         gpus = [g for g in snap.gpus if g.node == node and (uuid is None or g.uuid == uuid)]
         subjects = [g.uuid for g in gpus] + ([node] if uuid is None else [])
         entries = store.audit_log(20, subjects=subjects)
+        route = next((r for r in store.routes() if r.node == node), None)
     except StoreError as exc:
         fail(str(exc))
     latency = {
@@ -627,6 +628,14 @@ def _explain(
         "budget_w": snap.budget_w,
         "generation_tokens_per_s": view.generation_tokens_per_s,
         "latency": latency,
+        "route": None
+        if route is None
+        else {
+            "weight": route.weight,
+            "max_inflight": route.max_inflight,
+            "updated_at": route.updated_at,
+            "reason": route.reason,
+        },
         "gpus": [
             {
                 "uuid": g.uuid,
@@ -657,6 +666,11 @@ def _explain(
         if v is not None
     )
     typer.echo(f"servers since the agent's previous read: {shown or 'no latency reading'}")
+    if route is not None:
+        inflight = "the servers' own" if route.max_inflight is None else route.max_inflight
+        typer.echo(
+            f"router: weight {route.weight}/256, in flight per server {inflight} - {route.reason}"
+        )
     for g in data["gpus"]:
         typer.echo(
             f"  GPU {g['index']} {g['uuid']}: draws {format_power(g['power_w'])}, limit "

@@ -239,6 +239,10 @@ class HaproxyConfig(_Section):
     servers: dict[str, list[str]] = Field(default_factory=dict)
     """Each node's server names in that backend; a node not listed is one server named
     after the node."""
+    maxconn: int | None = Field(default=None, ge=0)
+    """The servers' own maxconn, restored when no in-flight limit is set (0: none).
+    Unset: read from HAProxy when the controller first reaches it, which after a
+    controller restart may be a limit it set itself; set it to be sure."""
     timeout_s: Annotated[DurationS, Field(gt=0, le=30)] = 2.0
     resync_s: Annotated[DurationS, Field(ge=1)] = 60.0
     """Every route is sent again this often, so an HAProxy that restarted (and lost its

@@ -152,6 +152,7 @@ class HaproxyRouter:
         servers: Mapping[str, Sequence[str]] | None = None,
         timeout_s: float = 2.0,
         resync_s: float = 60.0,
+        maxconn: int | None = None,
     ) -> None:
         self.runtime = HaproxyRuntime(address, timeout_s)
         self.backend = backend
@@ -159,8 +160,10 @@ class HaproxyRouter:
         self.resync_s = resync_s
         self._sent: dict[str, tuple[int, int | None]] = {}
         self._last_sync = float("-inf")
+        self.maxconn = maxconn
         self._configured: dict[str, int] | None = None
-        """Each server's maxconn as haproxy.cfg gave it, restored when no limit is set."""
+        """Each server's maxconn as haproxy.cfg gave it (or ``maxconn``), restored when
+        no limit is set."""
         self._said: set[str] = set()
 
     def _say(self, key: str, message: str) -> None:
@@ -172,7 +175,10 @@ class HaproxyRouter:
         resync = now - self._last_sync >= self.resync_s
         try:
             if self._configured is None:
-                self._configured = self.runtime.server_limits(self.backend)
+                found = self.runtime.server_limits(self.backend)
+                if self.maxconn is not None:
+                    found = dict.fromkeys(found, self.maxconn)
+                self._configured = found
             for r in routes:
                 want = (r.weight, r.max_inflight)
                 if not resync and self._sent.get(r.node) == want:

@@ -234,7 +234,8 @@ def config_routers(cfg: Config) -> list[RouteActuator]:
 
     r = cfg.router
     out: list[RouteActuator] = [
-        HaproxyRouter(h.socket, h.backend, h.servers, h.timeout_s, h.resync_s) for h in r.haproxy
+        HaproxyRouter(h.socket, h.backend, h.servers, h.timeout_s, h.resync_s, h.maxconn)
+        for h in r.haproxy
     ]
     if r.file is not None:
         out.append(FileRouter(r.file, route_servers(cfg)))

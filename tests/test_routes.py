@@ -243,6 +243,39 @@ def test_haproxy_gets_weights_and_maxconn_and_its_own_limit_back(haproxy) -> Non
     # No limit any more: the maxconn haproxy.cfg gave the server comes back.
     router.apply([RouteRow("node-a", 0, None, 6.0, "drained"), ROWS[1]], 1.0)
     assert _state(tcp)["node-a"] == (0, 256)
+    # A restarted controller cannot tell haproxy.cfg's maxconn from its own: configured.
+    HaproxyRuntime(unix).command("set maxconn server llm/node-a 12")
+    again = HaproxyRouter(unix, "llm", {"node-b": ["node-b1", "node-b2"]}, maxconn=256)
+    again.apply([RouteRow("node-a", 10, None, 7.0, "x"), ROWS[1]], 2.0)
+    assert _state(tcp)["node-a"] == (10, 256)
+
+
+def test_router_configuration(tmp_path: Path) -> None:
+    from wattkeeper.runtime import config_routers, route_servers
+
+    path = tmp_path / "wattkeeper.toml"
+    path.write_text(
+        """
+[router]
+file = "/run/wattkeeper/routes.json"
+inflight_limits = false
+
+[[router.haproxy]]
+socket = "/run/haproxy/admin.sock"
+backend = "llm"
+maxconn = 256
+servers = { gpu-01 = ["gpu-01-a", "gpu-01-b"] }
+"""
+    )
+    cfg = load_config(path)
+    routers = config_routers(cfg)
+    assert [type(r).__name__ for r in routers] == ["HaproxyRouter", "FileRouter"]
+    assert routers[0].maxconn == 256 and routers[0].backend == "llm"  # type: ignore[attr-defined]
+    assert route_servers(cfg) == {"gpu-01": ["gpu-01-a", "gpu-01-b"]}
+    assert cfg.router.inflight_limits is False
+    path.write_text('[[router.haproxy]]\nsocket = "/x.sock"\n')
+    with pytest.raises(Exception, match="backend"):
+        load_config(path)
 
 
 def test_haproxy_over_tcp_and_a_restart_is_repaired_by_the_resync(haproxy) -> None:

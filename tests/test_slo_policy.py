@@ -152,6 +152,11 @@ def test_explain_shows_the_latency_and_why_each_target_was_set(
     assert data["latency"]["tpot_mean_s"] > 0 and data["latency"]["ttft_mean_s"] > 0
     assert len(data["gpus"]) == 4
     assert all("latency ceiling" in g["reason"] for g in data["gpus"]), data["gpus"]
+    # The one node is the most efficient there is: full weight, and why it was set.
+    assert data["route"]["weight"] == 256 and data["route"]["max_inflight"] is None
+    assert data["route"]["reason"]
+    text = runner.invoke(app, ["explain", "node", "sim-node-0", "--db", sqlite_url]).stdout
+    assert "router: weight 256/256" in text
     uuid = data["gpus"][0]["uuid"]
     r = runner.invoke(app, ["explain", "gpu", uuid, "--db", sqlite_url, "-o", "json"])
     assert r.exit_code == 0 and [g["uuid"] for g in json.loads(r.stdout)["gpus"]] == [uuid]

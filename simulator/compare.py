@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from wattkeeper.simulator.facility import LATENCY_BOUNDS_S, SimFacility
-from wattkeeper.simulator.scenario import Scenario
+from wattkeeper.simulator.scenario import EnergyPrice, Scenario
 
 POLICIES = (
     "nocap",
@@ -135,6 +135,9 @@ class PolicyResult:
     """Longest time, over the run's budget cuts, from the cut until the first second at or
     under the new budget; None when the budget never drops."""
     window_s: tuple[float, float]
+    energy_cost: float | None = None
+    """Grid energy cost over the window (with the scenario's PUE), where it sets a price."""
+    cost_per_million_good_tokens: float | None = None
     seeds: int = 1
     ci95: dict[str, tuple[float, float]] = field(default_factory=dict)
     setting: str | None = None
@@ -388,6 +391,8 @@ def score(f: SimFacility, duration_s: float) -> PolicyResult:
     shed = totals["shed"]
     seconds = max(w1 - w0, 1)
     over_s, over_ws, longest, excess, comply = compliance(power, budget)
+    price = f.scenario.price
+    cost = None if price is None else price.cost(np.arange(w0, w1), power[window])
     # Every request that arrived in the window is judged: one still queued, prefilling or
     # waiting for a decode replica when the run ends has not been served within its SLO.
     judged = max(totals["arrived"], finished + shed)
@@ -422,6 +427,8 @@ def score(f: SimFacility, duration_s: float) -> PolicyResult:
         max_excursion_w=excess,
         time_to_comply_s=comply,
         window_s=(float(w0), float(w1)),
+        energy_cost=cost,
+        cost_per_million_good_tokens=per_million(cost, good),
         series={
             "power_w": power.tolist(),
             "budget_w": [None if np.isinf(b) else float(b) for b in budget],
@@ -433,6 +440,10 @@ def score(f: SimFacility, duration_s: float) -> PolicyResult:
             "tpot_p99_s": minute_p(st.minute_tpot_hist, 0.99),
         },
     )
+
+
+def per_million(cost: float | None, good: float) -> float | None:
+    return None if cost is None or good <= 0 else cost / good * 1e6
 
 
 def _per_10s(per_second: Sequence[float]) -> list[float]:
@@ -477,7 +488,7 @@ def run_policy(
     res.setting = None if spec.name != "static" else spec.label()
     if hasattr(pol, "bound"):
         window = measure_window(duration, scenario.slo.ttft_s)
-        res = as_bound(res, pol.bound(f), window, f.start_ts)
+        res = as_bound(res, pol.bound(f), window, f.start_ts, scenario.price)
     return res
 
 
@@ -486,18 +497,23 @@ def as_bound(
     bound: Sequence[tuple[float, float, float]],
     window: tuple[float, float],
     start_ts: float,
+    price: EnergyPrice | None = None,
 ) -> PolicyResult:
     """The oracle's result: goodput and energy are its per-period bound summed over the
     measurement window (each period's steady state on the arrival rates of the moment);
     latencies and compliance are those of its plan applied to the facility, whose
     goodput, energy and attainment are kept under ``realised``."""
     w0, w1 = start_ts + window[0], start_ts + window[1]
-    good = energy = 0.0
+    good = energy = cost = 0.0
     for k, (t, tps, power) in enumerate(bound):
         t_end = bound[k + 1][0] if k + 1 < len(bound) else w1
-        span = max(0.0, min(t_end, w1) - max(t, w0))
+        lo, hi = max(t, w0), min(t_end, w1)
+        span = max(0.0, hi - lo)
         good += tps * span
         energy += power * span
+        if price is not None and span > 0:
+            seconds = np.arange(np.floor(lo), np.ceil(hi)) - start_ts
+            cost += price.cost(seconds, np.full(len(seconds), power * span / len(seconds)))
     seconds = max(w1 - w0, 1.0)
     realised = {
         "goodput_tokens": res.goodput_tokens,
@@ -514,6 +530,8 @@ def as_bound(
         joules_per_good_token=energy / good if good > 0 else None,
         good_tokens_per_joule=good / energy if energy > 0 else 0.0,
         goodput_tokens_per_s=good / seconds,
+        energy_cost=cost if price is not None else None,
+        cost_per_million_good_tokens=per_million(cost if price is not None else None, good),
         realised=realised,
     )
 
@@ -593,6 +611,7 @@ def aggregate(runs: Sequence[PolicyResult]) -> PolicyResult:
     merged["joules_per_good_token"] = energy / good if good > 0 else None
     merged["good_tokens_per_joule"] = good / energy if energy > 0 else 0.0
     merged["tokens_per_joule"] = tokens / energy if energy > 0 else 0.0
+    merged["cost_per_million_good_tokens"] = per_million(merged["energy_cost"], good)
     if all(r.realised for r in runs):
         realised: dict[str, float | None] = {}
         for key in first.realised or {}:

@@ -17,6 +17,7 @@ COLUMNS = (
     ("J per good token", "joules_per_good_token", "{:.4f}"),
     ("good tokens/J", "good_tokens_per_joule", "{:.3f}"),
     ("tokens/J", "tokens_per_joule", "{:.3f}"),
+    ("cost per M good tokens", "cost_per_million_good_tokens", "{:.4f}"),
     ("s over budget", "over_budget_s", "{:,.0f}"),
     ("W·s over", "over_budget_ws", "{:,.0f}"),
     ("longest excursion s", "max_excursion_s", "{:,.0f}"),
@@ -54,16 +55,28 @@ def cell(key: str, value: Any, fmt: str | None) -> str:
     return fmt.format(value) if fmt else str(value)
 
 
+OPTIONAL = {"cost_per_million_good_tokens"}
+"""Columns shown only where some row has a value (cost needs a price in the scenario)."""
+
+
 def markdown_table(result: dict[str, Any]) -> str:
-    head = "| policy | " + " | ".join(c[0] for c in COLUMNS) + " |"
-    rule = "|---|" + "---:|" * len(COLUMNS)
+    datas = [
+        (name, res.to_json() if hasattr(res, "to_json") else res)
+        for name, res in result["policies"].items()
+    ]
+    columns = [
+        c
+        for c in COLUMNS
+        if c[1] not in OPTIONAL or any(_get(d, c[1]) is not None for _, d in datas)
+    ]
+    head = "| policy | " + " | ".join(c[0] for c in columns) + " |"
+    rule = "|---|" + "---:|" * len(columns)
     rows = [head, rule]
-    for name, res in result["policies"].items():
-        data = res.to_json() if hasattr(res, "to_json") else res
+    for name, data in datas:
         label = name if not data.get("setting") else f"{name} ({data['setting']})"
         rows.append(
             f"| {label} | "
-            + " | ".join(cell(key, _get(data, key), fmt) for _, key, fmt in COLUMNS)
+            + " | ".join(cell(key, _get(data, key), fmt) for _, key, fmt in columns)
             + " |"
         )
     bounds = any(

@@ -16,6 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from wattkeeper.simulator import physics
 from wattkeeper.simulator.workload import Diurnal, LengthDist, OnOff, Spike, Stream
 
@@ -79,6 +81,27 @@ class NodeEvent:
 
 
 @dataclass(frozen=True)
+class EnergyPrice:
+    """What energy costs in the scenario, for cost per million good tokens. The run
+    starts at 00:00, so hourly prices are indexed by the hour of simulated time."""
+
+    per_kwh: tuple[float, ...]
+    """One flat price, or 24, one per hour from 00:00."""
+    pue: float = 1.0
+
+    def at(self, t_s: np.ndarray) -> np.ndarray:
+        """Price per kWh at each of these simulated seconds since the start."""
+        if len(self.per_kwh) == 1:
+            return np.full(np.shape(t_s), self.per_kwh[0])
+        hours = (np.asarray(t_s, dtype=float) // 3600).astype(int) % 24
+        return np.asarray(self.per_kwh)[hours]
+
+    def cost(self, t_s: np.ndarray, joules: np.ndarray) -> float:
+        """Grid energy cost of ``joules`` (IT energy) drawn at ``t_s``."""
+        return float((np.asarray(joules) * self.at(t_s)).sum()) * self.pue / 3.6e6
+
+
+@dataclass(frozen=True)
 class Scenario:
     """Everything a simulated run needs besides the policy under test."""
 
@@ -94,6 +117,7 @@ class Scenario:
     events: tuple[NodeEvent, ...] = ()
     standby_w: float = STANDBY_HOST_W
     wake_s: float = WAKE_S
+    price: EnergyPrice | None = None
 
     @property
     def n_nodes(self) -> int:
@@ -377,6 +401,7 @@ def parse_scenario(data: Mapping[str, Any], source: str, default_name: str) -> S
         events=tuple(sorted(events, key=lambda e: e.at_s)),
         standby_w=top.number("standby_w", STANDBY_HOST_W, minimum=0.0),
         wake_s=top.number("wake_s", WAKE_S, minimum=0.0),
+        price=_price(top.table("cost")),
     )
     top.done()
     return scenario
@@ -385,6 +410,29 @@ def parse_scenario(data: Mapping[str, Any], source: str, default_name: str) -> S
 # --------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------
+
+
+def _price(t: _Table | None) -> EnergyPrice | None:
+    if t is None:
+        return None
+    flat = t.raw("price_per_kwh", None)
+    hourly = t.raw("hourly_price_per_kwh", None)
+    if (flat is None) == (hourly is None):
+        raise t.fail("price_per_kwh", "set price_per_kwh or hourly_price_per_kwh (24 prices)")
+    if flat is not None:
+        prices = (t.number("price_per_kwh", minimum=0.0),)
+    else:
+        ok = isinstance(hourly, list) and len(hourly) == 24
+        if not ok or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) and x >= 0 for x in hourly
+        ):
+            raise t.fail(
+                "hourly_price_per_kwh", "24 prices, one per hour from 00:00, none negative"
+            )
+        prices = tuple(float(x) for x in hourly)
+    price = EnergyPrice(prices, t.number("pue", 1.0, minimum=1.0))
+    t.done()
+    return price
 
 
 def _packaged() -> dict[str, Callable[[], bytes]]:

@@ -336,3 +336,24 @@ def test_the_oracle_realises_what_it_predicts_on_steady_load():
     power = np.mean(f.stats.second_power_w[60:234])
     assert power == pytest.approx(plan.facility_power_w, rel=0.01)
     assert res.slo_attainment > 0.99
+
+
+def test_cost_per_million_good_tokens_follows_the_hourly_price():
+    """An hourly tariff: the run starts at 00:00, so a run of under an hour pays hour 0's
+    price; the cost is IT energy x PUE x price, per million good tokens, also over seeds
+    and for the oracle's bound. Without a price there is no cost figure."""
+    from wattkeeper.simulator.scenario import EnergyPrice
+
+    price = EnergyPrice(tuple([0.3] + [9.0] * 23), pue=1.25)
+    assert list(price.at(np.array([0, 3599, 3600, 86400 + 10]))) == [0.3, 0.3, 9.0, 0.3]
+    sc = replace(small(rate=40.0, budget=6000.0), price=price)
+    res = compare(sc, ("uniform", "oracle-limits"), duration_s=60, seeds=2)
+    for name in ("uniform", "oracle-limits"):
+        r = res["policies"][name]
+        expected = r.energy_j * 1.25 * 0.3 / 3.6e6
+        assert r.energy_cost == pytest.approx(expected, rel=1e-6)
+        assert r.cost_per_million_good_tokens == pytest.approx(
+            expected / r.goodput_tokens * 1e6, rel=1e-6
+        )
+    plain = run_policy(small(rate=40.0), "nocap", duration_s=60)
+    assert plain.energy_cost is None and plain.cost_per_million_good_tokens is None

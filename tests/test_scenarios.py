@@ -198,6 +198,13 @@ def test_good_text_parses():
             "events[0].kind: unknown value",
         ),
         (("output = { mean = 200 }", ""), "workload[0].output: missing"),
+        (("[slo]", "[cost]\npue = 1.2\n[slo]"), "cost.price_per_kwh: set price_per_kwh or"),
+        (
+            ("[slo]", "[cost]\nhourly_price_per_kwh = [0.1, 0.2]\n[slo]"),
+            "cost.hourly_price_per_kwh: 24 prices",
+        ),
+        (("[slo]", "[cost]\nprice_per_kwh = 0.1\npue = 0.5\n[slo]"), "cost.pue: must be at"),
+        (("[slo]", "[cost]\nprice_per_kwh = 0.1\ntax = 2\n[slo]"), "tax"),
     ],
 )
 def test_bad_files_name_the_key(change, message):

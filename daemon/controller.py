@@ -304,11 +304,21 @@ class Controller:
                 state = self.ceilings.update(latency, in_force, now)
             else:
                 state = self.ceilings.current(name, in_force, now)
+            # Built field by field: dataclasses.replace costs several times more, and this
+            # runs for every GPU of the facility every period.
             out.extend(
-                replace(
-                    g,
-                    ceiling_w=g.min_w + state.ratio * (g.max_w - g.min_w),
-                    ceiling_reason=state.reason,
+                PlanGpu(
+                    g.uuid,
+                    g.node,
+                    g.min_w,
+                    g.max_w,
+                    g.power_w,
+                    g.limit_w,
+                    g.target_w,
+                    g.sample_age_s,
+                    g.power_capped,
+                    g.min_w + state.ratio * (g.max_w - g.min_w),
+                    state.reason,
                 )
                 for g in members
             )

@@ -111,9 +111,9 @@ def test_limit_is_per_server() -> None:
 
 # -- the store ------------------------------------------------------------------------------
 @pytest.fixture
-def store(sqlite_url: str) -> Store:
-    upgrade(make_engine(sqlite_url))
-    s = Store(make_engine(sqlite_url))
+def store(db_url: str) -> Store:
+    upgrade(make_engine(db_url))
+    s = Store(make_engine(db_url))
     for name in ("a", "b"):
         s.register_node(name, "sim", [], now=0.0)
     return s

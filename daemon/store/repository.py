@@ -616,52 +616,64 @@ class Store:
     ) -> int:
         """Store each node's route; write and audit only those that changed (a weight by
         ``WEIGHT_TOLERANCE`` or more, to or from 0, or another in-flight limit). Returns
-        how many changed."""
-        changed = 0
-        with self.session() as s, s.begin():
-            ids = {name: node_id for name, node_id in s.execute(select(Node.name, Node.id))}
-            stored = {r.node_id: r for r in s.scalars(select(Route))}
+        how many changed. Plain rows, one statement per kind: a tick at thousands of nodes
+        where nothing changed costs two reads."""
+        with self.engine.begin() as conn:
+            ids = {name: node_id for name, node_id in conn.execute(select(Node.name, Node.id))}
+            stored = {
+                node_id: (weight, inflight)
+                for node_id, weight, inflight in conn.execute(
+                    select(Route.node_id, Route.weight, Route.max_inflight)
+                )
+            }
+            new: list[dict] = []
+            changed: list[dict] = []
+            audit: list[dict] = []
             for t in targets:
                 node_id = ids.get(t.node)
                 if node_id is None:
                     continue
                 old = stored.get(node_id)
                 if old is not None and (
-                    abs(old.weight - t.weight) < WEIGHT_TOLERANCE
-                    and (old.weight == 0) == (t.weight == 0)
-                    and old.max_inflight == t.max_inflight
+                    abs(old[0] - t.weight) < WEIGHT_TOLERANCE
+                    and (old[0] == 0) == (t.weight == 0)
+                    and old[1] == t.max_inflight
                 ):
                     continue
-                previous = None if old is None else old.weight
+                row = {
+                    "weight": t.weight,
+                    "max_inflight": t.max_inflight,
+                    "updated_at": now,
+                    "reason": t.reason,
+                }
                 if old is None:
-                    s.add(
-                        Route(
-                            node_id=node_id,
-                            weight=t.weight,
-                            max_inflight=t.max_inflight,
-                            updated_at=now,
-                            reason=t.reason,
-                        )
-                    )
+                    new.append({"node_id": node_id, **row})
                 else:
-                    old.weight, old.max_inflight = t.weight, t.max_inflight
-                    old.updated_at, old.reason = now, t.reason
-                s.add(
-                    AuditEntry(
-                        ts=now,
-                        actor=actor,
-                        action="route.set",
-                        subject=t.node,
-                        detail={
+                    changed.append({"b_node_id": node_id, **row})
+                audit.append(
+                    {
+                        "ts": now,
+                        "actor": actor,
+                        "action": "route.set",
+                        "subject": t.node,
+                        "detail": {
                             "weight": t.weight,
                             "max_inflight": t.max_inflight,
-                            "previous_weight": previous,
+                            "previous_weight": None if old is None else old[0],
                             "reason": t.reason,
                         },
-                    )
+                    }
                 )
-                changed += 1
-        return changed
+            if new:
+                conn.execute(insert(Route), new)
+            if changed:
+                conn.execute(
+                    update(Route).where(Route.node_id == bindparam("b_node_id")),
+                    changed,
+                )
+            if audit:
+                conn.execute(insert(AuditEntry), audit)
+        return len(audit)
 
     def routes(self) -> list[RouteRow]:
         """Every node's published route, by node name."""

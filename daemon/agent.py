@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -39,6 +39,9 @@ MAX_PENDING_AUDIT = 10_000
 """Audit entries kept while the store is away; beyond this the oldest are dropped."""
 DRAIN_RETRY_S = 30.0
 """After a drain or resume command failed, wait this long before running it again."""
+SPOOL_TICKS = 3600
+"""Ticks of samples kept while the store is away (an hour at 1 s); beyond this the
+oldest are dropped and counted."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,43 @@ class CachedTarget:
     power_limit_w: float | None
     lease_expires_at: float
     reason: str
+
+
+@dataclass(frozen=True)
+class _Tick:
+    """One tick's observations, waiting to be written."""
+
+    ts: float
+    samples: tuple[GpuSample, ...]
+    host: tuple[float | None, float | None, str | None] | None
+    tokens: tuple[TokenRow, ...]
+
+
+@dataclass
+class _StoreWork:
+    """What one round trip to the store does, in order. Built on the agent's thread and
+    handed whole to the store thread, which touches nothing else of the agent."""
+
+    register: bool
+    gpu_ids: dict[str, int]
+    ticks: list[_Tick]
+    originals: dict[str, float | None]
+    standby: bool | None
+    audit: list[tuple[str, str, dict, float]]
+
+
+@dataclass
+class _StoreResult:
+    """How far a round trip got; what it did not do goes back to the agent's outbox."""
+
+    registered: tuple[dict[str, int], dict[str, float | None]] | None = None
+    ticks_written: int = 0
+    originals_written: bool = False
+    standby_written: bool = False
+    audited: int = 0
+    targets: dict[str, CachedTarget] | None = None
+    drained: bool | None = None
+    error: StoreError | None = None
 
 
 @dataclass
@@ -74,6 +114,10 @@ class AgentState:
     """Per collector ('gpu', 'host', 'tokens:<endpoint>'): last duration in s and success."""
     actuations: int = 0
     errors: int = 0
+    spooled_ticks: int = 0
+    """Ticks of samples not yet in the store."""
+    spool_dropped_ticks: int = 0
+    """Ticks of samples dropped because the store was away longer than the spool holds."""
 
 
 class HostReader:
@@ -96,8 +140,23 @@ class Agent:
         restore_on_exit: bool = True,
         tokens_interval_s: float = 0.0,
         drain: DrainActuator | None = None,
+        store_timeout_s: float | None = None,
+        spool_ticks: int = SPOOL_TICKS,
     ) -> None:
         self.node = node
+        self.store_timeout_s = store_timeout_s
+        """None: store calls run inline (the simulated clock must not race a thread).
+        Otherwise they run on a thread of their own, and the agent waits for them at
+        most this long per tick (and half an interval at most): a hung database never
+        holds up a sample, a cap or a scrape."""
+        self._io_pool: ThreadPoolExecutor | None = None
+        self._io_job: tuple[_StoreWork, Future[_StoreResult], float] | None = None
+        self._spool: list[_Tick] = []
+        self._spool_max = max(1, spool_ticks)
+        self._outbox_originals: dict[str, float | None] = {}
+        self._outbox_standby: bool | None = None
+        self._targets_read = False
+        self._drained_mark: bool | None = None
         self.drain = drain
         self._drained_applied: bool | None = None
         self._drain_job: tuple[bool, Future[None]] | None = None
@@ -150,9 +209,11 @@ class Agent:
         return replace(info, power_limits=PowerLimitConstraints(fixed, fixed, fixed))
 
     def tick(self, now: float) -> None:
-        """Observe, store, reconcile. A store that is down does not stop the GPUs from
-        being reconciled: targets are cached with their lease, so when the store stays
-        away past the lease, the GPUs fall back to the safe cap on their own."""
+        """Observe, reconcile, store. The GPUs are reconciled on the cached targets before
+        any store call, and store calls never hold the tick past ``store_timeout_s``: a
+        store that is down or hung does not stop the caps. Targets are cached with their
+        lease, so when the store stays away past the lease, the GPUs fall back to the
+        safe cap on their own; a node that never read a target falls back at once."""
         if not self.infos:
             self.infos = {i.uuid: i for i in (self._usable(g) for g in self.backend.gpus())}
         samples = self._timed("gpu", self._sample_gpus, lambda r: len(r) == len(self.infos))
@@ -166,33 +227,157 @@ class Agent:
         self.state.samples = samples
         self.state.host = host
         self.state.tick_ts = now
-        drained: bool | None = None
-        try:
-            if not self.gpu_ids:
-                self.register(now)
-            self.store.write_samples(
-                self.node,
-                self.gpu_ids,
-                samples.values(),
+        self._spool_tick(
+            _Tick(
                 now,
-                host=(host.cpu_util_ratio, host.non_gpu_power_w, host.power_source)
-                if host
-                else None,
-                tokens=tokens,
+                tuple(samples.values()),
+                (host.cpu_util_ratio, host.non_gpu_power_w, host.power_source) if host else None,
+                tuple(tokens),
             )
-            self._targets = {
-                uuid: CachedTarget(t.power_limit_w, t.lease_expires_at, t.reason or "target")
-                for uuid, t in self.store.targets_for_node(self.node).items()
-            }
-            drained = self.store.node_drained(self.node)
-            self._flush_audit()
-            self._store_ok(True, None)
-        except StoreError as exc:
-            self._store_ok(False, exc)
-        self.reconcile(now, samples)
-        if drained is not None:
+        )
+        samples = self.reconcile(now, samples)
+        if self._store_round_trip(now):
+            samples = self.reconcile(now, samples)
+        elif not self.state.store_ok and not self._targets_read:
+            samples = self.reconcile(now, samples)
+        if self._drained_mark is not None:
             # After the GPUs are reconciled: a drain command may take seconds.
-            self._apply_drain(drained, now)
+            self._apply_drain(self._drained_mark, now)
+
+    # -- the store, off the agent's thread ----------------------------------------------
+    def _spool_tick(self, tick: _Tick) -> None:
+        self._spool.append(tick)
+        over = len(self._spool) - self._spool_max
+        if over > 0:
+            del self._spool[:over]
+            self.state.spool_dropped_ticks += over
+            if self._first("spool", "full"):
+                log.error(
+                    "store away for more than %d ticks: dropping the oldest samples",
+                    self._spool_max,
+                )
+        self.state.spooled_ticks = len(self._spool)
+
+    def _store_round_trip(self, now: float) -> bool:
+        """Collect the last round trip if it finished, start the next one, and wait a
+        little for it. Returns whether fresh targets arrived."""
+        fresh = False
+        if self._io_job is not None:
+            fresh = self._collect(now)
+            if self._io_job is not None:
+                started = self._io_job[2]
+                if self.store_timeout_s is not None and now - started > self.store_timeout_s:
+                    self._store_ok(
+                        False, StoreError(f"the store has not answered for {now - started:.0f} s")
+                    )
+                return fresh
+        work = _StoreWork(
+            register=not self.gpu_ids,
+            gpu_ids=dict(self.gpu_ids),
+            ticks=self._spool,
+            originals=self._outbox_originals,
+            standby=self._outbox_standby,
+            audit=self._pending_audit,
+        )
+        self._spool, self._outbox_originals, self._outbox_standby = [], {}, None
+        self._pending_audit = []
+        if self.store_timeout_s is None:
+            future: Future[_StoreResult] = Future()
+            future.set_result(self._store_job(work))
+        else:
+            if self._io_pool is None:
+                self._io_pool = ThreadPoolExecutor(1, thread_name_prefix=f"store-{self.node}")
+            future = self._io_pool.submit(self._store_job, work)
+        self._io_job = (work, future, now)
+        if self.store_timeout_s is not None:
+            wait([future], timeout=min(self.store_timeout_s, self._wait_s))
+        return self._collect(now) or fresh
+
+    _wait_s = 0.5
+    """Longest wait for a round trip within one tick (the rest is taken next tick)."""
+
+    def _store_job(self, work: _StoreWork) -> _StoreResult:
+        """One round trip, in order: register, samples (oldest first), originals, standby,
+        audit, then read targets and the drain mark. Stops at the first store error and
+        says how far it got."""
+        out = _StoreResult()
+        store = self.store
+        try:
+            gpu_ids = work.gpu_ids
+            persisted: dict[str, float | None] = {}
+            if work.register:
+                first = work.ticks[0].ts if work.ticks else 0.0
+                gpu_ids = store.register_node(
+                    self.node, self.backend.name, list(self.infos.values()), first
+                )
+                persisted = store.original_power_limits(self.node)
+                out.registered = (gpu_ids, persisted)
+            for tick in work.ticks:
+                store.write_samples(
+                    self.node, gpu_ids, tick.samples, tick.ts, host=tick.host, tokens=tick.tokens
+                )
+                out.ticks_written += 1
+            for uuid, before in work.originals.items():
+                # A limit a crashed earlier run persisted is the true original: what this
+                # run saw before its first cap may be that run's cap.
+                if uuid in gpu_ids and uuid not in persisted:
+                    store.set_original_power_limit(gpu_ids[uuid], before)
+            out.originals_written = True
+            if work.standby is not None:
+                store.set_standby(self.node, work.standby)
+            out.standby_written = True
+            for action, subject, detail, ts in work.audit:
+                store.audit(self.actor, action, subject, detail, ts)
+                out.audited += 1
+            out.targets = {
+                uuid: CachedTarget(t.power_limit_w, t.lease_expires_at, t.reason or "target")
+                for uuid, t in store.targets_for_node(self.node).items()
+            }
+            out.drained = store.node_drained(self.node)
+        except StoreError as exc:
+            out.error = exc
+        return out
+
+    def _collect(self, now: float) -> bool:
+        """Take a finished round trip's outcome; what it did not do goes back in front of
+        what accumulated since. Returns whether fresh targets arrived."""
+        assert self._io_job is not None
+        work, future, _ = self._io_job
+        if not future.done():
+            return False
+        self._io_job = None
+        try:
+            res = future.result()
+        except Exception as exc:  # a bug in the round trip must not stop the agent
+            log.exception("store round trip failed")
+            res = _StoreResult(error=StoreError(str(exc)))
+        if res.registered is not None:
+            self.gpu_ids = res.registered[0]
+            self._persisted_originals = {**self._persisted_originals, **res.registered[1]}
+        self._spool[:0] = work.ticks[res.ticks_written :]
+        self._spool_tick_trim()
+        if not res.originals_written:
+            self._outbox_originals = {**work.originals, **self._outbox_originals}
+        if not res.standby_written and self._outbox_standby is None:
+            self._outbox_standby = work.standby
+        self._pending_audit[:0] = work.audit[res.audited :]
+        del self._pending_audit[:-MAX_PENDING_AUDIT]
+        if res.error is not None:
+            self._store_ok(False, res.error)
+            return False
+        self._store_ok(True, None)
+        assert res.targets is not None
+        self._targets = res.targets
+        self._targets_read = True
+        self._drained_mark = res.drained
+        return True
+
+    def _spool_tick_trim(self) -> None:
+        over = len(self._spool) - self._spool_max
+        if over > 0:
+            del self._spool[:over]
+            self.state.spool_dropped_ticks += over
+        self.state.spooled_ticks = len(self._spool)
 
     def _apply_drain(self, drained: bool, now: float) -> None:
         """Act on the store's drain mark when it changes, and at start when it is set (a
@@ -246,10 +431,7 @@ class Agent:
         self._audit(
             "node.drain.applied", self.node, {"drained": drained, "powers_down": standby}, now
         )
-        try:
-            self.store.set_standby(self.node, standby)
-        except StoreError as exc:
-            self._store_ok(False, exc)
+        self._outbox_standby = standby
 
     def _store_ok(self, ok: bool, exc: StoreError | None) -> None:
         if ok and not self.state.store_ok:
@@ -348,30 +530,35 @@ class Agent:
 
     # -- actuation ---------------------------------------------------------------------
     def _audit(self, action: str, subject: str, detail: dict, now: float) -> None:
-        """Audit now, or keep the entry until the store is back: no actuation goes
-        unrecorded because the database was briefly away."""
+        """Audit with the next store round trip, kept until the store takes it: no
+        actuation goes unrecorded because the database was away."""
         self._pending_audit.append((action, subject, detail, now))
-        if self.state.store_ok:
-            try:
-                self._flush_audit()
-            except StoreError as exc:
-                self._store_ok(False, exc)
+        del self._pending_audit[:-MAX_PENDING_AUDIT]
 
     def _flush_audit(self) -> None:
         while self._pending_audit:
             action, subject, detail, ts = self._pending_audit[0]
             self.store.audit(self.actor, action, subject, detail, ts)
             self._pending_audit.pop(0)
-        del self._pending_audit[:-MAX_PENDING_AUDIT]
 
-    def reconcile(self, now: float, samples: dict[str, GpuSample]) -> None:
-        """Move each GPU toward its target; an expired lease falls back to the safe cap.
+    def reconcile(self, now: float, samples: dict[str, GpuSample]) -> dict[str, GpuSample]:
+        """Move each GPU toward its target; an expired lease falls back to the safe cap,
+        and so does every GPU of a node that has never read its targets while the store
+        is away (a start during an outage: whatever the GPUs had is not a plan).
 
         Decreases are applied before increases so that, between the two, the facility
-        never holds more power than either the old or the new plan allows.
+        never holds more power than either the old or the new plan allows. Returns the
+        samples with the limits just requested, so a second pass in the same tick does
+        not apply them again.
         """
         moves: list[tuple[str, float, str]] = []
-        for uuid, target in self._targets.items():
+        targets = dict(self._targets)
+        if not self._targets_read and not self.state.store_ok:
+            for uuid in self.infos:
+                targets.setdefault(
+                    uuid, CachedTarget(float("inf"), float("-inf"), "store unreachable")
+                )
+        for uuid, target in targets.items():
             info = self.infos.get(uuid)
             if info is None or target.power_limit_w is None:
                 continue
@@ -381,7 +568,11 @@ class Agent:
             else:
                 fallback = max(lim.min_w, min(lim.max_w, self.fallback_ratio * lim.default_w))
                 want = min(fallback, target.power_limit_w)
-                why = f"lease expired at {target.lease_expires_at:.0f}: fallback safe cap"
+                why = (
+                    "store unreachable and no target yet: fallback safe cap"
+                    if not self._targets_read
+                    else f"lease expired at {target.lease_expires_at:.0f}: fallback safe cap"
+                )
             want = min(max(want, lim.min_w), lim.max_w)
             current = samples[uuid].power_limit_requested_w if uuid in samples else None
             if current is not None and abs(current - want) < LIMIT_TOLERANCE_W:
@@ -393,6 +584,7 @@ class Agent:
             current = s.power_limit_requested_w if s is not None else None
             return move[1] - (current if current is not None else move[1])
 
+        out = dict(samples)
         for uuid, want, why in sorted(moves, key=rise):
             before = samples[uuid].power_limit_requested_w if uuid in samples else None
             first_touch = self.backend.original_settings(uuid) is None
@@ -407,13 +599,12 @@ class Agent:
                     )
                 continue
             self._first(f"limit:{uuid}", None)
-            if first_touch and uuid not in self._persisted_originals and uuid in self.gpu_ids:
+            if uuid in out:
+                out[uuid] = replace(out[uuid], power_limit_requested_w=want)
+            if first_touch and uuid not in self._persisted_originals:
                 # Persist what the GPU had, so a restart after a crash can still put it back.
                 self._persisted_originals[uuid] = before
-                try:
-                    self.store.set_original_power_limit(self.gpu_ids[uuid], before)
-                except StoreError as exc:
-                    self._store_ok(False, exc)
+                self._outbox_originals[uuid] = before
             self.state.actuations += 1
             self._audit(
                 "power_limit.set",
@@ -421,6 +612,8 @@ class Agent:
                 {"power_limit_w": want, "previous_w": before, "reason": why},
                 now,
             )
+        self.state.samples = out
+        return out
 
     def shutdown(self, now: float) -> None:
         """On a clean stop, put back what each GPU had before wattkeeper touched it.
@@ -431,6 +624,8 @@ class Agent:
         """
         if self._drain_pool is not None:
             self._drain_pool.shutdown(wait=False, cancel_futures=True)
+        if self._io_pool is not None:
+            self._io_pool.shutdown(wait=False, cancel_futures=True)
         if not self.restore_on_exit:
             return
         restored: dict[str, float | None] = {}

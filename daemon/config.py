@@ -103,6 +103,12 @@ class AgentConfig(_Section):
     """Run when it is back in service, e.g. "scontrol update NodeName={node} State=RESUME"."""
     drain_powers_down: bool = False
     """Whether the drain command also powers the node down (standby, suspend)."""
+    store_timeout_s: Annotated[DurationS, Field(ge=0.5, le=600)] = 5.0
+    """A store call unanswered this long counts as the store being down: the node runs on
+    its cached targets (and their leases) and keeps its samples in the spool."""
+    spool_ticks: int = Field(default=3600, ge=1, le=1_000_000)
+    """Ticks of samples kept while the store is away (an hour at 1 s); older are dropped
+    and counted in wattkeeper_agent_spool_dropped_ticks_total."""
     endpoints: list[EndpointConfig] = Field(default_factory=list)
     host: HostPowerConfig = HostPowerConfig()
 

@@ -39,6 +39,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
 from wattkeeper import __version__
+from wattkeeper.bounded import Hung, SingleFlight
 from wattkeeper.collectors.gpu import THROTTLE_REASONS
 from wattkeeper.store.db import StoreError
 from wattkeeper.summary import cost_options, facility_summary, in_force
@@ -64,6 +65,8 @@ MODEL_LABEL_NAMES = frozenset({"model_name", "model"})
 MHZ = 1e6
 STATE_LOCK_TIMEOUT_S = 2.0
 """How long a scrape waits for a running agent tick before reading its state anyway."""
+STORE_SCRAPE_TIMEOUT_S = 3.0
+"""A scrape waits this long for the store (Prometheus' default scrape timeout is 10 s)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class _AgentView:
     collectors: dict[str, tuple[float, bool]]
     actuations: int
     errors: int
+    spooled_ticks: int
+    spool_dropped_ticks: int
 
 
 def _view(agent: Agent) -> _AgentView:
@@ -103,6 +108,8 @@ def _view(agent: Agent) -> _AgentView:
         collectors=dict(st.collectors),
         actuations=st.actuations,
         errors=st.errors,
+        spooled_ticks=st.spooled_ticks,
+        spool_dropped_ticks=st.spool_dropped_ticks,
     )
 
 
@@ -143,6 +150,8 @@ class WattkeeperCollector(Collector):
         # reading that failed, but staleness must stay visible as an old timestamp.
         self._last_ok: dict[tuple[str, str], float] = {}
         self._last_ok_lock = threading.Lock()
+        self._store_reads = SingleFlight("scrape-store")
+        """A hung database costs a scrape its store metrics, never the scrape."""
 
     def collect(self) -> Iterator[Metric]:
         yield InfoMetricFamily(
@@ -444,7 +453,19 @@ class WattkeeperCollector(Collector):
             "GPU reads and actuations that failed.",
             ["node"],
         )
+        spooled = _gauge(
+            "wattkeeper_agent_spooled_ticks",
+            "Ticks of samples waiting for the store (kept while it is away).",
+            ["node"],
+        )
+        dropped = _counter(
+            "wattkeeper_agent_spool_dropped_ticks",
+            "Ticks of samples dropped because the store was away longer than the spool holds.",
+            ["node"],
+        )
         for v in views:
+            spooled.add_metric([v.node], float(v.spooled_ticks))
+            dropped.add_metric([v.node], float(v.spool_dropped_ticks))
             for name, (seconds, success) in v.collectors.items():
                 if name == "host" and not v.has_host:
                     continue  # no host collector configured: nothing ran, nothing failed
@@ -454,15 +475,18 @@ class WattkeeperCollector(Collector):
                 ok.add_metric(labels, 1.0 if success else 0.0)
             changes.add_metric([v.node], float(v.actuations))
             errors.add_metric([v.node], float(v.errors))
-        yield from (dur, ok, changes, errors)
+        yield from (dur, ok, changes, errors, spooled, dropped)
 
     # -- the store: budget, targets, facility figures ------------------------------------
     def _store(self) -> Iterator[Metric]:
         t0 = time.perf_counter()
         try:
             now = self.rt.clock.now()
-            snap: Snapshot | None = in_force(self.rt.store, self.rt.store.snapshot(now), now)
-        except (StoreError, SQLAlchemyError) as exc:
+            store = self.rt.store
+            snap: Snapshot | None = self._store_reads.call(
+                lambda: in_force(store, store.snapshot(now), now), STORE_SCRAPE_TIMEOUT_S
+            )
+        except (StoreError, SQLAlchemyError, Hung) as exc:
             log.warning("scrape without store metrics: %s", str(exc).splitlines()[0])
             snap = None
         yield GaugeMetricFamily(
@@ -604,6 +628,7 @@ def _handler(rt: Runtime) -> type[MetricsHandler]:
 
     base = MetricsHandler.factory(make_registry(rt))
     servers = route_servers(rt.cfg)
+    reads = SingleFlight("routes-store")
 
     class Handler(base):  # type: ignore[misc, valid-type]
         def do_GET(self) -> None:
@@ -611,9 +636,10 @@ def _handler(rt: Runtime) -> type[MetricsHandler]:
                 super().do_GET()
                 return
             try:
-                doc = publication(rt.store.routes(), servers, rt.clock.now())
+                rows = reads.call(rt.store.routes, STORE_SCRAPE_TIMEOUT_S)
+                doc = publication(rows, servers, rt.clock.now())
                 status = 200
-            except StoreError as exc:
+            except (StoreError, Hung) as exc:
                 doc, status = {"error": str(exc)}, 503
             body = (json.dumps(doc, indent=1) + "\n").encode()
             self.send_response(status)

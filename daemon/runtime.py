@@ -198,6 +198,7 @@ def build_on_facility(
                 SimHost(facility, node),
                 [TokenEndpoint(server.url, server.kind, server.render)],
                 drain=SimDrain(facility, node),
+                wall_clock=isinstance(clock, WallClock),
             )
         )
     router = SimRouter(facility, [a.node for a in agents])
@@ -213,8 +214,11 @@ def make_agent(
     host: Any,
     endpoints: list[TokenEndpoint],
     drain: DrainActuator | None = None,
+    wall_clock: bool = True,
 ) -> Agent:
-    """One agent with the configured agent settings, whatever its backend."""
+    """One agent with the configured agent settings, whatever its backend. On the wall
+    clock its store calls run on a thread of their own; on a simulated clock inline, so
+    a run stays deterministic."""
     return Agent(
         node,
         backend,
@@ -225,6 +229,8 @@ def make_agent(
         restore_on_exit=cfg.agent.restore_on_exit,
         tokens_interval_s=cfg.agent.tokens_interval_s,
         drain=drain,
+        store_timeout_s=cfg.agent.store_timeout_s if wall_clock else None,
+        spool_ticks=cfg.agent.spool_ticks,
     )
 
 
@@ -418,22 +424,32 @@ def run_realtime(
     stop = stop or threading.Event()
     healthy = threading.Event()
 
+    # Three jobs on three threads: the agents' loop never waits on the controller or its
+    # store calls, so a hung database leaves sampling, caps and the watchdog running.
+    controller_lock = threading.Lock()
+
     def agents_job() -> None:
         if rt.tick_agents():
             healthy.set()
+
+    def guard_job() -> None:
+        if not controller_lock.acquire(blocking=False):
+            return  # the period's tick is running (or waiting on the store): it plans
         try:
-            with rt.lock:
-                rt.controller.guard(rt.clock.now())
+            rt.controller.guard(rt.clock.now())
         except StoreError:
             pass  # the controller job reports the store; the agents hold the caps
         except Exception:
             log.exception("emergency check failed")
+        finally:
+            controller_lock.release()
 
     controller_down: list[str] = []
 
     def controller_job() -> None:
         try:
-            rt.tick_controller()
+            with controller_lock:
+                rt.tick_controller()
         except StoreError as exc:
             # One line when the store goes away and one when it is back, not a
             # traceback every period: the agents keep enforcing the leased targets.
@@ -450,10 +466,11 @@ def run_realtime(
 
     sched = BackgroundScheduler(
         timezone="UTC",
-        executors={"default": ThreadPoolExecutor(2)},
+        executors={"default": ThreadPoolExecutor(3)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5},
     )
     sched.add_job(agents_job, "interval", seconds=rt.cfg.agent.interval_s, id="agents")
+    sched.add_job(guard_job, "interval", seconds=rt.cfg.agent.interval_s, id="guard")
     sched.add_job(controller_job, "interval", seconds=rt.cfg.controller.interval_s, id="controller")
     agents_job()
     controller_job()

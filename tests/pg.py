@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -81,6 +82,24 @@ class PgServer:
     def halt(self) -> None:
         """Stop the server but keep its data, as an outage does (``start_again`` resumes)."""
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def _pids(self) -> list[int]:
+        """The postmaster and every backend it forked."""
+        main = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(
+            ["pgrep", "-P", str(main)], capture_output=True, text=True
+        ).stdout.split()
+        return [main, *map(int, children)]
+
+    def freeze(self) -> None:
+        """SIGSTOP the server and its backends: connections stay open, nothing answers
+        (the kernel still acknowledges packets, so no client timeout fires)."""
+        for pid in self._pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self._pids():
+            os.kill(pid, signal.SIGCONT)
 
     def start_again(self) -> None:
         self._run(

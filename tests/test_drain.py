@@ -161,6 +161,8 @@ def test_a_hung_drain_command_never_holds_up_the_agent(tmp_path: Path, sqlite_ur
         t += 1
         agent.tick(t)
         time.sleep(0.05)
+    t += 1
+    agent.tick(t)  # the outcome is audited with the next store round trip
     assert [e.action for e in store.audit_log(50)].count("node.drain.applied") == 1
 
     agent.drain = CommandDrain(agent.node, "true", _recorder(tmp_path, "RESUME", code=2))

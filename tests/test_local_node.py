@@ -105,6 +105,7 @@ def test_permission_denied_is_audited_not_fatal(local):
     rt.tick_agents()
     rt.tick_controller()
     rt.tick_agents()
+    rt.tick_agents()  # audited with the next store round trip
     failed = [a for a in rt.store.audit_log(20) if a.action == "power_limit.failed"]
     assert failed and "CAP_SYS_ADMIN" in failed[0].detail["error"]
     assert [g.limit_mw for g in nvml.gpus] == [700_000, 700_000]

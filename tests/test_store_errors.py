@@ -20,6 +20,7 @@ from pg import PgServer
 from wattkeeper.clock import SimClock
 from wattkeeper.collectors.gpu import GpuInfo, GpuSample, PowerLimitConstraints
 from wattkeeper.config import load_config
+from wattkeeper.policies.route import RouteTarget
 from wattkeeper.policies.schedule import Schedule
 from wattkeeper.runtime import build_simulated, open_store
 from wattkeeper.simulator.facility import FacilitySpec
@@ -80,6 +81,8 @@ CALLS = {
     "budgets": lambda s: s.budgets(),
     "remove_schedule": lambda s: s.remove_schedule(1, "test", NOW),
     "write_targets": lambda s: s.write_targets([TargetSpec("GPU-err-0", 400.0)], NOW, 30.0),
+    "write_routes": lambda s: s.write_routes([RouteTarget("n0", 128, 16, "test")], NOW),
+    "routes": lambda s: s.routes(),
     "targets_for_node": lambda s: s.targets_for_node("n0"),
     "audit": lambda s: s.audit("test", "x.y", "n0", {}, NOW),
     "audit_log": lambda s: s.audit_log(10),

@@ -1,0 +1,177 @@
+"""Store faults the agent must ride out, on a real PostgreSQL that the tests stop for real:
+hung (SIGSTOP: connections open, nothing answers), down at the agent's first tick, and
+back again (the samples taken meanwhile reach it in order, none lost).
+
+The agents run on a simulated clock (leases, the spool and the timeouts are judged on
+it) with their store calls on a thread of their own, as on the wall clock. No timing is
+asserted: a tick that blocked on the hung store would never let the loop finish, which
+the join below turns into a failure after a generous bound."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+from conftest import started_pg
+from pg import PgServer
+from sqlalchemy import func, select
+
+from wattkeeper.clock import SimClock
+from wattkeeper.config import load_config
+from wattkeeper.exporter import WattkeeperCollector
+from wattkeeper.runtime import Runtime, build_simulated, make_agent, open_store
+from wattkeeper.simulator.facility import FacilitySpec
+from wattkeeper.store.db import make_engine, upgrade
+from wattkeeper.store.models import GpuSampleRow
+
+pytestmark = pytest.mark.postgres
+
+BOUND_S = 120.0
+"""Real seconds a loop of ticks may take before it counts as blocked (it takes about 1)."""
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    """A server of this module's own, since the tests stop it."""
+    yield from started_pg()
+
+
+def _threaded(rt: Runtime, timeout_s: float = 3.0) -> None:
+    """Store calls on a thread of their own, as on the wall clock."""
+    for agent in rt.agents:
+        agent.store_timeout_s = timeout_s
+
+
+def _step(rt: Runtime, t: float, controller: bool = False) -> None:
+    rt.clock.set(t)
+    rt.facility.advance_to(t)
+    rt.tick_agents()
+    if controller:
+        rt.tick_controller()
+
+
+def _run_bounded(fn) -> None:
+    done = threading.Event()
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            error.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=body, daemon=True).start()
+    if not done.wait(BOUND_S):
+        pytest.fail("the agent loop blocked on the hung store")
+    if error:
+        raise error[0]
+
+
+def test_a_hung_database_holds_up_neither_caps_nor_scrapes_and_loses_no_sample(pg):
+    url = pg.create_database("hung")
+    upgrade(make_engine(url))
+    cfg = load_config(None, environ={"WATTKEEPER_CONTROLLER__LEASE_S": "15s"})
+    rt = build_simulated(cfg, open_store(cfg, url), FacilitySpec(1, 4), SimClock(50_000.0))
+    _threaded(rt)
+    agent = rt.agents[0]
+    rt.store.set_budget(1_000_000.0, "test", 50_000.0)
+    t = 50_000.0
+    for k in range(1, 11):
+        t += 1
+        _step(rt, t, controller=k % 5 == 0)
+    leases = [x.lease_expires_at for x in rt.store.targets_for_node(agent.node).values()]
+    assert len(leases) == 4 and agent.state.store_ok
+    frozen_from = t + 1
+    pg.freeze()
+    try:
+
+        def while_hung() -> None:
+            nonlocal t
+            while t < max(leases) + 2:
+                t += 1
+                _step(rt, t)
+            # A scrape answers too, without the store's part.
+            text = {m.name: m for m in WattkeeperCollector(rt).collect()}
+            assert text["wattkeeper_store_up"].samples[0].value == 0.0
+
+        _run_bounded(while_hung)
+        assert not agent.state.store_ok
+        fallback = 0.6 * 700.0
+        assert list(rt.facility.limit_requested[:4]) == [pytest.approx(fallback)] * 4
+        assert agent.state.spooled_ticks >= t - frozen_from
+    finally:
+        pg.thaw()
+    frozen_to = t
+
+    def after() -> None:
+        nonlocal t
+        # The hung round trip completes once the server resumes; the spool then empties.
+        for _ in range(200):
+            t += 1
+            _step(rt, t, controller=int(t) % 5 == 0)
+            if agent.state.store_ok and agent.state.spooled_ticks == 0:
+                return
+            threading.Event().wait(0.05)
+        pytest.fail(f"spool never emptied: {agent.state.spooled_ticks} ticks left")
+
+    _run_bounded(after)
+    with rt.store.engine.connect() as conn:
+        kept = conn.scalar(
+            select(func.count())
+            .select_from(GpuSampleRow)
+            .where(GpuSampleRow.ts >= frozen_from, GpuSampleRow.ts <= frozen_to)
+        )
+    assert kept == 4 * (frozen_to - frozen_from + 1)
+    assert agent.state.spool_dropped_ticks == 0
+    rt.shutdown()
+
+
+def test_an_agent_that_starts_while_the_database_is_down_caps_at_once_then_joins(pg):
+    """No target was ever read: whatever the GPUs had is not a plan, so the safe cap
+    applies from the first tick; once the database is back the node registers, its
+    samples arrive, and the controller's targets take over."""
+    url = pg.create_database("down_at_start")
+    upgrade(make_engine(url))
+    cfg = load_config(None, environ={})
+    store = open_store(cfg, url)
+    rt = build_simulated(cfg, store, FacilitySpec(1, 2), SimClock(60_000.0))
+    # A second agent on the same facility node, started while the database is down.
+    late = make_agent(cfg, store, "late-node", rt.agents[0].backend, None, [], wall_clock=True)
+    late.store_timeout_s = 3.0
+    rt.agents = [late]
+    pg.halt()
+    try:
+
+        def down() -> None:
+            for k in range(1, 4):
+                _step(rt, 60_000.0 + k)
+
+        _run_bounded(down)
+        assert not late.state.store_ok and not late.gpu_ids
+        assert list(rt.facility.limit_requested[:2]) == [pytest.approx(0.6 * 700.0)] * 2
+        assert late.state.spooled_ticks == 3
+    finally:
+        pg.start_again()
+    rt.store.engine.dispose()
+    rt.store.set_budget(1_000_000.0, "test", 60_004.0)
+
+    def back() -> None:
+        t = 60_004.0
+        for _ in range(200):
+            t += 1
+            _step(rt, t, controller=True)
+            if late.gpu_ids and late.state.spooled_ticks == 0 and late._targets:
+                return
+            threading.Event().wait(0.05)
+        pytest.fail("the agent never joined")
+
+    _run_bounded(back)
+    assert "late-node" in rt.store.node_backends()
+    # The controller's target (1 MW budget: the maximum) replaced the safe cap.
+    _step(rt, 60_300.0, controller=True)
+    _step(rt, 60_301.0)
+    assert list(rt.facility.limit_requested[:2]) == [pytest.approx(700.0)] * 2
+    rt.shutdown()

@@ -92,12 +92,18 @@ def _config(path: Path | None) -> Any:
         fail(str(exc), 2)
 
 
-def _store(cfg: Any, db: str | None, *, create: bool = False) -> Any:
+def _store(cfg: Any, db: str | None, *, create: bool = False, outage_ok: bool = False) -> Any:
     from wattkeeper.runtime import open_store
     from wattkeeper.store.db import StoreError
 
     try:
-        return open_store(cfg, db, create=create, announce=lambda m: typer.echo(m, err=True))
+        return open_store(
+            cfg,
+            db,
+            create=create,
+            announce=lambda m: typer.echo(m, err=True),
+            outage_ok=outage_ok,
+        )
     except StoreError as exc:
         fail(str(exc))
 
@@ -233,7 +239,9 @@ def run(
     cfg = _config(config)
     if spec is None:
         _require_gpus()  # before a store is created for a run that cannot start
-    store = _store(cfg, db, create=True)
+    # A real node's daemon rides out a database server that is down at start (safe cap
+    # until it answers); a simulation has nothing to protect and wants its store now.
+    store = _store(cfg, db, create=True, outage_ok=spec is None and not fast)
 
     from wattkeeper.clock import SimClock, WallClock
     from wattkeeper.runtime import SetupError, build_local, build_simulated, claim_store
@@ -246,7 +254,8 @@ def run(
         clock = WallClock()
     try:
         rt = build_simulated(cfg, store, spec, clock) if spec else build_local(cfg, store)
-        claim_store(rt)
+        if store.schema_checked:
+            claim_store(rt)
     except (SetupError, StoreError) as exc:
         fail(str(exc))
     listen = (
@@ -355,20 +364,30 @@ def _run_live(rt: Any, duration_s: float | None, output: Output) -> None:
             **cost_options(rt.cfg, as_of),
         )
 
+    from wattkeeper.store.db import StoreError
+
+    def final() -> dict | None:
+        """The closing summary; the store may be away, which the run rode out."""
+        try:
+            return snapshot()
+        except StoreError as exc:
+            typer.echo(f"no closing summary: {exc}", err=True)
+            return None
+
     if output is Output.json:
         run_realtime(rt, duration_s, stop=stop)
-        _emit_json(snapshot())
+        if (summary := final()) is not None:
+            _emit_json(summary)
         return
     if not sys.stdout.isatty():
         # Under systemd or a pipe a redrawn table is noise: print it once at the end.
         run_realtime(rt, duration_s, stop=stop)
         from rich.console import Console
 
-        Console().print(_live_table(snapshot()))
+        if (summary := final()) is not None:
+            Console().print(_live_table(summary))
         return
     from rich.live import Live
-
-    from wattkeeper.store.db import StoreError
 
     def refresh(live: Live) -> None:
         try:

@@ -23,6 +23,7 @@ from wattkeeper.policies.plan import Domain, PlanSettings
 from wattkeeper.policies.route import Routes, RouteSettings
 from wattkeeper.policies.slo import Ceilings, Slo, SloSettings
 from wattkeeper.store.db import (
+    SchemaOutdatedError,
     StoreError,
     check_schema,
     create_if_empty,
@@ -76,6 +77,10 @@ class Runtime:
 
     def tick_controller(self) -> None:
         now = self.clock.now()
+        if not self.store.schema_checked:
+            check_schema(self.store.engine, migrate=self.cfg.store.migrate_on_start)
+            self.store.schema_checked = True
+            log.warning("store reachable: schema at head, planning")
         self.controller.tick(now)
         if now - self._last_prune >= PRUNE_EVERY_S:
             self._last_prune = now
@@ -127,20 +132,35 @@ def open_store(
     *,
     create: bool = False,
     announce: Callable[[str], None] | None = None,
+    outage_ok: bool = False,
 ) -> Store:
     """Engine for the configured store, refusing a schema that is not at head.
 
     ``create`` (the daemon's first start) builds a missing or empty SQLite store at head
     and tells ``announce`` so in one line; without it nothing is ever created.
+
+    ``outage_ok`` (a daemon on a database server): a server that does not answer is an
+    outage, not a mistake. The store is returned unchecked, the agents start on the
+    safe cap, and the schema is checked once the server answers. A bad URL or an
+    unknown driver still fails here, before anything is touched.
     """
     # Only a daemon's first start may create a file; every other command needs the store
     # to be there already, and must not leave an empty file where a path was mistyped.
     engine = make_engine(url or cfg.store.resolved_url(), must_exist=not create)
-    if create and create_if_empty(engine):
+    try:
+        if create and create_if_empty(engine):
+            if announce is not None:
+                where = engine.url.database or describe_url(str(engine.url))
+                announce(f"created a new store at {where} (schema {head_revision()})")
+        check_schema(engine, migrate=cfg.store.migrate_on_start)
+    except SchemaOutdatedError:
+        raise
+    except StoreError as exc:
+        if not outage_ok or engine.dialect.name == "sqlite":
+            raise
         if announce is not None:
-            where = engine.url.database or describe_url(str(engine.url))
-            announce(f"created a new store at {where} (schema {head_revision()})")
-    check_schema(engine, migrate=cfg.store.migrate_on_start)
+            announce(f"{exc}: starting on the safe cap, and retrying")
+        return Store(engine, schema_checked=False)
     return Store(engine)
 
 

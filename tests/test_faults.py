@@ -175,3 +175,40 @@ def test_an_agent_that_starts_while_the_database_is_down_caps_at_once_then_joins
     _step(rt, 60_301.0)
     assert list(rt.facility.limit_requested[:2]) == [pytest.approx(700.0)] * 2
     rt.shutdown()
+
+
+def test_run_on_a_real_node_starts_on_the_safe_cap_while_postgres_is_down(
+    pg, monkeypatch, tmp_path
+):
+    """`wattkeeper run` on a node (NVML, here the fake driver) whose database server is
+    down: not a configuration error, so it starts, caps every GPU at the safe cap, and
+    restores them when it stops. A bad URL still fails before touching anything."""
+    from nvml_fake import install_fake_pynvml
+    from typer.testing import CliRunner
+
+    from wattkeeper.cli import app
+
+    fake, nvml = install_fake_pynvml(monkeypatch, n_gpus=2)
+    url = pg.create_database("run_down")
+    upgrade(make_engine(url))
+    pg.halt()
+    cfg = tmp_path / "wattkeeper.toml"
+    cfg.write_text('[agent]\nnode = "gpu-node-7"\n[agent.host]\nuse_rapl = false\n')
+    try:
+        r = CliRunner().invoke(
+            app,
+            ["run", "--db", url, "--config", str(cfg), "--duration", "3s", "--no-metrics"],
+        )
+    finally:
+        pg.start_again()
+    assert r.exit_code == 0, r.output
+    assert "starting on the safe cap" in r.stderr
+    set_mw = [c.args[1] for c in fake.nvmlDeviceSetPowerManagementLimit.call_args_list]
+    assert set_mw[:2] == [420_000, 420_000], set_mw  # 0.6 x the 700 W default, both GPUs
+    assert [g.limit_mw for g in nvml.gpus] == [700_000, 700_000]  # restored at the stop
+    fake.nvmlDeviceSetPowerManagementLimit.reset_mock()
+    bad = CliRunner().invoke(
+        app, ["run", "--db", "postgresql+nope://u@127.0.0.1:1/x", "--duration", "3s"]
+    )
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert fake.nvmlDeviceSetPowerManagementLimit.call_args_list == []

@@ -194,9 +194,12 @@ def _translate_errors(cls: type[Store]) -> type[Store]:
 class Store:
     """Reads and writes of the store; any database failure is a ``StoreError``."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, schema_checked: bool = True) -> None:
         self.engine = engine
         self._session = sessionmaker(engine, expire_on_commit=False)
+        self.schema_checked = schema_checked
+        """False when the daemon started while the database was unreachable: its schema
+        is checked before the controller first plans on it."""
 
     def session(self) -> Session:
         return self._session()

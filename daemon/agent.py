@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -31,7 +34,7 @@ from wattkeeper.collectors.tokens import (
     parse_page,
 )
 from wattkeeper.store.db import StoreError
-from wattkeeper.store.repository import LIMIT_TOLERANCE_W, Store, TokenRow
+from wattkeeper.store.repository import LIMIT_TOLERANCE_W, NodeClaimedError, Store, TokenRow
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,35 @@ SPOOL_TICKS = 3600
 oldest are dropped and counted."""
 
 
+def _machine_id() -> str:
+    try:
+        with open("/etc/machine-id", encoding="ascii") as f:
+            return f.read().strip()[:12] or "-"
+    except OSError:
+        return "-"
+
+
+def agent_identity() -> str:
+    """Who holds a node's name: host, machine id, pid and a random token (a pid is reused
+    across restarts, and cloned hosts share a hostname)."""
+    return f"{socket.gethostname()} {_machine_id()} {os.getpid()} {secrets.token_hex(3)}"
+
+
+def holder_gone(holder: str) -> bool:
+    """Whether a name's holder is certainly dead: a process of this very machine that no
+    longer exists (a crashed run restarting). Anything else may be alive."""
+    parts = holder.split()
+    if len(parts) != 4 or parts[0] != socket.gethostname() or parts[1] != _machine_id():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
+
+
 @dataclass(frozen=True)
 class CachedTarget:
     """A target as last read from the store, so reconcile survives a store outage."""
@@ -51,6 +83,8 @@ class CachedTarget:
     power_limit_w: float | None
     lease_expires_at: float
     reason: str
+    epoch: int | None = None
+    """The leader epoch that wrote it."""
 
 
 @dataclass(frozen=True)
@@ -142,8 +176,10 @@ class Agent:
         drain: DrainActuator | None = None,
         store_timeout_s: float | None = None,
         spool_ticks: int = SPOOL_TICKS,
+        agent_id: str | None = None,
     ) -> None:
         self.node = node
+        self.agent_id = agent_id or agent_identity()
         self.store_timeout_s = store_timeout_s
         """None: store calls run inline (the simulated clock must not race a thread).
         Otherwise they run on a thread of their own, and the agent waits for them at
@@ -157,6 +193,7 @@ class Agent:
         self._outbox_standby: bool | None = None
         self._targets_read = False
         self._drained_mark: bool | None = None
+        self._epoch_seen = 0
         self.drain = drain
         self._drained_applied: bool | None = None
         self._drain_job: tuple[bool, Future[None]] | None = None
@@ -186,7 +223,14 @@ class Agent:
         agent remembered of each GPU's original limit (it may have crashed while capped)."""
         infos = [self._usable(i) for i in self.backend.gpus()]
         self.infos = {i.uuid: i for i in infos}
-        self.gpu_ids = self.store.register_node(self.node, self.backend.name, infos, now)
+        self.gpu_ids = self.store.register_node(
+            self.node,
+            self.backend.name,
+            infos,
+            now,
+            agent_id=self.agent_id,
+            holder_gone=holder_gone,
+        )
         self._persisted_originals = self.store.original_power_limits(self.node)
 
     def _usable(self, info: GpuInfo) -> GpuInfo:
@@ -308,13 +352,24 @@ class Agent:
             if work.register:
                 first = work.ticks[0].ts if work.ticks else 0.0
                 gpu_ids = store.register_node(
-                    self.node, self.backend.name, list(self.infos.values()), first
+                    self.node,
+                    self.backend.name,
+                    list(self.infos.values()),
+                    first,
+                    agent_id=self.agent_id,
+                    holder_gone=holder_gone,
                 )
                 persisted = store.original_power_limits(self.node)
                 out.registered = (gpu_ids, persisted)
             for tick in work.ticks:
                 store.write_samples(
-                    self.node, gpu_ids, tick.samples, tick.ts, host=tick.host, tokens=tick.tokens
+                    self.node,
+                    gpu_ids,
+                    tick.samples,
+                    tick.ts,
+                    host=tick.host,
+                    tokens=tick.tokens,
+                    agent_id=self.agent_id,
                 )
                 out.ticks_written += 1
             for uuid, before in work.originals.items():
@@ -330,7 +385,9 @@ class Agent:
                 store.audit(self.actor, action, subject, detail, ts)
                 out.audited += 1
             out.targets = {
-                uuid: CachedTarget(t.power_limit_w, t.lease_expires_at, t.reason or "target")
+                uuid: CachedTarget(
+                    t.power_limit_w, t.lease_expires_at, t.reason or "target", t.epoch
+                )
                 for uuid, t in store.targets_for_node(self.node).items()
             }
             out.drained = store.node_drained(self.node)
@@ -367,10 +424,32 @@ class Agent:
             return False
         self._store_ok(True, None)
         assert res.targets is not None
-        self._targets = res.targets
+        self._targets = self._fenced(res.targets)
         self._targets_read = True
         self._drained_mark = res.drained
         return True
+
+    def _fenced(self, targets: dict[str, CachedTarget]) -> dict[str, CachedTarget]:
+        """Targets written by a leader epoch older than one already seen come from a
+        deposed controller: the cached target stands (its lease runs out as usual)."""
+        epochs = [t.epoch for t in targets.values() if t.epoch is not None]
+        self._epoch_seen = max([self._epoch_seen, *epochs])
+        out = {}
+        for uuid, t in targets.items():
+            if t.epoch is not None and t.epoch < self._epoch_seen:
+                if self._first(f"epoch:{uuid}", f"{t.epoch}"):
+                    log.warning(
+                        "GPU %s: ignoring a target of leader epoch %d (now %d)",
+                        uuid,
+                        t.epoch,
+                        self._epoch_seen,
+                    )
+                if uuid in self._targets:
+                    out[uuid] = self._targets[uuid]
+                continue
+            self._first(f"epoch:{uuid}", None)
+            out[uuid] = t
+        return out
 
     def _spool_tick_trim(self) -> None:
         over = len(self._spool) - self._spool_max
@@ -437,7 +516,10 @@ class Agent:
         if ok and not self.state.store_ok:
             log.warning("store reachable again")
         elif not ok and self.state.store_ok:
-            log.error("store unavailable, reconciling on cached targets: %s", exc)
+            if isinstance(exc, NodeClaimedError):
+                log.error("%s; reconciling on cached targets until it is free", exc)
+            else:
+                log.error("store unavailable, reconciling on cached targets: %s", exc)
         self.state.store_ok = ok
         self.state.collectors["store"] = (0.0, ok)
 
@@ -654,6 +736,14 @@ class Agent:
             if restored and self.gpu_ids:
                 # A last sample, so the controller budgets these GPUs at their restored
                 # limits rather than at the targets they no longer follow.
-                self.store.write_samples(self.node, self.gpu_ids, self._sample_gpus().values(), now)
+                self.store.write_samples(
+                    self.node,
+                    self.gpu_ids,
+                    self._sample_gpus().values(),
+                    now,
+                    agent_id=self.agent_id,
+                )
+            if self.gpu_ids:
+                self.store.release_node(self.node, self.agent_id)
         except StoreError as exc:
             log.error("restored %d GPU(s) but could not record it: %s", len(restored), exc)

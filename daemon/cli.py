@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import zlib
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -291,6 +292,158 @@ def run(
         rt.shutdown()
 
 
+DurationOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Stop after this long (e.g. 90s, 10m); default: until Ctrl-C or SIGTERM.",
+        show_default=False,
+    ),
+]
+ListenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="Serve Prometheus /metrics here (default 127.0.0.1:9847; config metrics.listen).",
+        show_default=False,
+    ),
+]
+NoMetricsOpt = Annotated[bool, typer.Option("--no-metrics", help="Serve no /metrics.")]
+
+
+def _listen(cfg: Any, metrics_listen: str | None, no_metrics: bool) -> str | None:
+    from wattkeeper.config import parse_listen
+
+    if no_metrics and metrics_listen is not None:
+        raise typer.BadParameter(
+            "--metrics-listen and --no-metrics contradict each other", param_hint="--no-metrics"
+        )
+    if metrics_listen is not None:
+        try:
+            parse_listen(metrics_listen)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--metrics-listen") from None
+    if no_metrics:
+        return None
+    return metrics_listen or (cfg.metrics.listen if cfg.metrics.enabled else None)
+
+
+def _daemon(rt: Any, listen: str | None, duration_s: float | None) -> None:
+    """Serve /metrics, run on the wall clock until stopped, restore on the way out."""
+    import signal
+    import threading
+
+    from wattkeeper.runtime import run_realtime
+
+    server = None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        if listen:
+            server = _serve_metrics(rt, listen)
+        run_realtime(rt, duration_s, stop=stop)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut restore
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        rt.shutdown()
+
+
+@app.command()
+def agent(
+    simulate: Annotated[
+        int | None,
+        typer.Option(
+            "--simulate",
+            metavar="GPUS",
+            min=1,
+            max=72,
+            help="One simulated node of this many H100s serving a steady Llama-3.1-8B load, "
+            "in real time, instead of NVML.",
+            show_default=False,
+        ),
+    ] = None,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            help="This node's name (default: agent.node, else the hostname).", show_default=False
+        ),
+    ] = None,
+    duration: DurationOpt = None,
+    metrics_listen: ListenOpt = None,
+    no_metrics: NoMetricsOpt = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The node agent alone (a controller plans elsewhere).
+
+    It samples this node, stores the samples and applies the targets a `wattkeeper
+    controller` on the same PostgreSQL plans."""
+    duration_s = _parse_duration(duration, "--duration") if duration is not None else None
+    cfg = _config(config)
+    if node is not None:
+        if not node.strip():
+            raise typer.BadParameter("a node needs a name", param_hint="--node")
+        cfg = cfg.model_copy(update={"agent": cfg.agent.model_copy(update={"node": node})})
+    listen = _listen(cfg, metrics_listen, no_metrics)
+    if simulate is None:
+        _require_gpus()
+    store = _store(cfg, db, create=True, outage_ok=simulate is None)
+
+    from wattkeeper.clock import WallClock
+    from wattkeeper.runtime import SetupError, build_local, build_on_facility, claim_store
+    from wattkeeper.store.db import StoreError
+
+    clock = WallClock()
+    try:
+        if simulate is not None:
+            from wattkeeper.simulator.facility import FacilitySpec, SimFacility
+
+            # GPU UUIDs follow the seed: one per node name, so that agents simulated
+            # under different names never report the same GPUs.
+            seed = zlib.crc32(cfg.agent.node.encode()) & 0x7FFFFFFF
+            facility = SimFacility.simple(
+                FacilitySpec(1, simulate, seed=seed), start_ts=clock.now()
+            )
+            rt = build_on_facility(
+                cfg, store, facility, clock, names=[cfg.agent.node], with_controller=False
+            )
+        else:
+            rt = build_local(cfg, store, with_controller=False)
+        if store.schema_checked:
+            claim_store(rt, remove_leftovers=False)
+    except (SetupError, StoreError) as exc:
+        fail(str(exc))
+    _daemon(rt, listen, duration_s)
+
+
+@app.command()
+def controller(
+    duration: DurationOpt = None,
+    metrics_listen: ListenOpt = None,
+    no_metrics: NoMetricsOpt = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The controller alone: plans every node's targets from the store.
+
+    Run one or more on one PostgreSQL: one leads (status shows which), the others
+    stand by and take over within controller.leader_lease_s when it stops or loses
+    the database."""
+    duration_s = _parse_duration(duration, "--duration") if duration is not None else None
+    cfg = _config(config)
+    listen = _listen(cfg, metrics_listen, no_metrics)
+    store = _store(cfg, db, outage_ok=True)
+
+    from wattkeeper.clock import WallClock
+    from wattkeeper.runtime import Runtime, make_controller
+
+    rt = Runtime(cfg, store, WallClock(), [], make_controller(cfg, store))
+    _daemon(rt, listen, duration_s)
+
+
 def _serve_metrics(rt: Any, listen: str) -> Any:
     from wattkeeper.config import parse_listen
     from wattkeeper.exporter import serve
@@ -460,8 +613,22 @@ def status(
             clock=clock,
             **cost_options(cfg, as_of),
         )
+        leader = store.leader()
     except StoreError as exc:
         fail(str(exc))
+    s["leader"] = (
+        None
+        if leader is None
+        else {
+            "name": leader.name,
+            "host": leader.host,
+            "pid": leader.pid,
+            "epoch": leader.epoch,
+            "since": leader.acquired_at,
+            "lease_expires_at": leader.expires_at,
+            "live": leader.expires_at >= time.time(),
+        }
+    )
     if output is Output.json:
         _emit_json(s)
         return
@@ -472,6 +639,12 @@ def status(
 
     console = Console()
     console.print(_live_table(s))
+    if leader is not None:
+        state = "leading" if s["leader"]["live"] else "lease expired (no controller planning)"
+        console.print(
+            f"controller: {leader.name} on {leader.host} (pid {leader.pid}), epoch "
+            f"{leader.epoch}, {state}"
+        )
     age = s["newest_sample_age_s"]
     if s["clock"] == "simulated":
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["ts"]))

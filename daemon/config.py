@@ -137,6 +137,10 @@ class ControllerConfig(_Section):
     drain_nodes: bool = False
     """Let the controller drain nodes a budget cannot serve (docs/policy.md); each
     node's agent needs agent.drain_command for a drain to take work off it."""
+    name: str = Field(default_factory=socket.gethostname, min_length=1)
+    """This controller's name in the leader lease (status shows the leader)."""
+    leader_lease_s: Annotated[DurationS, Field(gt=0)] = 10.0
+    """A standby controller takes over when the leader has not renewed for this long."""
 
     @field_validator("timezone")
     @classmethod
@@ -320,6 +324,11 @@ class Config(_Section):
             raise ValueError(
                 f"controller.stale_after_s ({c.stale_after_s:g} s) must be at least 2 x "
                 f"agent.interval_s ({2 * a.interval_s:g} s)"
+            )
+        if c.leader_lease_s < 2 * a.interval_s:
+            raise ValueError(
+                f"controller.leader_lease_s ({c.leader_lease_s:g} s) must be at least 2 x "
+                f"agent.interval_s ({2 * a.interval_s:g} s): the lease is renewed that often"
             )
         if c.forget_after_s < c.lease_s:
             raise ValueError(

@@ -22,7 +22,14 @@ from wattkeeper.policies.plan import (
 from wattkeeper.policies.route import RouteNode, Routes
 from wattkeeper.policies.schedule import Schedule, ScheduleError, effective_budget, window_start
 from wattkeeper.policies.slo import Ceilings, NodeLatency
-from wattkeeper.store.repository import FACILITY, RouteRow, Snapshot, Store, TargetSpec
+from wattkeeper.store.repository import (
+    FACILITY,
+    NotLeaderError,
+    RouteRow,
+    Snapshot,
+    Store,
+    TargetSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,9 @@ class ControllerState:
     """Each node's non-GPU power when last seen serving: a drained node in standby
     measures far less, and undraining it brings the serving figure back."""
     _last_measure: tuple[float, float] | None = None
+    epoch: int | None = None
+    """The leader epoch this controller plans in; None while it stands by (or runs
+    without a lease)."""
 
 
 CONTROLLER = "controller"
@@ -59,6 +69,21 @@ CONTROLLER = "controller"
 COUPLING_MAX = 2.0
 LEARN_STEP_RATIO = 0.02
 """GPU power must move by this share of the budget before a coupling is read off it."""
+
+
+@dataclass(frozen=True)
+class Leadership:
+    """Who this controller is, for the leader lease."""
+
+    name: str
+    host: str
+    pid: int
+    lease_s: float
+    token: str = ""
+
+    @property
+    def holder(self) -> str:
+        return f"{self.name} {self.host} {self.pid} {self.token}"
 
 
 class Controller:
@@ -74,6 +99,7 @@ class Controller:
         domains: Sequence[Domain] = (),
         routes: Routes | None = None,
         routers: Sequence[RouteActuator] = (),
+        leadership: Leadership | None = None,
     ) -> None:
         self.store = store
         self.forget_after_s = forget_after_s
@@ -94,15 +120,50 @@ class Controller:
         """Routing weights and in-flight limits; None: the controller publishes none
         (they need the latency SLO)."""
         self.routers = list(routers)
+        self.leadership = leadership
+        """With it, the controller plans only while it holds the leader lease (several
+        may run on one store); without it, it always plans (one process on a store)."""
         self.state = ControllerState()
+
+    @property
+    def leading(self) -> bool:
+        return self.leadership is None or self.state.epoch is not None
+
+    def _lead(self, now: float) -> bool:
+        """Take or renew the leader lease; whether this controller may plan now."""
+        me = self.leadership
+        if me is None:
+            return True
+        epoch = self.store.lead(me.holder, me.name, me.host, me.pid, now, me.lease_s)
+        if epoch is None:
+            if self.state.epoch is not None:
+                log.warning("another controller holds the leader lease: standing by")
+            self.state.epoch = None
+            return False
+        if epoch != self.state.epoch:
+            log.warning("leading (epoch %d)", epoch)
+        self.state.epoch = epoch
+        return True
+
+    def resign(self, now: float) -> None:
+        if self.leadership is not None and self.state.epoch is not None:
+            self.store.resign(self.leadership.holder, now)
+            self.state.epoch = None
 
     def _snapshot(self, now: float) -> Snapshot:
         return self.store.snapshot(now, window_s=max(60.0, 3 * self.settings.stale_after_s))
 
     def tick(self, now: float) -> Plan | None:
-        """The control period: plan and write targets."""
+        """The control period: plan and write targets (only while leading)."""
+        if not self._lead(now):
+            return None
         snap = self._with_schedules(self._snapshot(now), now)
-        return self._plan(now, snap, self._domain_limits(now), periodic=True)
+        try:
+            return self._plan(now, snap, self._domain_limits(now), periodic=True)
+        except NotLeaderError as exc:
+            log.warning("%s", exc)
+            self.state.epoch = None
+            return None
 
     def _plan(
         self, now: float, snap: Snapshot, domains: list[Domain], periodic: bool
@@ -131,7 +192,9 @@ class Controller:
         result = plan(nodes, gpus, snap.budget_w, settings, domains)
         self.state.last_plan = result
         specs = [TargetSpec(t.uuid, t.power_limit_w, reason=t.reason) for t in result.targets]
-        self.state.targets_changed += self.store.write_targets(specs, now, self.lease_s)
+        self.state.targets_changed += self.store.write_targets(
+            specs, now, self.lease_s, epoch=self.state.epoch
+        )
         if periodic and self.routes is not None:
             self._route(snap, gpus, result, now)
         if not result.feasible:
@@ -140,7 +203,18 @@ class Controller:
 
     def guard(self, now: float) -> Plan | None:
         """The emergency path, run between control periods: when measured facility power
-        is over the budget, re-plan at once on the measurement instead of waiting."""
+        is over the budget, re-plan at once on the measurement instead of waiting. It
+        also renews the leader lease, so a standby can take over within one lease."""
+        if not self._lead(now):
+            return None
+        try:
+            return self._guard(now)
+        except NotLeaderError as exc:
+            log.warning("%s", exc)
+            self.state.epoch = None
+            return None
+
+    def _guard(self, now: float) -> Plan | None:
         snap = self._with_schedules(self._snapshot(now), now)
         all_domains = self._domain_limits(now)
         domains = [d for d in all_domains if d.limit_w is not None]
@@ -364,7 +438,7 @@ class Controller:
                     requests_running=v.requests_running if fresh else None,
                 )
             )
-        self.store.write_routes(self.routes.update(nodes), now)
+        self.store.write_routes(self.routes.update(nodes), now, epoch=self.state.epoch)
         if not self.routers:
             return
         rows = self.store.routes()

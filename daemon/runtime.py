@@ -7,17 +7,20 @@ that sets a simulated clock, or APScheduler on the wall clock.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from wattkeeper.agent import Agent, TokenEndpoint
+from wattkeeper.agent import Agent, TokenEndpoint, holder_gone
 from wattkeeper.clock import SimClock, WallClock
 from wattkeeper.collectors.drain import CommandDrain, DrainActuator
 from wattkeeper.config import Config
-from wattkeeper.controller import Controller, RouteActuator
+from wattkeeper.controller import Controller, Leadership, RouteActuator
 from wattkeeper.policies.drain import DrainSettings
 from wattkeeper.policies.plan import Domain, PlanSettings
 from wattkeeper.policies.route import Routes, RouteSettings
@@ -31,7 +34,7 @@ from wattkeeper.store.db import (
     head_revision,
     make_engine,
 )
-from wattkeeper.store.repository import Store
+from wattkeeper.store.repository import CLAIM_LIVE_S, Store
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,8 @@ class Runtime:
     store: Store
     clock: SimClock | WallClock
     agents: list[Agent]
-    controller: Controller
+    controller: Controller | None
+    """None in `wattkeeper agent`: the controller runs elsewhere."""
     facility: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     _last_prune: float = float("-inf")
@@ -70,12 +74,16 @@ class Runtime:
         """One agent interval on a simulated clock: agents, then the controller's period
         or, between periods, its emergency check."""
         self.tick_agents()
+        if self.controller is None:
+            return
         if controller_due:
             self.tick_controller()
         else:
             self.controller.guard(self.clock.now())
 
     def tick_controller(self) -> None:
+        if self.controller is None:
+            return
         now = self.clock.now()
         if not self.store.schema_checked:
             check_schema(self.store.engine, migrate=self.cfg.store.migrate_on_start)
@@ -87,7 +95,13 @@ class Runtime:
             self.store.prune(now - self.cfg.store.retention_s)
 
     def shutdown(self) -> None:
-        """Restore every agent's GPUs; an error in one never skips the next."""
+        """Restore every agent's GPUs; an error in one never skips the next. A leading
+        controller ends its lease, so a standby takes over at once."""
+        try:
+            if self.controller is not None:
+                self.controller.resign(self.clock.now())
+        except StoreError as exc:
+            log.warning("could not end the leader lease: %s", exc)
         with self.lock:
             now = self.clock.now()
             for agent in self.agents:
@@ -100,7 +114,7 @@ class Runtime:
         self.store.engine.dispose()
 
 
-def claim_store(rt: Runtime) -> None:
+def claim_store(rt: Runtime, remove_leftovers: bool = True) -> None:
     """Keep simulated and real nodes out of each other's store.
 
     A simulated run on a store that real nodes report to would set their budget and
@@ -120,7 +134,31 @@ def claim_store(rt: Runtime) -> None:
                 " run would change their budget; give the simulation its own database,"
                 " e.g. --db sqlite:///./simulation.db"
             )
+    now = rt.clock.now()
+    claims = rt.store.node_claims()
+
+    def live(name: str) -> bool:
+        holder, seen = claims.get(name, (None, 0.0))
+        return holder is not None and abs(now - seen) < CLAIM_LIVE_S
+
+    for agent in rt.agents:
+        holder = claims.get(agent.node, (None, 0.0))[0]
+        if live(agent.node) and holder != agent.agent_id and not holder_gone(holder or ""):
+            raise SetupError(
+                f"node {agent.node!r} is held by another live agent ({holder}): stop that"
+                " one, or give this one its own name (--node or agent.node)"
+            )
+    if not remove_leftovers:
+        # One agent among many (wattkeeper agent): the other nodes are not its business.
+        return
     leftovers = [n for n, b in backends.items() if b == "sim" and n not in mine]
+    busy = [n for n in leftovers if live(n)]
+    if busy:
+        raise SetupError(
+            f"another simulated run is using this store ({busy[0]!r} wrote"
+            f" {abs(now - claims[busy[0]][1]):.0f} s ago): give this one its own database,"
+            " e.g. --db sqlite:///./simulation-2.db"
+        )
     if leftovers:
         log.warning("removing %d simulated node(s) left by an earlier run", len(leftovers))
         rt.store.remove_nodes(leftovers, "wattkeeper run", rt.clock.now())
@@ -194,7 +232,12 @@ def build_simulated(cfg: Config, store: Store, spec: Any, clock: SimClock | Wall
 
 
 def build_on_facility(
-    cfg: Config, store: Store, facility: Any, clock: SimClock | WallClock
+    cfg: Config,
+    store: Store,
+    facility: Any,
+    clock: SimClock | WallClock,
+    names: Sequence[str] | None = None,
+    with_controller: bool = True,
 ) -> Runtime:
     """Agents and a controller on an existing simulated facility (the comparison harness
     owns the facility and steps it). Each node's token endpoint speaks the server format
@@ -213,7 +256,7 @@ def build_on_facility(
             make_agent(
                 cfg,
                 store,
-                f"sim-node-{node}",
+                names[node] if names is not None else f"sim-node-{node}",
                 SimGpuBackend(facility, node, clock.now),
                 SimHost(facility, node),
                 [TokenEndpoint(server.url, server.kind, server.render)],
@@ -221,8 +264,10 @@ def build_on_facility(
                 wall_clock=isinstance(clock, WallClock),
             )
         )
-    router = SimRouter(facility, [a.node for a in agents])
-    controller = make_controller(cfg, store, routers=[router])
+    controller = None
+    if with_controller:
+        router = SimRouter(facility, [a.node for a in agents])
+        controller = make_controller(cfg, store, routers=[router])
     return Runtime(cfg, store, clock, agents, controller, facility=facility)
 
 
@@ -297,6 +342,13 @@ def make_controller(cfg: Config, store: Store, routers: Sequence[RouteActuator] 
         domains=config_domains(cfg),
         routes=None if ceilings is None else Routes(route_settings(cfg)),
         routers=[*routers, *config_routers(cfg)],
+        leadership=Leadership(
+            cfg.controller.name,
+            socket.gethostname(),
+            os.getpid(),
+            cfg.controller.leader_lease_s,
+            secrets.token_hex(3),
+        ),
     )
 
 
@@ -314,7 +366,7 @@ def config_domains(cfg: Config) -> list[Domain]:
     return [Domain(d.name, d.parent, d.limit, tuple(d.nodes)) for d in cfg.budget.domains]
 
 
-def build_local(cfg: Config, store: Store) -> Runtime:
+def build_local(cfg: Config, store: Store, with_controller: bool = True) -> Runtime:
     """The real node: NVML GPUs, the psutil host collector, configured token endpoints."""
     from wattkeeper.collectors.gpu import BackendUnavailableError
     from wattkeeper.collectors.host import HostCollector, HostPowerModel
@@ -345,7 +397,8 @@ def build_local(cfg: Config, store: Store) -> Runtime:
             powers_down=cfg.agent.drain_powers_down,
         )
     agent = make_agent(cfg, store, cfg.agent.node, backend, host, endpoints, drain)
-    return Runtime(cfg, store, WallClock(), [agent], make_controller(cfg, store))
+    controller = make_controller(cfg, store) if with_controller else None
+    return Runtime(cfg, store, WallClock(), [agent], controller)
 
 
 def run_fast(
@@ -453,6 +506,8 @@ def run_realtime(
             healthy.set()
 
     def guard_job() -> None:
+        if rt.controller is None:
+            return
         if not controller_lock.acquire(blocking=False):
             return  # the period's tick is running (or waiting on the store): it plans
         try:

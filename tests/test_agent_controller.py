@@ -1,14 +1,15 @@
 """Agent and controller behaviour on the simulated facility and a real SQLite store."""
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from wattkeeper.agent import agent_identity
 from wattkeeper.clock import SimClock
 from wattkeeper.config import load_config
 from wattkeeper.runtime import build_simulated, open_store, run_fast
 from wattkeeper.simulator.facility import FacilitySpec
 from wattkeeper.store.db import make_engine, upgrade
-from wattkeeper.store.models import AuditEntry, Gpu
+from wattkeeper.store.models import AuditEntry, Gpu, Node
 
 
 @pytest.fixture
@@ -149,7 +150,12 @@ def test_restart_after_a_crash_restores_the_original_limits(rt, sqlite_url):
     rt.store.set_budget(3000.0, "test", rt.clock.now())
     step(rt, 11)
     assert all(lim < 700 for lim in rt.facility.limit_requested[:4])
-    # the process dies: no shutdown. A new one starts on the same GPUs and store.
+    # the process dies: no shutdown, and its pid is gone (a pid no process can have).
+    # A new one starts on the same GPUs and store, and takes the names over at once.
+    dead = agent_identity().split()
+    dead[2] = str(2**22 + 1)
+    with rt.store.engine.begin() as conn:
+        conn.execute(update(Node).values(agent_id=" ".join(dead)))
     cfg = load_config(None, environ={})
     from wattkeeper.runtime import build_on_facility
 

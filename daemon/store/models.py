@@ -47,6 +47,9 @@ class Node(Base):
     """Its agent ran a drain that powers the node down: from then on a silent node is
     budgeted at standby power, not at the caps it last had."""
     backend: Mapped[str] = mapped_column(String(32))
+    agent_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    """The agent process holding the name ('host machine-id pid token'); NULL once it
+    stopped cleanly. Another agent may not take a name whose holder is still live."""
 
 
 class Gpu(Base):
@@ -171,6 +174,8 @@ class Target(Base):
     issued_at: Mapped[float] = mapped_column(Float)
     lease_expires_at: Mapped[float] = mapped_column(Float)
     reason: Mapped[str] = mapped_column(String(1024), default="")
+    epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """The leader epoch that wrote it; agents ignore a target from an older epoch."""
 
 
 class Route(Base):
@@ -188,6 +193,22 @@ class Route(Base):
     """Per server; NULL: the servers' own limit."""
     updated_at: Mapped[float] = mapped_column(Float)
     reason: Mapped[str] = mapped_column(String(1024), default="")
+
+
+class Leader(Base):
+    """The one row saying which controller plans: a lease with an epoch (fencing token)
+    that grows with every change of holder."""
+
+    __tablename__ = "leader"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str] = mapped_column(String(255))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer)
+    acquired_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
 
 
 class AuditEntry(Base):

@@ -44,6 +44,7 @@ from wattkeeper.store.models import (
     Gpu,
     GpuSampleRow,
     HostSampleRow,
+    Leader,
     Node,
     Route,
     Target,
@@ -51,8 +52,31 @@ from wattkeeper.store.models import (
 )
 
 FACILITY = "facility"
+
+
+class NodeClaimedError(StoreError):
+    """Another live agent holds this node's name."""
+
+
+class NotLeaderError(StoreError):
+    """This controller no longer holds the leader lease: another one took over."""
+
+
+@dataclass(frozen=True)
+class LeaderRow:
+    holder: str
+    name: str
+    host: str
+    pid: int
+    epoch: int
+    acquired_at: float
+    expires_at: float
+
+
 LIMIT_TOLERANCE_W = 1.0
 """Power limits closer than this are the same limit: not re-applied, not re-audited."""
+CLAIM_LIVE_S = 30.0
+"""A node name's holder that wrote this recently is live: another agent may not take it."""
 WEIGHT_TOLERANCE = 8
 """Routing weights (0-256) closer than this are the same weight: a smoothed efficiency
 moves a little every period, and the router need not hear of it."""
@@ -209,17 +233,46 @@ class Store:
 
     # -- nodes and GPUs ---------------------------------------------------------------
     def register_node(
-        self, name: str, backend: str, gpus: Sequence[GpuInfo], now: float
+        self,
+        name: str,
+        backend: str,
+        gpus: Sequence[GpuInfo],
+        now: float,
+        *,
+        agent_id: str | None = None,
+        holder_gone: Callable[[str], bool] | None = None,
     ) -> dict[str, int]:
-        """Create or refresh the node and its GPUs; returns GPU ids by UUID."""
+        """Create or refresh the node and its GPUs; returns GPU ids by UUID.
+
+        With ``agent_id`` the caller claims the node's name. A name whose holder is
+        another agent that wrote within ``CLAIM_LIVE_S`` is refused
+        (``NodeClaimedError``), and nothing of that node changes: two agents under one
+        name (cloned hosts, a second ``run``) would otherwise delete each other's GPUs.
+        ``holder_gone`` may say the holder is certainly dead (a process of this machine
+        that no longer exists), so a restart takes over at once."""
         with self.session() as s, s.begin():
-            node = s.scalar(select(Node).where(Node.name == name))
+            node = s.scalar(select(Node).where(Node.name == name).with_for_update())
             if node is None:
                 node = Node(name=name, registered_at=now, last_seen_at=now, backend=backend)
                 s.add(node)
                 s.flush()
+            elif agent_id is not None:
+                holder = node.agent_id
+                if (
+                    holder is not None
+                    and holder != agent_id
+                    and abs(now - node.last_seen_at) < CLAIM_LIVE_S
+                    and not (holder_gone is not None and holder_gone(holder))
+                ):
+                    raise NodeClaimedError(
+                        f"node {name!r} is held by another live agent ({holder}, last seen"
+                        f" {abs(now - node.last_seen_at):.0f} s ago): stop that one, or give"
+                        " this one its own name (--node or agent.node)"
+                    )
             node.last_seen_at = now
             node.backend = backend
+            if agent_id is not None:
+                node.agent_id = agent_id
             ids: dict[str, int] = {}
             existing = {
                 g.uuid: g
@@ -334,6 +387,73 @@ class Store:
         with self.session() as s:
             return dict(s.execute(select(Node.name, Node.backend)).all())
 
+    # -- the leader lease -------------------------------------------------------------
+    def lead(
+        self, holder: str, name: str, host: str, pid: int, now: float, lease_s: float
+    ) -> int | None:
+        """Take or renew the leader lease: the epoch this controller leads in, or None
+        while another one holds an unexpired lease. Each change of holder raises the
+        epoch, and every target write checks it in its own transaction, so a deposed
+        leader that comes back can never write again."""
+        with self.session() as s, s.begin():
+            row = s.scalar(select(Leader).where(Leader.id == 1).with_for_update())
+            if row is not None and row.holder == holder:
+                row.expires_at = now + lease_s
+                return row.epoch
+            if row is not None and row.expires_at >= now:
+                return None
+            previous = None if row is None else row.holder
+            if row is None:
+                row = Leader(id=1, epoch=0)
+                s.add(row)
+            row.holder, row.name, row.host, row.pid = holder, name, host, pid
+            row.epoch += 1
+            row.acquired_at, row.expires_at = now, now + lease_s
+            s.add(
+                AuditEntry(
+                    ts=now,
+                    actor=f"controller:{name}",
+                    action="leader.acquired",
+                    subject=host,
+                    detail={"epoch": row.epoch, "previous": previous, "pid": pid},
+                )
+            )
+            return row.epoch
+
+    def resign(self, holder: str, now: float) -> None:
+        """A clean stop ends the lease now, so a standby takes over at its next try."""
+        with self.session() as s, s.begin():
+            s.execute(
+                update(Leader)
+                .where(Leader.id == 1, Leader.holder == holder)
+                .values(expires_at=now - 1e-3)
+            )
+
+    def leader(self) -> LeaderRow | None:
+        with self.session() as s:
+            row = s.scalar(select(Leader).where(Leader.id == 1))
+            if row is None:
+                return None
+            return LeaderRow(
+                row.holder, row.name, row.host, row.pid, row.epoch, row.acquired_at, row.expires_at
+            )
+
+    def node_claims(self) -> dict[str, tuple[str | None, float]]:
+        """Each node's claim: the agent holding its name (None: released) and when the
+        node last wrote."""
+        with self.session() as s:
+            rows = s.execute(select(Node.name, Node.agent_id, Node.last_seen_at)).all()
+        return {name: (agent_id, seen) for name, agent_id, seen in rows}
+
+    def release_node(self, name: str, agent_id: str) -> None:
+        """A clean stop gives the name back, so the next start takes it at once."""
+        with self.session() as s, s.begin():
+            s.execute(
+                update(Node)
+                .where(Node.name == name, Node.agent_id == agent_id)
+                .values(agent_id=None)
+            )
+
     def remove_nodes(self, names: Sequence[str], actor: str, now: float) -> None:
         """Drop nodes with their GPUs, samples and targets, and audit it."""
         if not names:
@@ -344,7 +464,7 @@ class Store:
             # Children first: this must not depend on the database enforcing cascades.
             for model in (GpuSampleRow, Target):
                 s.execute(delete(model).where(model.gpu_id.in_(gpu_ids)))
-            for model in (HostSampleRow, TokenSampleRow, Gpu):
+            for model in (HostSampleRow, TokenSampleRow, Route, Gpu):
                 s.execute(delete(model).where(model.node_id.in_(node_ids)))
             s.execute(delete(Node).where(Node.id.in_(node_ids)))
             s.add_all(
@@ -368,8 +488,11 @@ class Store:
         *,
         host: tuple[float | None, float | None, str] | None = None,
         tokens: Iterable[TokenRow] = (),
+        agent_id: str | None = None,
     ) -> None:
         """One transaction per agent tick: all of the node's readings land together.
+        With ``agent_id``, refused (``NodeClaimedError``) when another agent holds the
+        node's name now.
 
         Core bulk inserts, not ORM objects: this is the hot path of every agent tick.
         """
@@ -390,9 +513,17 @@ class Store:
             for g in gpu_samples
         ]
         with self.engine.begin() as conn:
-            node_id = conn.scalar(select(Node.id).where(Node.name == node_name))
-            if node_id is None:
+            found = conn.execute(
+                select(Node.id, Node.agent_id).where(Node.name == node_name)
+            ).first()
+            if found is None:
                 raise StoreError(f"node {node_name!r} is not registered")
+            node_id, holder = found
+            if agent_id is not None and holder is not None and holder != agent_id:
+                raise NodeClaimedError(
+                    f"node {node_name!r} was taken over by another agent ({holder}):"
+                    " this one stops writing under its name"
+                )
             conn.execute(update(Node).where(Node.id == node_id).values(last_seen_at=now))
             if gpu_rows:
                 conn.execute(insert(GpuSampleRow), gpu_rows)
@@ -524,7 +655,12 @@ class Store:
             return True
 
     def write_targets(
-        self, specs: Sequence[TargetSpec], now: float, lease_s: float, actor: str = "controller"
+        self,
+        specs: Sequence[TargetSpec],
+        now: float,
+        lease_s: float,
+        actor: str = "controller",
+        epoch: int | None = None,
     ) -> int:
         """Renew the lease of every GPU in ``specs``; write and audit only changed targets.
 
@@ -536,6 +672,8 @@ class Store:
         """
         lease = now + lease_s
         with self.engine.begin() as conn:
+            if epoch is not None:
+                _fence(conn, epoch)
             rows = conn.execute(
                 select(
                     Gpu.uuid,
@@ -574,6 +712,7 @@ class Store:
                     "issued_at": now,
                     "lease_expires_at": lease,
                     "reason": spec.reason,
+                    "epoch": epoch,
                 }
                 audit.append(
                     {
@@ -591,7 +730,9 @@ class Store:
             renew.difference_update(changes)
             for among in _id_in(Target.gpu_id, sorted(renew), conn.dialect.name):
                 conn.execute(
-                    update(Target).where(among).values(issued_at=now, lease_expires_at=lease)
+                    update(Target)
+                    .where(among)
+                    .values(issued_at=now, lease_expires_at=lease, epoch=epoch)
                 )
             updated = [{"b_gpu_id": g, **v} for g, v in changes.items() if g in stored]
             if updated:
@@ -615,13 +756,19 @@ class Store:
             return {uuid: target for uuid, target in rows}
 
     def write_routes(
-        self, targets: Sequence[RouteTarget], now: float, actor: str = "controller"
+        self,
+        targets: Sequence[RouteTarget],
+        now: float,
+        actor: str = "controller",
+        epoch: int | None = None,
     ) -> int:
         """Store each node's route; write and audit only those that changed (a weight by
         ``WEIGHT_TOLERANCE`` or more, to or from 0, or another in-flight limit). Returns
         how many changed. Plain rows, one statement per kind: a tick at thousands of nodes
         where nothing changed costs two reads."""
         with self.engine.begin() as conn:
+            if epoch is not None:
+                _fence(conn, epoch)
             ids = {name: node_id for name, node_id in conn.execute(select(Node.name, Node.id))}
             stored = {
                 node_id: (weight, inflight)
@@ -808,6 +955,16 @@ class Store:
                     )
                 )
             return Snapshot(ts=now, budget_w=budget, nodes=tuple(nodes), gpus=tuple(gpus))
+
+
+def _fence(conn: Any, epoch: int) -> None:
+    """Within the caller's transaction: refuse unless ``epoch`` is still the leader's.
+    The row lock (PostgreSQL) holds a takeover back until this write commits."""
+    current = conn.scalar(select(Leader.epoch).where(Leader.id == 1).with_for_update())
+    if current != epoch:
+        raise NotLeaderError(
+            f"leader epoch is now {current}, this controller's was {epoch}: it stands down"
+        )
 
 
 # -- snapshot queries -----------------------------------------------------------------

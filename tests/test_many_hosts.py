@@ -1,0 +1,186 @@
+"""Agents and controllers as separate processes on one real PostgreSQL: one controller
+leads, a standby takes over when the leader is stopped (SIGSTOP) or killed, and a
+deposed leader that wakes up can no longer write (its epoch is fenced out).
+
+Real processes, really stopped and killed. Waits are bounded generously and nothing
+asserts how fast anything happened, so a busy machine only makes the test slower."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from wattkeeper.store.db import make_engine, upgrade
+
+pytestmark = pytest.mark.postgres
+
+ENV = {
+    "WATTKEEPER_AGENT__INTERVAL_S": "0.5",
+    "WATTKEEPER_AGENT__TOKENS_INTERVAL_S": "1",
+    "WATTKEEPER_CONTROLLER__INTERVAL_S": "1",
+    "WATTKEEPER_CONTROLLER__LEASE_S": "20",
+    "WATTKEEPER_CONTROLLER__STALE_AFTER_S": "5",
+    "WATTKEEPER_CONTROLLER__LEADER_LEASE_S": "3",
+}
+WAIT_S = 90.0
+
+
+def _wattkeeper(tmp: Path, name: str, *args: str, **env: str) -> subprocess.Popen:
+    log = (tmp / f"{name}.log").open("w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "wattkeeper", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **ENV, **env},
+    )
+
+
+def _wait(what: str, check: Callable[[], object], tmp: Path) -> object:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.3)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in tmp.glob("*.log"))
+    pytest.fail(f"timed out waiting for {what}\n{logs}")
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen]]:
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            p.terminate()
+    for p in started:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def test_standby_controller_takes_over_and_a_deposed_leader_is_fenced(
+    pg_url: str, tmp_path: Path, procs: list[subprocess.Popen]
+) -> None:
+    upgrade(make_engine(pg_url))
+    engine = make_engine(pg_url)
+
+    def leader() -> tuple[str, int] | None:
+        with engine.connect() as conn:
+            row = conn.execute(text("SELECT name, epoch FROM leader")).first()
+        return None if row is None else (row[0], row[1])
+
+    def epochs() -> set[int]:
+        with engine.connect() as conn:
+            return {e for (e,) in conn.execute(text("SELECT DISTINCT epoch FROM targets"))}
+
+    for node in ("node-a", "node-b"):
+        procs.append(
+            _wattkeeper(
+                tmp_path,
+                node,
+                "agent",
+                "--simulate",
+                "2",
+                "--node",
+                node,
+                "--db",
+                pg_url,
+                "--no-metrics",
+            )
+        )
+    first = _wattkeeper(
+        tmp_path,
+        "ctl-1",
+        "controller",
+        "--db",
+        pg_url,
+        "--no-metrics",
+        WATTKEEPER_CONTROLLER__NAME="ctl-1",
+    )
+    procs.append(first)
+    _wait("ctl-1 to lead", lambda: leader() == ("ctl-1", 1), tmp_path)
+    second = _wattkeeper(
+        tmp_path,
+        "ctl-2",
+        "controller",
+        "--db",
+        pg_url,
+        "--no-metrics",
+        WATTKEEPER_CONTROLLER__NAME="ctl-2",
+    )
+    procs.append(second)
+    r = subprocess.run(
+        [sys.executable, "-m", "wattkeeper", "budget", "set", "2kW", "--db", pg_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **ENV},
+    )
+    assert r.returncode == 0, r.stderr
+
+    def targets() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM targets")).scalar() or 0)
+
+    _wait("targets for all four GPUs", lambda: targets() == 4 and epochs() == {1}, tmp_path)
+    assert leader() == ("ctl-1", 1), "the standby must not take a live lease"
+
+    # The leader hangs: the standby takes over with a new epoch.
+    os.kill(first.pid, signal.SIGSTOP)
+    _wait("ctl-2 to lead", lambda: leader() == ("ctl-2", 2), tmp_path)
+    _wait("every target rewritten in epoch 2", lambda: epochs() == {2}, tmp_path)
+    # It wakes up: its next write is fenced, it stands by, and epoch 1 never returns.
+    os.kill(first.pid, signal.SIGCONT)
+    _wait(
+        "ctl-1 to stand down",
+        lambda: (
+            "standing by" in (tmp_path / "ctl-1.log").read_text()
+            or "stands down" in (tmp_path / "ctl-1.log").read_text()
+        ),
+        tmp_path,
+    )
+    time.sleep(3)
+    assert epochs() == {2} and leader() == ("ctl-2", 2)
+
+    # The new leader is killed outright: the first one takes over again, epoch 3.
+    second.kill()
+    second.wait(timeout=30)
+    _wait("ctl-1 to lead again", lambda: leader() == ("ctl-1", 3), tmp_path)
+    _wait("targets in epoch 3", lambda: epochs() == {3}, tmp_path)
+
+    r = subprocess.run(
+        [sys.executable, "-m", "wattkeeper", "status", "-o", "json", "--db", pg_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **ENV},
+    )
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)
+    assert status["leader"]["name"] == "ctl-1" and status["leader"]["epoch"] == 3
+    assert status["leader"]["pid"] == first.pid and status["leader"]["live"]
+    assert status["facility_power_w"] > 0
+    with engine.connect() as conn:
+        acquired = conn.execute(
+            text("SELECT count(*) FROM audit_log WHERE action = 'leader.acquired'")
+        ).scalar()
+        limits = [lim for (lim,) in conn.execute(text("SELECT power_limit_w FROM targets"))]
+    assert acquired == 3
+    # The budget still binds: 2 kW for four 700 W GPUs and two hosts.
+    assert all(lim < 700.0 for lim in limits), limits
+    engine.dispose()

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from wattkeeper.bounded import Hung, call_within, spawn
 from wattkeeper.collectors.drain import DrainActuator, DrainError
 from wattkeeper.collectors.gpu import (
     GpuBackend,
@@ -42,6 +43,10 @@ MAX_PENDING_AUDIT = 10_000
 """Audit entries kept while the store is away; beyond this the oldest are dropped."""
 DRAIN_RETRY_S = 30.0
 """After a drain or resume command failed, wait this long before running it again."""
+SHUTDOWN_STORE_S = 5.0
+"""How long a stopping agent waits for the store to take its last records."""
+REPLAY_TICKS = 300
+"""Backlog ticks written per store round trip after an outage, behind the newest one."""
 SPOOL_TICKS = 3600
 """Ticks of samples kept while the store is away (an hour at 1 s); beyond this the
 oldest are dropped and counted."""
@@ -108,6 +113,7 @@ class _StoreWork:
     originals: dict[str, float | None]
     standby: bool | None
     audit: list[tuple[str, str, dict, float]]
+    now: float = 0.0
 
 
 @dataclass
@@ -185,7 +191,6 @@ class Agent:
         Otherwise they run on a thread of their own, and the agent waits for them at
         most this long per tick (and half an interval at most): a hung database never
         holds up a sample, a cap or a scrape."""
-        self._io_pool: ThreadPoolExecutor | None = None
         self._io_job: tuple[_StoreWork, Future[_StoreResult], float] | None = None
         self._spool: list[_Tick] = []
         self._spool_max = max(1, spool_ticks)
@@ -315,63 +320,57 @@ class Agent:
                         False, StoreError(f"the store has not answered for {now - started:.0f} s")
                     )
                 return fresh
+        # The newest tick goes first, so the controller sees the node as it is now; the
+        # backlog of an outage follows, oldest first, a bounded batch per round trip.
+        newest = self._spool[-1:]
+        backlog = self._spool[: min(REPLAY_TICKS, max(0, len(self._spool) - 1))]
+        self._spool = self._spool[len(backlog) : len(self._spool) - len(newest)]
         work = _StoreWork(
             register=not self.gpu_ids,
             gpu_ids=dict(self.gpu_ids),
-            ticks=self._spool,
+            ticks=newest + backlog,
             originals=self._outbox_originals,
             standby=self._outbox_standby,
             audit=self._pending_audit,
+            now=now,
         )
-        self._spool, self._outbox_originals, self._outbox_standby = [], {}, None
+        self._outbox_originals, self._outbox_standby = {}, None
         self._pending_audit = []
         if self.store_timeout_s is None:
             future: Future[_StoreResult] = Future()
             future.set_result(self._store_job(work))
         else:
-            if self._io_pool is None:
-                self._io_pool = ThreadPoolExecutor(1, thread_name_prefix=f"store-{self.node}")
-            future = self._io_pool.submit(self._store_job, work)
+            future = spawn(lambda: self._store_job(work), f"store-{self.node}")
         self._io_job = (work, future, now)
         if self.store_timeout_s is not None:
             wait([future], timeout=min(self.store_timeout_s, self._wait_s))
         return self._collect(now) or fresh
 
     _wait_s = 0.5
-    """Longest wait for a round trip within one tick (the rest is taken next tick)."""
+    """Longest wait for a round trip within one tick, in seconds (the rest is taken at
+    the next tick, and the caps never wait for it)."""
 
     def _store_job(self, work: _StoreWork) -> _StoreResult:
-        """One round trip, in order: register, samples (oldest first), originals, standby,
-        audit, then read targets and the drain mark. Stops at the first store error and
-        says how far it got."""
+        """One round trip. What keeps the node safe goes first: registration, the limits
+        to restore after a crash, the standby flag, the audit, then the newest tick and
+        the targets and drain mark; then the backlog. Stops at the first error and says
+        how far it got."""
         out = _StoreResult()
         store = self.store
         try:
             gpu_ids = work.gpu_ids
             persisted: dict[str, float | None] = {}
             if work.register:
-                first = work.ticks[0].ts if work.ticks else 0.0
                 gpu_ids = store.register_node(
                     self.node,
                     self.backend.name,
                     list(self.infos.values()),
-                    first,
+                    work.now,
                     agent_id=self.agent_id,
                     holder_gone=holder_gone,
                 )
                 persisted = store.original_power_limits(self.node)
                 out.registered = (gpu_ids, persisted)
-            for tick in work.ticks:
-                store.write_samples(
-                    self.node,
-                    gpu_ids,
-                    tick.samples,
-                    tick.ts,
-                    host=tick.host,
-                    tokens=tick.tokens,
-                    agent_id=self.agent_id,
-                )
-                out.ticks_written += 1
             for uuid, before in work.originals.items():
                 # A limit a crashed earlier run persisted is the true original: what this
                 # run saw before its first cap may be that run's cap.
@@ -384,20 +383,43 @@ class Agent:
             for action, subject, detail, ts in work.audit:
                 store.audit(self.actor, action, subject, detail, ts)
                 out.audited += 1
-            out.targets = {
-                uuid: CachedTarget(
-                    t.power_limit_w, t.lease_expires_at, t.reason or "target", t.epoch
+            for k, tick in enumerate(work.ticks):
+                store.write_samples(
+                    self.node,
+                    gpu_ids,
+                    tick.samples,
+                    tick.ts,
+                    host=tick.host,
+                    tokens=tick.tokens,
+                    agent_id=self.agent_id,
                 )
-                for uuid, t in store.targets_for_node(self.node).items()
-            }
-            out.drained = store.node_drained(self.node)
+                out.ticks_written += 1
+                if k == 0:
+                    out.targets = {
+                        uuid: CachedTarget(
+                            t.power_limit_w, t.lease_expires_at, t.reason or "target", t.epoch
+                        )
+                        for uuid, t in store.targets_for_node(self.node).items()
+                    }
+                    out.drained = store.node_drained(self.node)
+            if out.targets is None:
+                out.targets = {
+                    uuid: CachedTarget(
+                        t.power_limit_w, t.lease_expires_at, t.reason or "target", t.epoch
+                    )
+                    for uuid, t in store.targets_for_node(self.node).items()
+                }
+                out.drained = store.node_drained(self.node)
         except StoreError as exc:
             out.error = exc
+        except Exception as exc:  # a bug must not lose what was done, nor stop the agent
+            log.exception("store round trip failed")
+            out.error = StoreError(f"store round trip failed: {exc}")
         return out
 
     def _collect(self, now: float) -> bool:
-        """Take a finished round trip's outcome; what it did not do goes back in front of
-        what accumulated since. Returns whether fresh targets arrived."""
+        """Take a finished round trip's outcome; what it did not do goes back into the
+        spool and the outbox. Returns whether fresh targets arrived."""
         assert self._io_job is not None
         work, future, _ = self._io_job
         if not future.done():
@@ -405,14 +427,18 @@ class Agent:
         self._io_job = None
         try:
             res = future.result()
-        except Exception as exc:  # a bug in the round trip must not stop the agent
+        except Exception as exc:  # the job catches everything; this is the last net
             log.exception("store round trip failed")
             res = _StoreResult(error=StoreError(str(exc)))
         if res.registered is not None:
             self.gpu_ids = res.registered[0]
             self._persisted_originals = {**self._persisted_originals, **res.registered[1]}
-        self._spool[:0] = work.ticks[res.ticks_written :]
+        unwritten = work.ticks[res.ticks_written :]
+        if unwritten:
+            self._spool = sorted([*unwritten, *self._spool], key=lambda t: t.ts)
         self._spool_tick_trim()
+        if not self._spool:
+            self._first("spool", None)
         if not res.originals_written:
             self._outbox_originals = {**work.originals, **self._outbox_originals}
         if not res.standby_written and self._outbox_standby is None:
@@ -706,8 +732,6 @@ class Agent:
         """
         if self._drain_pool is not None:
             self._drain_pool.shutdown(wait=False, cancel_futures=True)
-        if self._io_pool is not None:
-            self._io_pool.shutdown(wait=False, cancel_futures=True)
         if not self.restore_on_exit:
             return
         restored: dict[str, float | None] = {}
@@ -728,22 +752,22 @@ class Agent:
                 (log.debug if self._asleep else log.error)("cannot restore %s: %s", uuid, exc)
         for uuid, watts in restored.items():
             self._audit("gpu.restore", uuid, {"power_limit_w": watts}, now)
-        try:
+        last = self._sample_gpus().values() if restored and self.gpu_ids else ()
+
+        def record() -> None:
             self.store.clear_original_power_limits(
                 [self.gpu_ids[u] for u in restored if u in self.gpu_ids]
             )
             self._flush_audit()
-            if restored and self.gpu_ids:
+            if last:
                 # A last sample, so the controller budgets these GPUs at their restored
                 # limits rather than at the targets they no longer follow.
-                self.store.write_samples(
-                    self.node,
-                    self.gpu_ids,
-                    self._sample_gpus().values(),
-                    now,
-                    agent_id=self.agent_id,
-                )
+                self.store.write_samples(self.node, self.gpu_ids, last, now, agent_id=self.agent_id)
             if self.gpu_ids:
                 self.store.release_node(self.node, self.agent_id)
-        except StoreError as exc:
+
+        try:
+            # The GPUs are restored; a store that does not answer must not hold the exit.
+            call_within(record, SHUTDOWN_STORE_S, f"shutdown-{self.node}")
+        except (StoreError, Hung) as exc:
             log.error("restored %d GPU(s) but could not record it: %s", len(restored), exc)

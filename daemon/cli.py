@@ -520,10 +520,12 @@ def _run_live(rt: Any, duration_s: float | None, output: Output) -> None:
     from wattkeeper.store.db import StoreError
 
     def final() -> dict | None:
-        """The closing summary; the store may be away, which the run rode out."""
+        """The closing summary; the store may be away or hung, which the run rode out."""
+        from wattkeeper.bounded import Hung, call_within
+
         try:
-            return snapshot()
-        except StoreError as exc:
+            return call_within(snapshot, 5.0, "summary")
+        except (StoreError, Hung) as exc:
             typer.echo(f"no closing summary: {exc}", err=True)
             return None
 
@@ -542,13 +544,21 @@ def _run_live(rt: Any, duration_s: float | None, output: Output) -> None:
         return
     from rich.live import Live
 
-    def refresh(live: Live) -> None:
-        try:
-            live.update(_live_table(snapshot()))
-        except StoreError as exc:
-            live.update(f"store unavailable: {exc}")
+    from wattkeeper.bounded import Hung, SingleFlight
 
-    with Live(_live_table(snapshot()), refresh_per_second=2, transient=False) as live:
+    reads = SingleFlight("live-table")
+
+    def view() -> Any:
+        # Drawn by the loop that pings the watchdog: a hung store must not hold it.
+        try:
+            return _live_table(reads.call(snapshot, 1.0))
+        except (StoreError, Hung) as exc:
+            return f"store unavailable: {exc}"
+
+    def refresh(live: Live) -> None:
+        live.update(view())
+
+    with Live(view(), refresh_per_second=2, transient=False) as live:
         run_realtime(rt, duration_s, lambda: refresh(live), stop=stop)
 
 

@@ -408,13 +408,19 @@ class Controller:
         for g in gpus:
             by_node.setdefault(g.node, []).append(g)
         fresh_s = self.settings.stale_after_s
+        routed = set(self.routes.nodes)
+        views = {v.name: v for v in snap.nodes}
         nodes = []
+        for name in sorted(routed - {n for n, v in views.items() if v.endpoints_total}):
+            # Its servers said nothing lately (or the node is gone): no new requests.
+            nodes.append(RouteNode(name, False, 0, None, None, None, None, False, None))
         for v in snap.nodes:
             if v.endpoints_total == 0:
                 continue
             members = by_node.get(v.name, [])
             age = None if v.token_ts is None else snap.ts - v.token_ts
             fresh = age is not None and age <= self.ceilings.settings.blind_after_s
+            alive = any(g.sample_age_s is not None and g.sample_age_s <= fresh_s for g in members)
             enough = (
                 fresh and (v.latency_requests or 0.0) >= self.ceilings.settings.min_observations
             )
@@ -428,7 +434,7 @@ class Controller:
             nodes.append(
                 RouteNode(
                     name=v.name,
-                    serving=not v.drained and v.endpoints_up > 0 and bool(members),
+                    serving=not v.drained and v.endpoints_up > 0 and fresh and alive,
                     servers=v.endpoints_up,
                     tokens_per_s=v.generation_tokens_per_s if fresh else None,
                     gpu_power_w=sum(power) if power and len(power) == len(members) else None,

@@ -13,6 +13,7 @@ GPUs' limits, not the router, are what keep the budget.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -64,15 +65,22 @@ class FileRouter:
         doc = publication(routes, self.servers, now)
         if doc["routes"] == self._last:
             return
+        tmp: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 json.dump(doc, out, indent=1)
                 out.write("\n")
+                out.flush()
+                os.fsync(out.fileno())
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.path)
+            tmp = None
         except OSError as exc:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             if not self._failed:
                 log.warning("cannot write routes to %s: %s", self.path, exc)
             self._failed = True
@@ -173,6 +181,8 @@ class HaproxyRouter:
 
     def apply(self, routes: Sequence[RouteRow], now: float) -> None:
         resync = now - self._last_sync >= self.resync_s
+        if resync:
+            self._configured = None  # a reload may have added or renamed servers
         try:
             if self._configured is None:
                 found = self.runtime.server_limits(self.backend)

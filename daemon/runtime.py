@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from wattkeeper.agent import Agent, TokenEndpoint, holder_gone
+from wattkeeper.agent import SHUTDOWN_STORE_S, Agent, TokenEndpoint, holder_gone
+from wattkeeper.bounded import Hung, SingleFlight, call_within
 from wattkeeper.clock import SimClock, WallClock
 from wattkeeper.collectors.drain import CommandDrain, DrainActuator
 from wattkeeper.config import Config
@@ -95,13 +96,10 @@ class Runtime:
             self.store.prune(now - self.cfg.store.retention_s)
 
     def shutdown(self) -> None:
-        """Restore every agent's GPUs; an error in one never skips the next. A leading
-        controller ends its lease, so a standby takes over at once."""
-        try:
-            if self.controller is not None:
-                self.controller.resign(self.clock.now())
-        except StoreError as exc:
-            log.warning("could not end the leader lease: %s", exc)
+        """Restore every agent's GPUs first, then record it and end a leading
+        controller's lease (so a standby takes over at once); an error in one agent never
+        skips the next, and a store that does not answer costs the records, never the
+        restore or the exit."""
         with self.lock:
             now = self.clock.now()
             for agent in self.agents:
@@ -111,6 +109,12 @@ class Runtime:
                     log.exception("agent %s: shutdown failed", agent.node)
                 finally:
                     agent.backend.close()
+        controller = self.controller
+        if controller is not None:
+            try:
+                call_within(lambda: controller.resign(now), SHUTDOWN_STORE_S, "resign")
+            except (StoreError, Hung) as exc:
+                log.warning("could not end the leader lease: %s", exc)
         self.store.engine.dispose()
 
 
@@ -194,7 +198,7 @@ def open_store(
     except SchemaOutdatedError:
         raise
     except StoreError as exc:
-        if not outage_ok or engine.dialect.name == "sqlite":
+        if not outage_ok or not exc.outage:
             raise
         if announce is not None:
             announce(f"{exc}: starting on the safe cap, and retrying")
@@ -267,7 +271,7 @@ def build_on_facility(
     controller = None
     if with_controller:
         router = SimRouter(facility, [a.node for a in agents])
-        controller = make_controller(cfg, store, routers=[router])
+        controller = make_controller(cfg, store, routers=[router], configured_routers=False)
     return Runtime(cfg, store, clock, agents, controller, facility=facility)
 
 
@@ -322,7 +326,15 @@ def route_servers(cfg: Config) -> dict[str, list[str]]:
     return servers
 
 
-def make_controller(cfg: Config, store: Store, routers: Sequence[RouteActuator] = ()) -> Controller:
+def make_controller(
+    cfg: Config,
+    store: Store,
+    routers: Sequence[RouteActuator] = (),
+    configured_routers: bool = True,
+) -> Controller:
+    """The controller with the configured settings. ``configured_routers`` off (a
+    simulated facility): its routes go to ``routers`` only, never to the HAProxy or
+    file the configuration names, which route real traffic."""
     ceilings = None
     if cfg.slo.ttft_s is not None and cfg.slo.tpot_s is not None:
         ceilings = Ceilings(
@@ -341,7 +353,7 @@ def make_controller(cfg: Config, store: Store, routers: Sequence[RouteActuator] 
         reaction_s=cfg.controller.interval_s + cfg.agent.interval_s,
         domains=config_domains(cfg),
         routes=None if ceilings is None else Routes(route_settings(cfg)),
-        routers=[*routers, *config_routers(cfg)],
+        routers=[*routers, *(config_routers(cfg) if configured_routers else [])],
         leadership=Leadership(
             cfg.controller.name,
             socket.gethostname(),
@@ -499,38 +511,39 @@ def run_realtime(
 
     # Three jobs on three threads: the agents' loop never waits on the controller or its
     # store calls, so a hung database leaves sampling, caps and the watchdog running.
-    controller_lock = threading.Lock()
+    # The controller's calls run one at a time on a daemon thread of their own, and its
+    # jobs wait for them only so long: a frozen database holds no scheduler thread, and
+    # stopping never waits for it.
+    flight = SingleFlight("controller")
+    controller_down: list[str] = []
+
+    def down(exc: Exception) -> None:
+        # One line when the store goes away and one when it is back, not a traceback
+        # every period: the agents keep enforcing the leased targets.
+        if not controller_down:
+            log.error("controller: %s (caps held by the agents' leases)", exc)
+            controller_down.append(str(exc))
 
     def agents_job() -> None:
         if rt.tick_agents():
             healthy.set()
 
     def guard_job() -> None:
-        if rt.controller is None:
+        controller = rt.controller
+        if controller is None:
             return
-        if not controller_lock.acquire(blocking=False):
-            return  # the period's tick is running (or waiting on the store): it plans
         try:
-            rt.controller.guard(rt.clock.now())
-        except StoreError:
+            flight.call(lambda: controller.guard(rt.clock.now()), rt.cfg.agent.interval_s)
+        except (StoreError, Hung):
             pass  # the controller job reports the store; the agents hold the caps
         except Exception:
             log.exception("emergency check failed")
-        finally:
-            controller_lock.release()
-
-    controller_down: list[str] = []
 
     def controller_job() -> None:
         try:
-            with controller_lock:
-                rt.tick_controller()
-        except StoreError as exc:
-            # One line when the store goes away and one when it is back, not a
-            # traceback every period: the agents keep enforcing the leased targets.
-            if not controller_down:
-                log.error("controller: %s (caps held by the agents' leases)", exc)
-                controller_down.append(str(exc))
+            flight.call(rt.tick_controller, rt.cfg.controller.interval_s)
+        except (StoreError, Hung) as exc:
+            down(exc)
             return
         except Exception:
             log.exception("controller tick failed")

@@ -100,7 +100,7 @@ class Routes:
         """One control period: new weights and in-flight limits for every node."""
         s = self.settings
         for gone in set(self.nodes) - {n.name for n in nodes}:
-            del self.nodes[gone]
+            del self.nodes[gone]  # the caller no longer routes it at all
         for n in nodes:
             st = self.nodes.setdefault(n.name, _NodeRoute())
             if n.serving and n.tokens_per_s is not None and n.gpu_power_w:
@@ -118,7 +118,10 @@ class Routes:
         s = self.settings
         if not n.serving:
             st.inflight = None
-            return RouteTarget(n.name, 0, None, "not serving: no new requests")
+            st.efficiency = None  # measured afresh when it serves again
+            return RouteTarget(
+                n.name, 0, None, "not serving (drained, silent or down): no new requests"
+            )
         if not s.weights:
             share, said = 1.0, "weights off"
         elif best is None or st.efficiency is None:

@@ -126,6 +126,8 @@ def test_a_hung_database_holds_up_neither_caps_nor_scrapes_and_loses_no_sample(p
         )
     assert kept == 4 * (frozen_to - frozen_from + 1)
     assert agent.state.spool_dropped_ticks == 0
+    # The backlog arrived after newer ticks; the node's last-seen time never went back.
+    assert rt.store.node_claims()[agent.node][1] >= frozen_to
     rt.shutdown()
 
 
@@ -207,8 +209,10 @@ def test_run_on_a_real_node_starts_on_the_safe_cap_while_postgres_is_down(
     assert set_mw[:2] == [420_000, 420_000], set_mw  # 0.6 x the 700 W default, both GPUs
     assert [g.limit_mw for g in nvml.gpus] == [700_000, 700_000]  # restored at the stop
     fake.nvmlDeviceSetPowerManagementLimit.reset_mock()
-    bad = CliRunner().invoke(
-        app, ["run", "--db", "postgresql+nope://u@127.0.0.1:1/x", "--duration", "3s"]
-    )
-    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    # Mistakes are not outages: an unknown driver, or a database name the running
+    # server does not have, stop it before any GPU is touched.
+    for wrong in ("postgresql+nope://u@127.0.0.1:1/x", pg.url("no_such_database")):
+        bad = CliRunner().invoke(app, ["run", "--db", wrong, "--duration", "3s"])
+        assert bad.exit_code == 1 and "Traceback" not in bad.output, bad.output
+        assert "safe cap" not in bad.output
     assert fake.nvmlDeviceSetPowerManagementLimit.call_args_list == []

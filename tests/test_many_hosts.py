@@ -184,3 +184,62 @@ def test_standby_controller_takes_over_and_a_deposed_leader_is_fenced(
     # The budget still binds: 2 kW for four 700 W GPUs and two hosts.
     assert all(lim < 700.0 for lim in limits), limits
     engine.dispose()
+
+
+def test_daemons_stop_and_restore_while_the_database_is_frozen(
+    pg_server, pg_url: str, tmp_path: Path, procs: list[subprocess.Popen]
+) -> None:
+    """SIGTERM while PostgreSQL is stopped with SIGSTOP: the agent restores its GPUs and
+    both daemons exit, without waiting for a database that may never answer."""
+    upgrade(make_engine(pg_url))
+    agent = _wattkeeper(
+        tmp_path,
+        "agent",
+        "agent",
+        "--simulate",
+        "2",
+        "--node",
+        "frozen-a",
+        "--db",
+        pg_url,
+        "--no-metrics",
+    )
+    ctl = _wattkeeper(tmp_path, "ctl", "controller", "--db", pg_url, "--no-metrics")
+    procs.extend([agent, ctl])
+    r = subprocess.run(
+        [sys.executable, "-m", "wattkeeper", "budget", "set", "1kW", "--db", pg_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **ENV},
+    )
+    assert r.returncode == 0, r.stderr
+    _wait(
+        "the agent to apply a target",
+        lambda: "power_limit.set" in _audit_actions(pg_url),
+        tmp_path,
+    )
+    pg_server.freeze()
+    try:
+        time.sleep(2)
+        for p in (agent, ctl):
+            p.send_signal(signal.SIGTERM)
+        for p in (agent, ctl):
+            try:
+                p.wait(timeout=WAIT_S)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{p.args[3]} did not exit while the database was frozen")
+        log = (tmp_path / "agent.log").read_text()
+        assert agent.returncode == 0 and ctl.returncode == 0, log
+        assert "restored 2 GPU(s) but could not record it" in log, log
+    finally:
+        pg_server.thaw()
+
+
+def _audit_actions(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {a for (a,) in conn.execute(text("SELECT DISTINCT action FROM audit_log"))}
+    finally:
+        engine.dispose()

@@ -322,15 +322,20 @@ def test_controller_publishes_routes_over_http_file_and_the_simulated_router(
     from wattkeeper.runtime import build_simulated, open_store, run_fast
 
     pub = tmp_path / "routes.json"
+    production = tmp_path / "production-routes.json"
     env = {
         "WATTKEEPER_SLO__TTFT_S": "2",
         "WATTKEEPER_SLO__TPOT_S": "0.06",
-        "WATTKEEPER_ROUTER__FILE": str(pub),
+        "WATTKEEPER_ROUTER__FILE": str(production),
     }
     cfg = load_config(None, environ=env)
     upgrade(make_engine(sqlite_url))
     rt = build_simulated(cfg, open_store(cfg, sqlite_url), "hetero", SimClock(1_000_000.0))
+    assert rt.controller is not None
+    rt.controller.routers.append(FileRouter(pub))
     run_fast(rt, 240.0)
+    # A simulation never publishes to the routers the configuration names (real ones).
+    assert not production.exists()
     rows = {r.node: r for r in rt.store.routes()}
     f = rt.facility
     kinds = {a.node: f.gpu_kind_names[f.node_gpu_indices(k)[0]] for k, a in enumerate(rt.agents)}
@@ -354,3 +359,21 @@ def test_controller_publishes_routes_over_http_file_and_the_simulated_router(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_node_that_falls_silent_gets_no_new_requests(sqlite_url: str) -> None:
+    from wattkeeper.clock import SimClock
+    from wattkeeper.runtime import build_simulated, open_store, run_fast
+    from wattkeeper.simulator.facility import FacilitySpec
+
+    env = {"WATTKEEPER_SLO__TTFT_S": "2", "WATTKEEPER_SLO__TPOT_S": "0.06"}
+    cfg = load_config(None, environ=env)
+    upgrade(make_engine(sqlite_url))
+    rt = build_simulated(cfg, open_store(cfg, sqlite_url), FacilitySpec(2, 2), SimClock(5e5))
+    run_fast(rt, 60.0)
+    assert all(r.weight > 0 for r in rt.store.routes())
+    rt.agents = rt.agents[:1]  # sim-node-1's agent dies: nothing more from it
+    run_fast(rt, 90.0)
+    weights = {r.node: r.weight for r in rt.store.routes()}
+    assert weights["sim-node-0"] > 0 and weights["sim-node-1"] == 0, weights
+    assert rt.facility.route_weight[rt.facility.node_replicas(1)[0]] == 0.0

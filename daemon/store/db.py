@@ -31,6 +31,39 @@ import wattkeeper.migrations as _migrations
 class StoreError(Exception):
     """The store cannot be used: unreachable, bad URL, or a schema that is not at head."""
 
+    outage: bool = False
+    """The database server did not answer or refused the connection as a server does
+    while down (SQLSTATE class 08, 57P0x): an outage to ride out, not a mistake."""
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a driver error says the server is away rather than that the request is
+    wrong: no SQLSTATE at all (nothing answered: refused, timed out, unreachable), or a
+    connection-class one. A missing database or a bad password has its own SQLSTATE."""
+    orig = getattr(exc, "orig", exc)
+    if not hasattr(orig, "sqlstate"):
+        return False  # not a PostgreSQL driver error (SQLite: a path, a permission)
+    state = orig.sqlstate
+    if state is not None:
+        return state.startswith("08") or state in _OUTAGE_STATES
+    # libpq gives no SQLSTATE for a failed connection: a server that answered says
+    # FATAL, and only its transient refusals count as an outage.
+    text = str(orig)
+    if "FATAL" not in text:
+        return True
+    return any(phrase in text for phrase in _TRANSIENT_FATAL)
+
+
+_OUTAGE_STATES = ("57P01", "57P02", "57P03", "53300")
+_TRANSIENT_FATAL = (
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "too many clients",
+    "remaining connection slots are reserved",
+)
+
 
 class SchemaOutdatedError(StoreError):
     """The database schema is older (or newer) than this version of wattkeeper expects."""
@@ -163,9 +196,11 @@ def current_revision(engine: Engine) -> str | None:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     except SQLAlchemyError as exc:
-        raise StoreError(
+        error = StoreError(
             f"cannot reach the database {engine_name(engine)}: {error_line(exc, engine)}"
-        ) from None
+        )
+        error.outage = is_outage(exc)
+        raise error from None
 
 
 def engine_name(engine: Engine) -> str:

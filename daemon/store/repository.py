@@ -23,6 +23,7 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    case,
     delete,
     func,
     insert,
@@ -524,7 +525,12 @@ class Store:
                     f"node {node_name!r} was taken over by another agent ({holder}):"
                     " this one stops writing under its name"
                 )
-            conn.execute(update(Node).where(Node.id == node_id).values(last_seen_at=now))
+            # An outage's backlog arrives after newer ticks: last seen never goes back.
+            conn.execute(
+                update(Node)
+                .where(Node.id == node_id)
+                .values(last_seen_at=case((Node.last_seen_at < now, now), else_=Node.last_seen_at))
+            )
             if gpu_rows:
                 conn.execute(insert(GpuSampleRow), gpu_rows)
             if host is not None:

@@ -141,7 +141,7 @@ class Controller:
             self.state.epoch = None
             return False
         if epoch != self.state.epoch:
-            log.warning("leading (epoch %d)", epoch)
+            log.info("leading (epoch %d)", epoch)
         self.state.epoch = epoch
         return True
 

@@ -93,7 +93,7 @@ def _config(path: Path | None) -> Any:
         fail(str(exc), 2)
 
 
-def _store(cfg: Any, db: str | None, *, create: bool = False, outage_ok: bool = False) -> Any:
+def _store(cfg: Any, db: str | None, *, create: bool = False, outage_ok: str | None = None) -> Any:
     from wattkeeper.runtime import open_store
     from wattkeeper.store.db import StoreError
 
@@ -242,7 +242,7 @@ def run(
         _require_gpus()  # before a store is created for a run that cannot start
     # A real node's daemon rides out a database server that is down at start (safe cap
     # until it answers); a simulation has nothing to protect and wants its store now.
-    store = _store(cfg, db, create=True, outage_ok=spec is None and not fast)
+    store = _store(cfg, db, create=True, outage_ok=SAFE_CAP if spec is None and not fast else None)
 
     from wattkeeper.clock import SimClock, WallClock
     from wattkeeper.runtime import SetupError, build_local, build_simulated, claim_store
@@ -291,6 +291,8 @@ def run(
             server.server_close()
         rt.shutdown()
 
+
+SAFE_CAP = "this node's GPUs go to the safe cap until it answers"
 
 DurationOpt = Annotated[
     str | None,
@@ -390,7 +392,7 @@ def agent(
     listen = _listen(cfg, metrics_listen, no_metrics)
     if simulate is None:
         _require_gpus()
-    store = _store(cfg, db, create=True, outage_ok=simulate is None)
+    store = _store(cfg, db, create=True, outage_ok=SAFE_CAP if simulate is None else None)
 
     from wattkeeper.clock import WallClock
     from wattkeeper.runtime import SetupError, build_local, build_on_facility, claim_store
@@ -435,7 +437,9 @@ def controller(
     duration_s = _parse_duration(duration, "--duration") if duration is not None else None
     cfg = _config(config)
     listen = _listen(cfg, metrics_listen, no_metrics)
-    store = _store(cfg, db, outage_ok=True)
+    store = _store(
+        cfg, db, outage_ok="planning starts when it answers (the agents hold their caps)"
+    )
 
     from wattkeeper.clock import WallClock
     from wattkeeper.runtime import Runtime, make_controller
@@ -942,6 +946,20 @@ def budget_set(
     if previous is None:  # never set at run time: the configured limit was in force
         previous = _configured_limit(cfg, domain)
     typer.echo(f"{domain} budget: {format_power(watts)} (was {format_power(previous)})")
+    # Set, since draining can meet it; but say what capping alone cannot do.
+    host_w = sum(
+        n.non_gpu_power_w or 0.0
+        for n in snap.nodes
+        if n.name in live and (under is None or n.name in under) and not n.drained
+    )
+    if floors and host_w and watts < sum(floors) + host_w:
+        typer.echo(
+            f"warning: with every GPU at its floor ({format_power(sum(floors))}) and the "
+            f"nodes' non-GPU power ({format_power(host_w)}), the nodes draw "
+            f"{format_power(sum(floors) + host_w)}: only draining nodes can meet "
+            f"{format_power(watts)} (controller.drain_nodes)",
+            err=True,
+        )
 
 
 def _require_gpus() -> None:

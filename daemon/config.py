@@ -328,7 +328,8 @@ class Config(_Section):
         if c.leader_lease_s < 2 * a.interval_s:
             raise ValueError(
                 f"controller.leader_lease_s ({c.leader_lease_s:g} s) must be at least 2 x "
-                f"agent.interval_s ({2 * a.interval_s:g} s): the lease is renewed that often"
+                f"agent.interval_s ({2 * a.interval_s:g} s): the leader renews its lease at "
+                "each emergency check, which runs every agent interval"
             )
         if c.forget_after_s < c.lease_s:
             raise ValueError(

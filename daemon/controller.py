@@ -61,7 +61,12 @@ class ControllerState:
     epoch: int | None = None
     """The leader epoch this controller plans in; None while it stands by (or runs
     without a lease)."""
+    said: dict[str, float] = field(default_factory=dict)
+    """When each standing warning was last logged."""
 
+
+SAY_EVERY_S = 60.0
+"""A standing condition (over budget, a budget under the floors) is logged this often."""
 
 CONTROLLER = "controller"
 """The actor name the controller writes and audits under."""
@@ -198,8 +203,20 @@ class Controller:
         if periodic and self.routes is not None:
             self._route(snap, gpus, result, now)
         if not result.feasible:
-            log.warning("%s", result.explanation)
+            self._say("infeasible", result.explanation, now)
+        else:
+            self.state.said.pop("infeasible", None)
         return result
+
+    def _say(self, key: str, message: str, now: float) -> None:
+        """A standing condition is said when it starts and then once a minute, not at
+        every period and emergency check (a budget under the floors lasts hours)."""
+        last = self.state.said.get(key)
+        if last is None or now - last >= SAY_EVERY_S or now < last:
+            log.warning("%s", message)
+            self.state.said[key] = now
+        else:
+            log.debug("%s", message)
 
     def guard(self, now: float) -> Plan | None:
         """The emergency path, run between control periods: when measured facility power
@@ -240,8 +257,10 @@ class Controller:
             return None
         self.state.emergencies += 1
         for name, measured, limit in over:
-            log.warning(
-                "%s at %.0f W over its %.0f W budget: re-planning now", name, measured, limit
+            self._say(
+                f"over:{name}",
+                f"{name} at {measured:.0f} W over its {limit:.0f} W budget: re-planning now",
+                now,
             )
         return self._plan(now, snap, all_domains, periodic=False)
 

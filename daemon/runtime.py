@@ -174,17 +174,18 @@ def open_store(
     *,
     create: bool = False,
     announce: Callable[[str], None] | None = None,
-    outage_ok: bool = False,
+    outage_ok: str | None = None,
 ) -> Store:
     """Engine for the configured store, refusing a schema that is not at head.
 
     ``create`` (the daemon's first start) builds a missing or empty SQLite store at head
     and tells ``announce`` so in one line; without it nothing is ever created.
 
-    ``outage_ok`` (a daemon on a database server): a server that does not answer is an
-    outage, not a mistake. The store is returned unchecked, the agents start on the
-    safe cap, and the schema is checked once the server answers. A bad URL or an
-    unknown driver still fails here, before anything is touched.
+    ``outage_ok`` (a daemon on a database server; what it does meanwhile, for the one
+    line it says): a server that does not answer is an outage, not a mistake. The store
+    is returned unchecked, agents start on the safe cap, and the schema is checked once
+    the server answers. A bad URL, an unknown driver, a missing database or a refused
+    login still fail here, before anything is touched.
     """
     # Only a daemon's first start may create a file; every other command needs the store
     # to be there already, and must not leave an empty file where a path was mistyped.
@@ -201,7 +202,7 @@ def open_store(
         if not outage_ok or not exc.outage:
             raise
         if announce is not None:
-            announce(f"{exc}: starting on the safe cap, and retrying")
+            announce(f"{exc}; an outage, so {outage_ok}")
         return Store(engine, schema_checked=False)
     return Store(engine)
 
@@ -270,6 +271,11 @@ def build_on_facility(
         )
     controller = None
     if with_controller:
+        if cfg.router.file is not None or cfg.router.haproxy:
+            log.warning(
+                "a simulated run publishes its routes to the simulated router and /routes"
+                " only, not to router.file or router.haproxy (they route real traffic)"
+            )
         router = SimRouter(facility, [a.node for a in agents])
         controller = make_controller(cfg, store, routers=[router], configured_routers=False)
     return Runtime(cfg, store, clock, agents, controller, facility=facility)

@@ -438,6 +438,11 @@ def test_budget_below_the_hardware_floor_is_refused_unless_forced(sqlite_url):
     assert r.exit_code == 1 and "8 GPUs" in r.output
     assert "no facility budget" in cli("budget", "show", "--db", url).stdout
     assert cli("budget", "set", "750W", "--force", "--db", url).exit_code == 0
+    # Above the GPUs' floors but under floors plus the host's power: set, with a warning.
+    r = cli("budget", "set", "2kW", "--db", url)
+    assert r.exit_code == 0 and "only draining nodes can meet 2.00 kW" in r.stderr
+    r = cli("budget", "set", "20kW", "--db", url)
+    assert r.exit_code == 0 and "warning" not in r.stderr
 
 
 def test_unknown_revision_is_named():

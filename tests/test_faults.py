@@ -204,7 +204,7 @@ def test_run_on_a_real_node_starts_on_the_safe_cap_while_postgres_is_down(
     finally:
         pg.start_again()
     assert r.exit_code == 0, r.output
-    assert "starting on the safe cap" in r.stderr
+    assert "safe cap until it answers" in r.stderr
     set_mw = [c.args[1] for c in fake.nvmlDeviceSetPowerManagementLimit.call_args_list]
     assert set_mw[:2] == [420_000, 420_000], set_mw  # 0.6 x the 700 W default, both GPUs
     assert [g.limit_mw for g in nvml.gpus] == [700_000, 700_000]  # restored at the stop

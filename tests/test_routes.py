@@ -133,6 +133,14 @@ def test_routes_are_stored_and_audited_only_when_they_change(store: Store) -> No
     log = [e for e in store.audit_log(20) if e.action == "route.set"]
     assert len(log) == 4
     assert log[0].detail["previous_weight"] == 200 and log[0].detail["weight"] == 0
+    # The same route for a reason that moved on: the reason is brought up to date at
+    # most once a minute, without an audit row.
+    assert store.write_routes([RouteTarget("b", 101, 30, "measured now")], 30.0) == 0
+    assert {r.node: r.reason for r in store.routes()}["b"] == "z"
+    assert store.write_routes([RouteTarget("b", 101, 30, "measured now")], 64.0) == 0
+    row = {r.node: r for r in store.routes()}["b"]
+    assert (row.reason, row.weight, row.updated_at) == ("measured now", 100, 64.0)
+    assert len([e for e in store.audit_log(20) if e.action == "route.set"]) == 4
 
 
 # -- publication -------------------------------------------------------------------------------

@@ -78,6 +78,8 @@ LIMIT_TOLERANCE_W = 1.0
 """Power limits closer than this are the same limit: not re-applied, not re-audited."""
 CLAIM_LIVE_S = 30.0
 """A node name's holder that wrote this recently is live: another agent may not take it."""
+REASON_REFRESH_S = 60.0
+"""An unchanged route's stored reason is brought up to date at most this often."""
 WEIGHT_TOLERANCE = 8
 """Routing weights (0-256) closer than this are the same weight: a smoothed efficiency
 moves a little every period, and the router need not hear of it."""
@@ -777,13 +779,20 @@ class Store:
                 _fence(conn, epoch)
             ids = {name: node_id for name, node_id in conn.execute(select(Node.name, Node.id))}
             stored = {
-                node_id: (weight, inflight)
-                for node_id, weight, inflight in conn.execute(
-                    select(Route.node_id, Route.weight, Route.max_inflight)
+                node_id: (weight, inflight, reason, updated_at)
+                for node_id, weight, inflight, reason, updated_at in conn.execute(
+                    select(
+                        Route.node_id,
+                        Route.weight,
+                        Route.max_inflight,
+                        Route.reason,
+                        Route.updated_at,
+                    )
                 )
             }
             new: list[dict] = []
             changed: list[dict] = []
+            reasons: list[dict] = []
             audit: list[dict] = []
             for t in targets:
                 node_id = ids.get(t.node)
@@ -795,6 +804,12 @@ class Store:
                     and (old[0] == 0) == (t.weight == 0)
                     and old[1] == t.max_inflight
                 ):
+                    if old[2] != t.reason and now - old[3] >= REASON_REFRESH_S:
+                        # The same route, for a reason that moved on (a first measure of
+                        # tokens per joule): explain says it, the audit need not.
+                        reasons.append(
+                            {"b_node_id": node_id, "reason": t.reason, "updated_at": now}
+                        )
                     continue
                 row = {
                     "weight": t.weight,
@@ -827,6 +842,8 @@ class Store:
                     update(Route).where(Route.node_id == bindparam("b_node_id")),
                     changed,
                 )
+            if reasons:
+                conn.execute(update(Route).where(Route.node_id == bindparam("b_node_id")), reasons)
             if audit:
                 conn.execute(insert(AuditEntry), audit)
         return len(audit)

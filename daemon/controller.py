@@ -461,6 +461,7 @@ class Controller:
                     tpot_ratio=tpot,
                     power_can_rise=_power_can_rise(members, planned),
                     requests_running=v.requests_running if fresh else None,
+                    pool=",".join(v.models),
                 )
             )
         self.store.write_routes(self.routes.update(nodes), now, epoch=self.state.epoch)

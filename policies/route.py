@@ -71,6 +71,9 @@ class RouteNode:
     below the ceiling by a budget."""
     requests_running: float | None
     """Summed over the node's servers."""
+    pool: str = ""
+    """The models it serves: weights compare nodes of one pool only (a pool serving a
+    larger model makes fewer tokens per joule, which says nothing about its nodes)."""
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,12 @@ class Routes:
                     if st.efficiency is None
                     else (1 - s.smoothing) * st.efficiency + s.smoothing * eff
                 )
-        known = [self.nodes[n.name].efficiency for n in nodes if n.serving]
-        best = max((e for e in known if e is not None and e > 0), default=None)
-        return [self._target(n, self.nodes[n.name], best) for n in nodes]
+        best: dict[str, float] = {}
+        for n in nodes:
+            eff = self.nodes[n.name].efficiency
+            if n.serving and eff is not None and eff > 0:
+                best[n.pool] = max(best.get(n.pool, 0.0), eff)
+        return [self._target(n, self.nodes[n.name], best.get(n.pool)) for n in nodes]
 
     def _target(self, n: RouteNode, st: _NodeRoute, best: float | None) -> RouteTarget:
         s = self.settings
@@ -128,7 +134,7 @@ class Routes:
             share, said = 1.0, "tokens per joule not yet measured"
         else:
             share = max(s.min_share, min(1.0, st.efficiency / best))
-            said = f"{st.efficiency:.2f} tokens/J, {share:.0%} of the best node's"
+            said = f"{st.efficiency:.2f} tokens/J, {share:.0%} of the best in its pool"
         if not s.weights:
             pass
         elif n.steer is not None and n.steer > s.high_ratio:

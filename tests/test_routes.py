@@ -58,6 +58,22 @@ def test_weights_follow_tokens_per_joule_within_bounds() -> None:
     assert all(t.max_inflight is None for t in out.values())
 
 
+def test_weights_compare_nodes_of_one_pool_only() -> None:
+    """A 70B pool makes a tenth of an 8B pool's tokens per joule: that says nothing about
+    its nodes, whose tilt among themselves must survive the 8B pool's presence."""
+    out = {
+        t.node: t.weight
+        for t in Routes().update(
+            [
+                node("big-1", tokens_per_s=200.0, pool="llama-70b"),
+                node("big-2", tokens_per_s=100.0, pool="llama-70b"),
+                node("small", tokens_per_s=3000.0, pool="llama-8b"),
+            ]
+        )
+    }
+    assert out == {"big-1": MAX_WEIGHT, "big-2": MAX_WEIGHT // 2, "small": MAX_WEIGHT}
+
+
 def test_a_node_near_its_slo_gives_up_weight_and_takes_it_back_with_slack() -> None:
     routes = Routes()
     weights = []

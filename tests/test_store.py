@@ -196,6 +196,7 @@ def test_snapshot_host_and_tokens_newest_per_node(store: Store) -> None:
             ttft_p90_s=0.5,
             tpot_p90_s=0.05,
             latency_requests=40.0,
+            models=("llama",),
         ),
         NodeView(
             name="beta",
@@ -531,6 +532,7 @@ def _reference(store: Store, now: float, window_s: float) -> Snapshot:
                 ttft_p90_floor_s=agg(max, toks, "ttft_p90_floor_s"),
                 tpot_p90_floor_s=agg(max, toks, "tpot_p90_floor_s"),
                 latency_requests=agg(sum, toks, "latency_requests"),
+                models=tuple(sorted({t.model for t in toks if t.model})),
             )
         )
     budget = next((b.limit_w for b in rows(Budget) if b.scope == "facility"), None)

@@ -181,6 +181,8 @@ class NodeView:
     tpot_p90_floor_s: float | None = None
     latency_requests: float | None = None
     """Observations behind those quantiles, summed over the node's servers."""
+    models: tuple[str, ...] = ()
+    """The models the node's servers serve (its pool, for routing weights)."""
 
 
 @dataclass(frozen=True)
@@ -975,6 +977,7 @@ class Store:
                         ttft_p90_floor_s=_max(column("ttft_p90_floor_s")),
                         tpot_p90_floor_s=_max(column("tpot_p90_floor_s")),
                         latency_requests=_sum(column("latency_requests")),
+                        models=tuple(sorted({m for m in column("model") if m})),
                     )
                 )
             return Snapshot(ts=now, budget_w=budget, nodes=tuple(nodes), gpus=tuple(gpus))
@@ -1152,6 +1155,7 @@ TOKEN_SNAPSHOT_COLUMNS = (
     "ttft_p90_floor_s",
     "tpot_p90_floor_s",
     "latency_requests",
+    "model",
 )
 
 

@@ -164,134 +164,6 @@ def _main(
     )
 
 
-# -- run ------------------------------------------------------------------------------------
-@app.command()
-def run(
-    simulate: Annotated[
-        str | None,
-        typer.Option(
-            "--simulate",
-            metavar="NODESxGPUS",
-            help="Simulated facility instead of NVML, e.g. 4x8.",
-            show_default=False,
-        ),
-    ] = None,
-    budget: Annotated[
-        str | None,
-        typer.Option(
-            help="Facility power budget to set before starting (W, kW, MW).", show_default=False
-        ),
-    ] = None,
-    duration: Annotated[
-        str | None,
-        typer.Option(
-            help="Stop after this long (e.g. 90s, 10m); default: until Ctrl-C.", show_default=False
-        ),
-    ] = None,
-    fast: Annotated[
-        bool,
-        typer.Option(
-            "--fast",
-            help="Simulated clock, as fast as the CPU allows (needs --simulate and --duration).",
-        ),
-    ] = False,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the simulated facility.")] = 0,
-    metrics_listen: Annotated[
-        str | None,
-        typer.Option(
-            "--metrics-listen",
-            metavar="HOST:PORT",
-            help="Serve Prometheus /metrics here (default 127.0.0.1:9847; config metrics.listen).",
-            show_default=False,
-        ),
-    ] = None,
-    no_metrics: Annotated[bool, typer.Option("--no-metrics", help="Serve no /metrics.")] = False,
-    output: OutputOpt = Output.table,
-    db: DbOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Run agent and controller in one process (SQLite by default)."""
-    if no_metrics and metrics_listen is not None:
-        raise typer.BadParameter(
-            "--metrics-listen and --no-metrics contradict each other", param_hint="--no-metrics"
-        )
-    budget_w = _parse_power(budget, "--budget") if budget is not None else None
-    duration_s = _parse_duration(duration, "--duration") if duration is not None else None
-    if fast and (simulate is None or duration_s is None):
-        raise typer.BadParameter(
-            "--fast runs on a simulated clock: it needs --simulate and --duration",
-            param_hint="--fast",
-        )
-    spec = None
-    if simulate is not None:
-        from wattkeeper.simulator.facility import FacilitySpec
-
-        try:
-            spec = FacilitySpec.parse(simulate, seed=seed)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--simulate") from None
-    from wattkeeper.config import parse_listen
-
-    if metrics_listen is not None:
-        try:
-            parse_listen(metrics_listen)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--metrics-listen") from None
-    cfg = _config(config)
-    if spec is None:
-        _require_gpus()  # before a store is created for a run that cannot start
-    # A real node's daemon rides out a database server that is down at start (safe cap
-    # until it answers); a simulation has nothing to protect and wants its store now.
-    store = _store(cfg, db, create=True, outage_ok=SAFE_CAP if spec is None and not fast else None)
-
-    from wattkeeper.clock import SimClock, WallClock
-    from wattkeeper.runtime import SetupError, build_local, build_simulated, claim_store
-    from wattkeeper.store.db import StoreError
-
-    if fast:
-        assert duration_s is not None
-        clock: SimClock | WallClock = SimClock(time.time() - duration_s)
-    else:
-        clock = WallClock()
-    try:
-        rt = build_simulated(cfg, store, spec, clock) if spec else build_local(cfg, store)
-        if store.schema_checked:
-            claim_store(rt)
-    except (SetupError, StoreError) as exc:
-        fail(str(exc))
-    listen = (
-        None
-        if no_metrics or fast
-        else (metrics_listen or (cfg.metrics.listen if cfg.metrics.enabled else None))
-    )
-    server = None
-    try:
-        # Everything that can fail on the way in fails before anything is changed.
-        if listen:
-            server = _serve_metrics(rt, listen)
-        if budget_w is not None:
-            _check_floor(
-                budget_w,
-                [g.power_limits.min_w for a in rt.agents for g in a.backend.gpus()],
-                forcing="wattkeeper budget set --force sets it anyway",
-            )
-            store.set_budget(budget_w, "cli:run", clock.now())
-        if fast:
-            _run_fast(rt, duration_s or 0.0, output)
-        else:
-            _run_live(rt, duration_s, output)
-    except StoreError as exc:
-        fail(str(exc))
-    finally:
-        import signal
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut restore
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        rt.shutdown()
-
-
 SAFE_CAP = "this node's GPUs go to the safe cap until it answers"
 
 DurationOpt = Annotated[
@@ -328,6 +200,108 @@ def _listen(cfg: Any, metrics_listen: str | None, no_metrics: bool) -> str | Non
     if no_metrics:
         return None
     return metrics_listen or (cfg.metrics.listen if cfg.metrics.enabled else None)
+
+
+# -- run ------------------------------------------------------------------------------------
+@app.command()
+def run(
+    simulate: Annotated[
+        str | None,
+        typer.Option(
+            "--simulate",
+            metavar="NODESxGPUS",
+            help="Simulated facility instead of NVML, e.g. 4x8.",
+            show_default=False,
+        ),
+    ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Facility power budget to set before starting (W, kW, MW).", show_default=False
+        ),
+    ] = None,
+    duration: DurationOpt = None,
+    fast: Annotated[
+        bool,
+        typer.Option(
+            "--fast",
+            help="Simulated clock, as fast as the CPU allows (needs --simulate and --duration).",
+        ),
+    ] = False,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the simulated facility.")] = 0,
+    metrics_listen: ListenOpt = None,
+    no_metrics: NoMetricsOpt = False,
+    output: OutputOpt = Output.table,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run agent and controller in one process (SQLite by default)."""
+    budget_w = _parse_power(budget, "--budget") if budget is not None else None
+    duration_s = _parse_duration(duration, "--duration") if duration is not None else None
+    if fast and (simulate is None or duration_s is None):
+        raise typer.BadParameter(
+            "--fast runs on a simulated clock: it needs --simulate and --duration",
+            param_hint="--fast",
+        )
+    spec = None
+    if simulate is not None:
+        from wattkeeper.simulator.facility import FacilitySpec
+
+        try:
+            spec = FacilitySpec.parse(simulate, seed=seed)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--simulate") from None
+    cfg = _config(config)
+    listen = _listen(cfg, metrics_listen, no_metrics)
+    if fast:
+        listen = None  # a run on the simulated clock is over before anyone scrapes it
+    if spec is None:
+        _require_gpus()  # before a store is created for a run that cannot start
+    # A real node's daemon rides out a database server that is down at start (safe cap
+    # until it answers); a simulation has nothing to protect and wants its store now.
+    store = _store(cfg, db, create=True, outage_ok=SAFE_CAP if spec is None and not fast else None)
+
+    from wattkeeper.clock import SimClock, WallClock
+    from wattkeeper.runtime import SetupError, build_local, build_simulated, claim_store
+    from wattkeeper.store.db import StoreError
+
+    if fast:
+        assert duration_s is not None
+        clock: SimClock | WallClock = SimClock(time.time() - duration_s)
+    else:
+        clock = WallClock()
+    try:
+        rt = build_simulated(cfg, store, spec, clock) if spec else build_local(cfg, store)
+        if store.schema_checked:
+            claim_store(rt)
+    except (SetupError, StoreError) as exc:
+        fail(str(exc))
+    server = None
+    try:
+        # Everything that can fail on the way in fails before anything is changed.
+        if listen:
+            server = _serve_metrics(rt, listen)
+        if budget_w is not None:
+            _check_floor(
+                budget_w,
+                [g.power_limits.min_w for a in rt.agents for g in a.backend.gpus()],
+                forcing="wattkeeper budget set --force sets it anyway",
+            )
+            store.set_budget(budget_w, "cli:run", clock.now())
+        if fast:
+            _run_fast(rt, duration_s or 0.0, output)
+        else:
+            _run_live(rt, duration_s, output)
+    except StoreError as exc:
+        fail(str(exc))
+    finally:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut restore
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        rt.shutdown()
 
 
 def _daemon(rt: Any, listen: str | None, duration_s: float | None) -> None:

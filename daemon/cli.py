@@ -79,6 +79,31 @@ DbOpt = Annotated[
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
 
 
+def _reason(value: str | None) -> str | None:
+    """One line of why, kept with the change in the audit log; blank or overlong text is
+    refused rather than stored, since the log is what a person reads after an incident."""
+    if value is None:
+        return None
+    text = " ".join(value.split())
+    if not text:
+        raise typer.BadParameter("say why in a few words, or leave --reason out")
+    if len(text) > 500:
+        raise typer.BadParameter(f"{len(text)} characters: keep it to 500 (a ticket link helps)")
+    return text
+
+
+ReasonOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--reason",
+        "-r",
+        callback=_reason,
+        help="Why, for the audit log (e.g. a ticket: 'CHG-1234 PDU maintenance').",
+        show_default=False,
+    ),
+]
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -892,6 +917,7 @@ def budget_set(
     force: Annotated[
         bool, typer.Option("--force", help="Set a budget below the GPUs' hardware floor anyway.")
     ] = False,
+    reason: ReasonOpt = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -914,7 +940,7 @@ def budget_set(
         ]
         if not force:
             _check_floor(watts, floors)
-        previous = store.set_budget(watts, _actor(), now, scope=domain)
+        previous = store.set_budget(watts, _actor(), now, scope=domain, reason=reason)
     except StoreError as exc:
         fail(str(exc))
     if previous is None:  # never set at run time: the configured limit was in force
@@ -979,30 +1005,34 @@ def _domain_nodes(cfg: Any, domain: str) -> set[str] | None:
 @node_app.command("drain")
 def node_drain(
     name: Annotated[str, typer.Argument(help="The node, as `status` lists it.")],
+    reason: ReasonOpt = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Drain a node: its agent runs its drain command, its GPUs are held at their floor,
     and the controller never puts it back; only `node resume` does."""
-    _set_drained(name, True, db, config)
+    _set_drained(name, True, reason, db, config)
 
 
 @node_app.command("resume")
 def node_resume(
     name: Annotated[str, typer.Argument(help="The node, as `status` lists it.")],
+    reason: ReasonOpt = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Put a drained node back in service (whoever drained it)."""
-    _set_drained(name, False, db, config)
+    _set_drained(name, False, reason, db, config)
 
 
-def _set_drained(name: str, drained: bool, db: str | None, config: Path | None) -> None:
+def _set_drained(
+    name: str, drained: bool, reason: str | None, db: str | None, config: Path | None
+) -> None:
     from wattkeeper.store.db import StoreError
 
     store = _store(_config(config), db)
     try:
-        changed = store.set_drained(name, drained, _actor(), time.time())
+        changed = store.set_drained(name, drained, _actor(), time.time(), reason=reason)
     except KeyError:
         fail(f"no node named {name!r} in the store (wattkeeper status lists them)")
     except StoreError as exc:
@@ -1053,6 +1083,7 @@ def schedule_add(
     force: Annotated[
         bool, typer.Option("--force", help="Add a budget below what draining could reach.")
     ] = False,
+    reason: ReasonOpt = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -1090,7 +1121,7 @@ def schedule_add(
         if not force:
             snap = store.snapshot(now, window_s=cfg.controller.forget_after_s)
             _check_reachable(watts, cfg, snap, _domain_nodes(cfg, domain), domain)
-        new_id = store.add_schedule(schedule, _actor(), now)
+        new_id = store.add_schedule(schedule, _actor(), now, reason=reason)
     except StoreError as exc:
         fail(str(exc))
     start = next_start(schedule, time.time())
@@ -1209,6 +1240,7 @@ def schedule_list(
 @schedule_app.command("remove")
 def schedule_remove(
     schedule_id: Annotated[int, typer.Argument(help="The id `budget schedule list` shows.")],
+    reason: ReasonOpt = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -1217,7 +1249,7 @@ def schedule_remove(
 
     store = _store(_config(config), db)
     try:
-        removed = store.remove_schedule(schedule_id, _actor(), time.time())
+        removed = store.remove_schedule(schedule_id, _actor(), time.time(), reason=reason)
     except StoreError as exc:
         fail(str(exc))
     if not removed:
@@ -1311,22 +1343,62 @@ def budget_show(
 
 
 # -- audit --------------------------------------------------------------------------------------
+def _moment(value: str, option: str, zone: str) -> float:
+    """A duration back from now (``2h``, ``7d``) or an ISO 8601 time."""
+    if value[:1].isdigit() and value[-1:].isalpha():
+        return time.time() - _parse_duration(value, option)
+    try:
+        return _parse_at(value, zone)
+    except typer.BadParameter:
+        raise typer.BadParameter(
+            f"{value!r} is neither a duration (2h) nor an ISO 8601 time (2026-12-24T17:00)",
+            param_hint=option,
+        ) from None
+
+
 @app.command()
 def audit(
     limit: Annotated[
         int, typer.Option(min=1, max=100_000, help="How many entries, newest first.")
     ] = 50,
+    actor: Annotated[
+        str | None,
+        typer.Option(help="Who: 'cli' (every person), 'cli:alice', 'controller', 'agent'."),
+    ] = None,
+    action: Annotated[
+        str | None,
+        typer.Option(help="What: 'budget' (sets and schedules), 'node.drain', 'target.set'."),
+    ] = None,
+    subject: Annotated[
+        list[str] | None,
+        typer.Option(help="About: a node, a GPU UUID or a budget domain (repeatable)."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="From: a duration back from now (2h, 7d) or an ISO 8601 time."),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Up to: a duration back from now or an ISO 8601 time.")
+    ] = None,
     output: OutputOpt = Output.table,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """The audit log: every budget, target, power-limit change and restore, and who did it."""
+    """The audit log: every budget, drain, target and power-limit change and restore, who
+    made it and why (--reason), newest first; the options narrow it."""
     from wattkeeper.store.db import StoreError
 
     cfg = _config(config)
+    zone = cfg.controller.timezone
+    since_ts = None if since is None else _moment(since, "--since", zone)
+    until_ts = None if until is None else _moment(until, "--until", zone)
+    if since_ts is not None and until_ts is not None and since_ts > until_ts:
+        raise typer.BadParameter(f"{since} is after {until}", param_hint="--since")
     store = _store(cfg, db)
     try:
-        entries = store.audit_log(limit)
+        entries = store.audit_log(
+            limit, subject or None, actor=actor, action=action, since=since_ts, until=until_ts
+        )
     except StoreError as exc:
         fail(str(exc))
     rows = [
@@ -1339,18 +1411,21 @@ def audit(
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"audit log, newest {len(rows)}")
-    for col in ("time", "actor", "action", "subject", "detail"):
+    narrowed = any(x is not None for x in (actor, action, subject, since, until))
+    t = Table(title=f"audit log, newest {len(rows)}" + (" matching" if narrowed else ""))
+    for col in ("time", "actor", "action", "subject", "why", "detail"):
         t.add_column(col)
     for r in rows:
+        detail = dict(r["detail"])
+        why = detail.pop("reason", None)
         t.add_row(
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["ts"])),
             r["actor"],
             r["action"],
             r["subject"],
+            "" if why is None else str(why),
             ", ".join(
-                f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in r["detail"].items()
+                f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in detail.items()
             ),
         )
     Console().print(t)

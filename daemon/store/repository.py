@@ -27,6 +27,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    or_,
     select,
     true,
     update,
@@ -53,6 +54,11 @@ from wattkeeper.store.models import (
 )
 
 FACILITY = "facility"
+
+
+def _why(detail: dict, reason: str | None) -> dict:
+    """An audit row's detail with the person's reason, when they gave one."""
+    return {**detail, "reason": reason} if reason else detail
 
 
 class NodeClaimedError(StoreError):
@@ -321,7 +327,13 @@ class Store:
             return ids
 
     def set_drained(
-        self, name: str, drained: bool, actor: str, now: float, only_own: bool = False
+        self,
+        name: str,
+        drained: bool,
+        actor: str,
+        now: float,
+        only_own: bool = False,
+        reason: str | None = None,
     ) -> bool:
         """Mark a node drained (no new work; its agent's drain actuator acts on it) or back
         in service; audited. Returns whether anything changed. Raises ``KeyError`` for a
@@ -348,7 +360,7 @@ class Store:
                     actor=actor,
                     action="node.drain" if drained else "node.undrain",
                     subject=name,
-                    detail={},
+                    detail=_why({}, reason),
                 )
             )
             return True
@@ -570,7 +582,12 @@ class Store:
             return s.scalar(select(Budget).where(Budget.scope == scope))
 
     def set_budget(
-        self, limit_w: float, actor: str, now: float, scope: str = FACILITY
+        self,
+        limit_w: float,
+        actor: str,
+        now: float,
+        scope: str = FACILITY,
+        reason: str | None = None,
     ) -> float | None:
         """Set a budget and audit it in one transaction; returns the previous limit."""
         with self.session() as s, s.begin():
@@ -588,7 +605,7 @@ class Store:
                     actor=actor,
                     action="budget.set",
                     subject=scope,
-                    detail={"limit_w": limit_w, "previous_w": previous},
+                    detail=_why({"limit_w": limit_w, "previous_w": previous}, reason),
                 )
             )
             return previous
@@ -598,7 +615,9 @@ class Store:
         with self.session() as s:
             return {b.scope: b.limit_w for b in s.scalars(select(Budget))}
 
-    def add_schedule(self, schedule: Schedule, actor: str, now: float) -> int:
+    def add_schedule(
+        self, schedule: Schedule, actor: str, now: float, reason: str | None = None
+    ) -> int:
         """Store a budget schedule (its ``id`` is ignored) and audit it; returns its id."""
         with self.session() as s, s.begin():
             row = BudgetSchedule(
@@ -626,7 +645,7 @@ class Store:
                     actor=actor,
                     action="budget.schedule.add",
                     subject=schedule.scope,
-                    detail={"id": row.id, **detail},
+                    detail=_why({"id": row.id, **detail}, reason),
                 )
             )
             return row.id
@@ -646,7 +665,9 @@ class Store:
                 for r in s.scalars(select(BudgetSchedule).order_by(BudgetSchedule.id))
             ]
 
-    def remove_schedule(self, schedule_id: int, actor: str, now: float) -> bool:
+    def remove_schedule(
+        self, schedule_id: int, actor: str, now: float, reason: str | None = None
+    ) -> bool:
         """Delete a schedule and audit it; False when there is none with that id."""
         with self.session() as s, s.begin():
             row = s.get(BudgetSchedule, schedule_id)
@@ -659,7 +680,7 @@ class Store:
                     actor=actor,
                     action="budget.schedule.remove",
                     subject=row.scope,
-                    detail={"id": schedule_id, "limit_w": row.limit_w},
+                    detail=_why({"id": schedule_id, "limit_w": row.limit_w}, reason),
                 )
             )
             return True
@@ -864,11 +885,37 @@ class Store:
         with self.session() as s, s.begin():
             s.add(AuditEntry(ts=now, actor=actor, action=action, subject=subject, detail=detail))
 
-    def audit_log(self, limit: int = 50, subjects: Sequence[str] | None = None) -> list[AuditEntry]:
-        """Newest first; only entries about ``subjects`` (node names, GPU UUIDs) if given."""
-        query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+    def audit_log(
+        self,
+        limit: int = 50,
+        subjects: Sequence[str] | None = None,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[AuditEntry]:
+        """Newest first; only entries about ``subjects`` (node names, GPU UUIDs) if given.
+
+        ``actor`` matches whole or up to its ``:`` (``cli`` finds every person's
+        changes, ``cli:alice`` hers); ``action`` whole or by dotted prefix (``budget``
+        finds ``budget.set`` and the schedules), so the filters follow the names' own
+        hierarchy rather than substrings that would match by accident."""
+        # By when it happened: an agent back from an outage files its records late.
+        order = (AuditEntry.ts.desc(), AuditEntry.id.desc())
+        query = select(AuditEntry).order_by(*order).limit(limit)
         if subjects is not None:
             query = query.where(AuditEntry.subject.in_(list(subjects)))
+        if actor is not None:
+            under = AuditEntry.actor.startswith(f"{actor}:", autoescape=True)
+            query = query.where(or_(AuditEntry.actor == actor, under))
+        if action is not None:
+            under = AuditEntry.action.startswith(f"{action}.", autoescape=True)
+            query = query.where(or_(AuditEntry.action == action, under))
+        if since is not None:
+            query = query.where(AuditEntry.ts >= since)
+        if until is not None:
+            query = query.where(AuditEntry.ts <= until)
         with self.session() as s:
             return list(s.scalars(query))
 

@@ -8,8 +8,10 @@ systemd drop-ins and containers usually pass settings.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -407,7 +409,9 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         p = Path(path)
         origin = str(p)
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+            data = tomllib.loads(text)
+            _warn_if_secret_readable(p, text)
         except FileNotFoundError:
             raise ConfigError(f"config file {p} does not exist") from None
         except IsADirectoryError:
@@ -427,3 +431,26 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         return Config.model_validate(_merge(data, overrides))
     except ValidationError as exc:
         raise ConfigError(_describe(exc, origin)) from None
+def _warn_if_secret_readable(path: Path, text: str) -> None:
+    """A config that holds a database password and that every local user can read hands
+    the store (budgets, caps) to all of them: say so, with the fix. Only a warning, since
+    the file's owner decides its mode; the environment (WATTKEEPER_STORE__URL) or a
+    0600 file keeps the password private."""
+    from wattkeeper.store.db import scrub
+
+    if scrub(text) == text:
+        return
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & stat.S_IROTH:
+        logging.getLogger(__name__).warning(
+            "config file %s holds a password and every local user can read it (mode %o): "
+            "chmod 600 %s, or pass the URL in WATTKEEPER_STORE__URL",
+            path,
+            mode & 0o777,
+            path,
+        )
+
+

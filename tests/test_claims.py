@@ -133,3 +133,37 @@ def test_claims_survive_an_update_of_last_seen(store: Store) -> None:
         conn.execute(update(Node).values(last_seen_at=0.0))
     store.register_node("n3", "nvml", GPUS, 100.0, agent_id="b 2 2 2")
     assert store.node_claims()["n3"][0] == "b 2 2 2"
+
+
+def test_two_first_controllers_racing_for_the_lease_row_get_one_leader(
+    store: Store, db_url: str
+) -> None:
+    """Both find no lease row; the other inserts it first. The loser must stand by, not
+    fail with the database's unique-key error (seen with three first `run`s at once)."""
+    from sqlalchemy import event, insert
+    from sqlalchemy.orm import Session
+
+    from wattkeeper.store.models import Leader
+
+    other = make_engine(db_url)
+    now = time.time()
+
+    raced: list[bool] = []
+
+    def first_in(session, *_: object) -> None:
+        if raced:
+            return
+        raced.append(True)
+        with other.begin() as conn:
+            row = dict(holder="other", name="c2", host="h2", pid=2, epoch=1)
+            conn.execute(insert(Leader).values(id=1, acquired_at=now, expires_at=now + 10, **row))
+
+    event.listen(Session, "before_flush", first_in)
+    try:
+        assert store.lead("me", "c1", "h1", 1, now, 10.0) is None
+    finally:
+        event.remove(Session, "before_flush", first_in)
+    assert raced
+    held = store.leader()
+    assert held is not None and (held.holder, held.epoch) == ("other", 1)
+    assert store.lead("me", "c1", "h1", 1, now + 11, 10.0) == 2  # takes over once it expires

@@ -8,6 +8,7 @@ connect timeout so a database that is down is an error within seconds, not a han
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 import wattkeeper.migrations as _migrations
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -104,13 +107,9 @@ def make_engine(url: str, *, create_dirs: bool = True, must_exist: bool = False)
                 f"{describe_url(url)}`"
             )
         if db and db != ":memory:" and create_dirs and not must_exist:
-            parent = Path(db).expanduser().parent
-            try:
-                parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(
-                    f"cannot create the directory {parent} for {db}: {exc.strerror or exc}"
-                ) from None
+            _private_file(Path(db).expanduser())
+        if db and db != ":memory:":
+            _warn_if_readable(Path(db).expanduser())
         engine = _create(parsed, connect_args={"timeout": 10, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -126,6 +125,45 @@ def make_engine(url: str, *, create_dirs: bool = True, must_exist: bool = False)
         f"unsupported database {backend!r} in {describe_url(url)}: use sqlite:///PATH or "
         "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB"
     )
+
+
+def _private_file(path: Path) -> None:
+    """Make the store's directory (0700) and file (0600) before SQLite does, so that
+    budgets, the audit log and the node claims are never readable by every local user;
+    SQLite gives its -wal and -shm files the database file's mode."""
+    parent = path.parent
+    try:
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the directory {parent} for {path}: {exc.strerror or exc}"
+        ) from None
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass  # a store that exists is used as it is, whoever made it
+    except OSError:
+        pass  # SQLite will say why it cannot open it, in its own words
+
+
+_warned: set[Path] = set()
+
+
+def _warn_if_readable(path: Path) -> None:
+    """A store file every user can read says so, once per process; its mode is the
+    owner's choice, so it is named rather than changed."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o004 and path not in _warned:
+        _warned.add(path)
+        log.warning(
+            "the store %s is readable by every local user (mode %o): chmod 600 %s",
+            path,
+            mode & 0o777,
+            path,
+        )
 
 
 def _create(url: URL, **kwargs: Any) -> Engine:

@@ -32,7 +32,7 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from wattkeeper.collectors.gpu import GpuInfo, GpuSample
@@ -412,6 +412,16 @@ class Store:
         while another one holds an unexpired lease. Each change of holder raises the
         epoch, and every target write checks it in its own transaction, so a deposed
         leader that comes back can never write again."""
+        try:
+            return self._lead(holder, name, host, pid, now, lease_s)
+        except IntegrityError:
+            # Two first controllers both found no lease row and inserted one: the loser
+            # now finds the winner's row, and its unexpired lease, like any standby.
+            return self._lead(holder, name, host, pid, now, lease_s)
+
+    def _lead(
+        self, holder: str, name: str, host: str, pid: int, now: float, lease_s: float
+    ) -> int | None:
         with self.session() as s, s.begin():
             row = s.scalar(select(Leader).where(Leader.id == 1).with_for_update())
             if row is not None and row.holder == holder:

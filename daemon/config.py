@@ -67,11 +67,34 @@ class StoreConfig(_Section):
     url: str | None = None
     """SQLAlchemy URL; None means SQLite in the state directory."""
     migrate_on_start: bool = False
-    retention_s: DurationS = 3600.0
-    """How long raw samples stay in the store; long-term history belongs to Prometheus."""
+    retention_s: DurationS = 86400.0
+    """The older name of retention.raw_s, still read; the two always hold one value."""
 
     def resolved_url(self) -> str:
         return self.url or default_db_url()
+
+
+class RetentionConfig(_Section):
+    """How long the store keeps what agents write, so that its size per GPU is bounded
+    (docs/retention.md gives the bytes per GPU per day). Raw samples (one row per GPU per
+    agent interval) are kept for ``raw_s``; each whole minute older than that becomes one
+    row of means, maxima and end-of-minute counters, kept until ``rollup_s`` ago. The
+    leading controller does it once a minute, one minute of one table per transaction.
+    Long-term history belongs to Prometheus."""
+
+    raw_s: Annotated[DurationS, Field(ge=60)] = 86400.0
+    rollup_s: DurationS = 30 * 86400.0
+    """Counted from now, like ``raw_s``: minutes are kept from ``raw_s`` to ``rollup_s``
+    ago."""
+
+    @model_validator(mode="after")
+    def _rollups_outlast_raw(self) -> RetentionConfig:
+        if self.rollup_s <= self.raw_s:
+            raise ValueError(
+                f"retention.rollup_s ({self.rollup_s:g} s) must be longer than "
+                f"retention.raw_s ({self.raw_s:g} s): rollups keep what raw samples no longer do"
+            )
+        return self
 
 
 class EndpointConfig(_Section):
@@ -303,6 +326,7 @@ class CostConfig(_Section):
 
 class Config(_Section):
     store: StoreConfig = StoreConfig()
+    retention: RetentionConfig = RetentionConfig()
     agent: AgentConfig = AgentConfig()
     controller: ControllerConfig = ControllerConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -310,6 +334,46 @@ class Config(_Section):
     cost: CostConfig = CostConfig()
     router: RouterConfig = RouterConfig()
     budget: BudgetConfig = BudgetConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retention_s_is_raw_s(cls, data: Any) -> Any:
+        """``store.retention_s`` was the raw window's name before [retention]: a file or
+        variable that sets it sets ``retention.raw_s``, and readers of either see one
+        value."""
+        if not isinstance(data, Mapping):
+            return data
+        store, retention = data.get("store"), data.get("retention")
+        store = dict(store) if isinstance(store, Mapping) else store
+        retention = dict(retention) if isinstance(retention, Mapping) else retention
+        if isinstance(store, dict) and "retention_s" in store:
+            if isinstance(retention, dict) and "raw_s" in retention:
+                raise ValueError(
+                    "store.retention_s is the older name of retention.raw_s: set only "
+                    "retention.raw_s"
+                )
+            if retention is None or isinstance(retention, dict):
+                retention = {**(retention or {}), "raw_s": store["retention_s"]}
+        elif isinstance(retention, dict) and "raw_s" in retention:
+            if store is None or isinstance(store, dict):
+                store = {**(store or {}), "retention_s": retention["raw_s"]}
+        out = dict(data)
+        for key, value in (("store", store), ("retention", retention)):
+            if value is not None:
+                out[key] = value
+        return out
+
+    @model_validator(mode="after")
+    def _raw_samples_outlast_the_snapshot(self) -> Config:
+        """The controller plans on the newest sample of the last minute (or of three
+        stale_after_s): raw samples must be kept at least that long."""
+        need = max(60.0, 3 * self.controller.stale_after_s)
+        if self.retention.raw_s < need:
+            raise ValueError(
+                f"retention.raw_s ({self.retention.raw_s:g} s) must be at least "
+                f"{need:g} s: the controller reads the newest samples of that window"
+            )
+        return self
 
     @model_validator(mode="after")
     def _timings_fit_together(self) -> Config:
@@ -399,6 +463,29 @@ def _describe(error: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+def _warn_if_secret_readable(path: Path, text: str) -> None:
+    """A config that holds a database password and that every local user can read hands
+    the store (budgets, caps) to all of them: say so, with the fix. Only a warning, since
+    the file's owner decides its mode; the environment (WATTKEEPER_STORE__URL) or a
+    0600 file keeps the password private."""
+    from wattkeeper.store.db import scrub
+
+    if scrub(text) == text:
+        return
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & stat.S_IROTH:
+        logging.getLogger(__name__).warning(
+            "config file %s holds a password and every local user can read it (mode %o): "
+            "chmod 600 %s, or pass the URL in WATTKEEPER_STORE__URL",
+            path,
+            mode & 0o777,
+            path,
+        )
+
+
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read the file (or $WATTKEEPER_CONFIG), apply environment overrides, validate."""
     environ = os.environ if environ is None else environ
@@ -431,26 +518,3 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         return Config.model_validate(_merge(data, overrides))
     except ValidationError as exc:
         raise ConfigError(_describe(exc, origin)) from None
-def _warn_if_secret_readable(path: Path, text: str) -> None:
-    """A config that holds a database password and that every local user can read hands
-    the store (budgets, caps) to all of them: say so, with the fix. Only a warning, since
-    the file's owner decides its mode; the environment (WATTKEEPER_STORE__URL) or a
-    0600 file keeps the password private."""
-    from wattkeeper.store.db import scrub
-
-    if scrub(text) == text:
-        return
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return
-    if mode & stat.S_IROTH:
-        logging.getLogger(__name__).warning(
-            "config file %s holds a password and every local user can read it (mode %o): "
-            "chmod 600 %s, or pass the URL in WATTKEEPER_STORE__URL",
-            path,
-            mode & 0o777,
-            path,
-        )
-
-

@@ -39,7 +39,7 @@ from wattkeeper.store.repository import CLAIM_LIVE_S, Store
 
 log = logging.getLogger(__name__)
 
-PRUNE_EVERY_S = 60.0
+RETAIN_EVERY_S = 60.0
 
 
 class SetupError(Exception):
@@ -56,7 +56,10 @@ class Runtime:
     """None in `wattkeeper agent`: the controller runs elsewhere."""
     facility: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-    _last_prune: float = float("-inf")
+    retain_in_tick: bool = True
+    """Retention runs after the controller's tick on a simulated clock; in real time it
+    has a job of its own, so a long rollup never delays a plan."""
+    _last_retain: float = float("-inf")
 
     def tick_agents(self) -> bool:
         """Tick every local agent; one failing agent never stops the others."""
@@ -91,9 +94,27 @@ class Runtime:
             self.store.schema_checked = True
             log.warning("store reachable: schema at head, planning")
         self.controller.tick(now)
-        if now - self._last_prune >= PRUNE_EVERY_S:
-            self._last_prune = now
-            self.store.prune(now - self.cfg.store.retention_s)
+        if self.retain_in_tick and now - self._last_retain >= RETAIN_EVERY_S:
+            self._last_retain = now
+            self.retain(now)
+
+    def retain(self, now: float) -> None:
+        """Roll old samples up and drop what has aged out: the leading controller's job
+        (one per store, so standbys never race it for the same minutes)."""
+        controller = self.controller
+        if controller is None or not controller.leading:
+            return
+        kept = self.cfg.retention
+        done = self.store.retain(now, kept.raw_s, kept.rollup_s)
+        if done.minutes or done.rollup_rows:
+            log.info(
+                "retention: %d minute(s) of samples rolled up (%d raw rows), %d old rollup "
+                "rows dropped%s",
+                done.minutes,
+                done.raw_rows,
+                done.rollup_rows,
+                "" if done.caught_up else "; a backlog is left for the next minute",
+            )
 
     def shutdown(self) -> None:
         """Restore every agent's GPUs first, then record it and end a leading
@@ -558,14 +579,31 @@ def run_realtime(
             log.warning("controller: store reachable again")
             controller_down.clear()
 
+    retention = SingleFlight("retention")
+
+    def retention_job() -> None:
+        # On its own flight: a long rollup or a frozen database holds neither a scheduler
+        # thread (the wait is short, the work goes on) nor the controller's calls.
+        try:
+            retention.call(lambda: rt.retain(rt.clock.now()), 1.0)
+        except Hung:
+            pass
+        except StoreError as exc:
+            log.debug("retention: %s", exc)
+        except Exception:
+            log.exception("retention failed")
+
+    rt.retain_in_tick = False
     sched = BackgroundScheduler(
         timezone="UTC",
-        executors={"default": ThreadPoolExecutor(3)},
+        executors={"default": ThreadPoolExecutor(4)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5},
     )
     sched.add_job(agents_job, "interval", seconds=rt.cfg.agent.interval_s, id="agents")
     sched.add_job(guard_job, "interval", seconds=rt.cfg.agent.interval_s, id="guard")
     sched.add_job(controller_job, "interval", seconds=rt.cfg.controller.interval_s, id="controller")
+    if rt.controller is not None:
+        sched.add_job(retention_job, "interval", seconds=RETAIN_EVERY_S, id="retention")
     agents_job()
     controller_job()
     sched.start()

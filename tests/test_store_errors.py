@@ -71,7 +71,7 @@ CALLS = {
         host=(0.2, 900.0, "model"),
         tokens=[TokenRow(endpoint="http://n0:8000/metrics", model="m", up=True)],
     ),
-    "prune": lambda s: s.prune(NOW - 3600),
+    "retain": lambda s: s.retain(NOW, 3600.0, 7200.0),
     "get_budget": lambda s: s.get_budget(),
     "set_budget": lambda s: s.set_budget(5000.0, "test", NOW),
     "add_schedule": lambda s: s.add_schedule(

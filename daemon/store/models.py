@@ -221,3 +221,74 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(64))
     subject: Mapped[str] = mapped_column(String(255))
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+# -- rollups: one row per minute where the raw samples have aged out ---------------------
+# The leading controller writes them from the raw rows of each whole minute older than
+# retention.raw_s, in the transaction that deletes those rows, and deletes them once
+# older than retention.rollup_s. ``ts`` is the start of the minute; ``samples`` the raw
+# rows behind the row. Means and maxima skip the readings a sample did not have;
+# counters (energy, tokens) are their value at the minute's end: they only grow, so
+# that is their largest value in the minute, and the energy of a minute is the
+# difference between it and the previous row's.
+
+
+class GpuRollupRow(Base):
+    __tablename__ = "gpu_samples_1m"
+
+    gpu_id: Mapped[int] = mapped_column(ForeignKey("gpus.id", ondelete="CASCADE"), primary_key=True)
+    ts: Mapped[float] = mapped_column(Float, primary_key=True, index=True)
+    samples: Mapped[int] = mapped_column(Integer)
+    power_mean_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    power_max_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    energy_j: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sm_clock_mean_mhz: Mapped[float | None] = mapped_column(Float, nullable=True)
+    mem_clock_mean_mhz: Mapped[float | None] = mapped_column(Float, nullable=True)
+    utilization_gpu_mean_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    temperature_mean_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    temperature_max_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    power_limit_min_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    power_limit_max_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    power_capped_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Share of the minute's samples throttled by the power cap (``sw_power_cap``)."""
+
+
+class HostRollupRow(Base):
+    __tablename__ = "host_samples_1m"
+
+    node_id: Mapped[int] = mapped_column(
+        ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True
+    )
+    ts: Mapped[float] = mapped_column(Float, primary_key=True, index=True)
+    samples: Mapped[int] = mapped_column(Integer)
+    cpu_util_mean_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    non_gpu_power_mean_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    non_gpu_power_max_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class TokenRollupRow(Base):
+    __tablename__ = "token_samples_1m"
+
+    node_id: Mapped[int] = mapped_column(
+        ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True
+    )
+    endpoint: Mapped[str] = mapped_column(String(512), primary_key=True)
+    model: Mapped[str] = mapped_column(String(255), primary_key=True)
+    ts: Mapped[float] = mapped_column(Float, primary_key=True, index=True)
+    samples: Mapped[int] = mapped_column(Integer)
+    up_ratio: Mapped[float] = mapped_column(Float)
+    """Share of the minute's reads that found the server up."""
+    prompt_tokens_total: Mapped[float | None] = mapped_column(Float, nullable=True)
+    generation_tokens_total: Mapped[float | None] = mapped_column(Float, nullable=True)
+    generation_tokens_mean_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    requests_running_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    requests_waiting_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    kv_cache_usage_max_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ttft_p90_max_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """The worst of the reads' p90s: a quantile of quantiles is no quantile."""
+    tpot_p90_max_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ttft_mean_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Mean of the reads' means."""
+    tpot_mean_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_requests: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Observations behind the reads' quantiles, summed over the minute."""

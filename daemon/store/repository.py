@@ -52,8 +52,11 @@ from wattkeeper.store.models import (
     Target,
     TokenSampleRow,
 )
+from wattkeeper.store.retention import Retained, roll_up
 
 FACILITY = "facility"
+AUDIT_KEPT_S = 30 * 86400.0
+"""The audit log outlives the samples: who changed a budget is asked months later."""
 
 
 def _why(detail: dict, reason: str | None) -> dict:
@@ -577,14 +580,16 @@ class Store:
             if token_rows:
                 conn.execute(insert(TokenSampleRow), token_rows)
 
-    def prune(self, before_ts: float) -> int:
-        """Drop raw samples older than the retention window; returns rows removed."""
-        removed = 0
-        with self.session() as s, s.begin():
-            for model in (GpuSampleRow, HostSampleRow, TokenSampleRow):
-                removed += s.execute(delete(model).where(model.ts < before_ts)).rowcount or 0
-            s.execute(delete(AuditEntry).where(AuditEntry.ts < before_ts - 30 * 86400))
-        return removed
+    def retain(self, now: float, raw_s: float, rollup_s: float) -> Retained:
+        """Roll raw samples older than ``raw_s`` up into minutes, drop minutes older than
+        ``rollup_s`` and audit entries older than that or 30 days, whichever is longer
+        (store/retention.py says how)."""
+        done = roll_up(self.engine.begin, now, raw_s, rollup_s)
+        with self.engine.begin() as conn:
+            conn.execute(
+                delete(AuditEntry).where(AuditEntry.ts < now - max(rollup_s, AUDIT_KEPT_S))
+            )
+        return done
 
     # -- budgets, targets, audit --------------------------------------------------------
     def get_budget(self, scope: str = FACILITY) -> Budget | None:

@@ -90,6 +90,8 @@ class CachedTarget:
     reason: str
     epoch: int | None = None
     """The leader epoch that wrote it."""
+    issued_at: float = math.nan
+    """When the controller wrote it (its clock): a new value is a renewal."""
 
 
 @dataclass(frozen=True)
@@ -183,8 +185,16 @@ class Agent:
         store_timeout_s: float | None = None,
         spool_ticks: int = SPOOL_TICKS,
         agent_id: str | None = None,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.node = node
+        self._monotonic = monotonic
+        """Leases are timed on it, not on the wall clock ``tick`` is given, so a clock
+        step on this host or the controller's neither expires every lease at once nor
+        holds a cap past its lease. None: the tick's clock (a simulated run)."""
+        self._lease_ends: dict[str, tuple[float, float]] = {}
+        """Per GPU: the issue time of the target last seen and when, on the monotonic
+        clock, its lease ends."""
         self.agent_id = agent_id or agent_identity()
         self.store_timeout_s = store_timeout_s
         """None: store calls run inline (the simulated clock must not race a thread).
@@ -397,7 +407,11 @@ class Agent:
                 if k == 0:
                     out.targets = {
                         uuid: CachedTarget(
-                            t.power_limit_w, t.lease_expires_at, t.reason or "target", t.epoch
+                            t.power_limit_w,
+                            t.lease_expires_at,
+                            t.reason or "target",
+                            t.epoch,
+                            t.issued_at,
                         )
                         for uuid, t in store.targets_for_node(self.node).items()
                     }
@@ -405,7 +419,11 @@ class Agent:
             if out.targets is None:
                 out.targets = {
                     uuid: CachedTarget(
-                        t.power_limit_w, t.lease_expires_at, t.reason or "target", t.epoch
+                        t.power_limit_w,
+                        t.lease_expires_at,
+                        t.reason or "target",
+                        t.epoch,
+                        t.issued_at,
                     )
                     for uuid, t in store.targets_for_node(self.node).items()
                 }
@@ -451,9 +469,39 @@ class Agent:
         self._store_ok(True, None)
         assert res.targets is not None
         self._targets = self._fenced(res.targets)
+        self._time_leases(now)
         self._targets_read = True
         self._drained_mark = res.drained
         return True
+
+    def _mono(self, now: float) -> float:
+        return now if self._monotonic is None else self._monotonic()
+
+    def _time_leases(self, now: float) -> None:
+        """Start each renewed lease on the monotonic clock.
+
+        A target whose issue time changed was renewed: its lease runs its full length
+        from now, whatever either wall clock says, so it ends at most one store round
+        trip later than the controller meant. A target first seen (this agent just
+        started) is trusted to the wall clock, but never for longer than its lease: a
+        clock set back cannot keep a dead controller's targets alive, and one set
+        forward only brings the safe cap early. The same issue time keeps its end."""
+        mono = self._mono(now)
+        ends = {}
+        for uuid, t in self._targets.items():
+            seen = self._lease_ends.get(uuid)
+            if seen is not None and seen[0] == t.issued_at:
+                ends[uuid] = seen
+                continue
+            length = t.lease_expires_at - t.issued_at
+            if math.isnan(length):  # no issue time known: the wall clock alone
+                left = t.lease_expires_at - now
+            elif seen is None:
+                left = min(t.lease_expires_at - now, length)
+            else:
+                left = length
+            ends[uuid] = (t.issued_at, mono + left)
+        self._lease_ends = ends
 
     def _fenced(self, targets: dict[str, CachedTarget]) -> dict[str, CachedTarget]:
         """Targets written by a leader epoch older than one already seen come from a
@@ -666,20 +714,25 @@ class Agent:
                 targets.setdefault(
                     uuid, CachedTarget(float("inf"), float("-inf"), "store unreachable")
                 )
+        mono = self._mono(now)
         for uuid, target in targets.items():
             info = self.infos.get(uuid)
             if info is None or target.power_limit_w is None:
                 continue
             lim = info.power_limits
-            if target.lease_expires_at >= now:
+            end = self._lease_ends.get(uuid)
+            if end is not None and end[1] >= mono:
                 want, why = target.power_limit_w, target.reason
             else:
                 fallback = max(lim.min_w, min(lim.max_w, self.fallback_ratio * lim.default_w))
                 want = min(fallback, target.power_limit_w)
+                length = target.lease_expires_at - target.issued_at
                 why = (
                     "store unreachable and no target yet: fallback safe cap"
                     if not self._targets_read
-                    else f"lease expired at {target.lease_expires_at:.0f}: fallback safe cap"
+                    else f"lease expired ({length:.0f} s, not renewed): fallback safe cap"
+                    if math.isfinite(length)
+                    else "lease expired: fallback safe cap"
                 )
             want = min(max(want, lim.min_w), lim.max_w)
             current = samples[uuid].power_limit_requested_w if uuid in samples else None

@@ -327,6 +327,7 @@ def make_agent(
         drain=drain,
         store_timeout_s=cfg.agent.store_timeout_s if wall_clock else None,
         spool_ticks=cfg.agent.spool_ticks,
+        monotonic=time.monotonic if wall_clock else None,
     )
 
 

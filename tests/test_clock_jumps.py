@@ -1,0 +1,105 @@
+"""A wall clock stepped forwards or backwards, on an agent's host or the controller's,
+neither relaxes a cap nor expires every lease at once: leases are timed on the agent's
+monotonic clock. The clocks are injected: the facility runs on true time, the agent and
+the controller are each given their own wall clock, and the agent its monotonic one."""
+
+import pytest
+
+from wattkeeper.clock import SimClock
+from wattkeeper.config import load_config
+from wattkeeper.runtime import build_simulated, open_store
+from wattkeeper.simulator.facility import FacilitySpec
+from wattkeeper.store.db import make_engine, upgrade
+
+HOUR = 3600.0
+FALLBACK = 0.6 * 700
+
+
+class Host:
+    """True time, and what each machine believes it is."""
+
+    def __init__(self, rt) -> None:
+        self.rt = rt
+        self.agent_wall = 0.0  # offsets from true time
+        self.controller_wall = 0.0
+        self.mono = 500.0
+        rt.agents[0]._monotonic = lambda: self.mono
+
+    def run(self, seconds: int, controller: bool = True) -> list[list[float]]:
+        """Seconds of the loop; the GPUs' limits after each."""
+        rt, seen = self.rt, []
+        for _ in range(seconds):
+            t = rt.clock.now() + 1
+            rt.clock.set(t)
+            rt.facility.advance_to(t)
+            self.mono += 1
+            rt.agents[0].tick(t + self.agent_wall)
+            if controller and int(t) % 5 == 0:
+                rt.controller.tick(t + self.controller_wall)
+            seen.append(limits(rt))
+        return seen
+
+
+def limits(rt) -> list[float]:
+    return [s.power_limit_requested_w for s in rt.agents[0].state.samples.values()]
+
+
+@pytest.fixture
+def host(sqlite_url):
+    upgrade(make_engine(sqlite_url))
+    cfg = load_config(None, environ={})
+    store = open_store(cfg, sqlite_url)
+    rt = build_simulated(cfg, store, FacilitySpec(1, 4), SimClock(10_000.0))
+    yield Host(rt)
+    rt.store.engine.dispose()
+
+
+def _uncapped(host: Host) -> None:
+    """A budget that caps nothing: every target at 700 W with a 30 s lease, so the safe
+    cap (420 W) shows when a lease has run out."""
+    host.rt.store.set_budget(100_000.0, "test", host.rt.clock.now())
+    assert host.run(12)[-1] == [700.0] * 4
+
+
+@pytest.mark.parametrize("step", [HOUR, -HOUR])
+def test_an_agent_clock_step_keeps_renewed_leases(host, step):
+    _uncapped(host)
+    host.agent_wall = step
+    seen = host.run(45)
+    assert all(lims == [700.0] * 4 for lims in seen), "a clock step expired the leases"
+
+
+@pytest.mark.parametrize("step", [HOUR, -HOUR])
+def test_a_controller_clock_step_keeps_renewed_leases(host, step):
+    _uncapped(host)
+    host.controller_wall = step
+    seen = host.run(45)
+    assert all(lims == [700.0] * 4 for lims in seen), "a clock step expired the leases"
+
+
+@pytest.mark.parametrize("who", ["agent", "controller"])
+def test_a_clock_set_back_does_not_keep_a_dead_controllers_targets(host, who):
+    """The agent's clock set back an hour, or the controller's set forward an hour (its
+    last leases run an hour too long by the agent's wall clock): once the controller
+    stops, the safe cap comes within the lease's length all the same."""
+    _uncapped(host)
+    if who == "agent":
+        host.agent_wall = -HOUR
+    else:
+        host.controller_wall = HOUR
+    host.run(10)
+    seen = host.run(45, controller=False)
+    assert seen[-1] == [pytest.approx(FALLBACK)] * 4
+    expired_after = next(k for k, lims in enumerate(seen) if lims[0] < 700.0)
+    assert expired_after <= 31
+
+
+def test_a_binding_budget_is_not_relaxed_by_a_step_on_either_side(host):
+    host.rt.store.set_budget(1800.0, "test", host.rt.clock.now())
+    capped = host.run(30)[-1]
+    assert max(capped) < 700.0
+    for agent_wall, controller_wall in [(HOUR, 0.0), (-HOUR, 0.0), (0.0, HOUR), (0.0, -HOUR)]:
+        host.agent_wall, host.controller_wall = agent_wall, controller_wall
+        seen = host.run(40)
+        assert max(max(lims) for lims in seen) <= max(capped) + 1.0
+        assert sum(seen[-1]) <= sum(capped) + 4.0

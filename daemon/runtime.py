@@ -535,7 +535,12 @@ def run_realtime(
     from wattkeeper.sdnotify import notify
 
     stop = stop or threading.Event()
+    # Set by each agents' tick that sampled and reconciled; the watchdog is pinged only
+    # after one. A process without agents (`wattkeeper controller`) counts as ticking.
     healthy = threading.Event()
+    # When the controller's job last ran to its end, whatever the store said: a
+    # controller waiting out a database outage is healthy, a wedged scheduler is not.
+    planned = [time.monotonic()]
 
     # Three jobs on three threads: the agents' loop never waits on the controller or its
     # store calls, so a hung database leaves sampling, caps and the watchdog running.
@@ -555,6 +560,15 @@ def run_realtime(
     def agents_job() -> None:
         if rt.tick_agents():
             healthy.set()
+
+    def alive() -> bool:
+        """Whether to ping the watchdog: the actuating loop ticked since the last ping,
+        and the controller's job (where there is one) ran within two periods."""
+        if rt.agents and not healthy.is_set():
+            return False
+        if rt.controller is None:
+            return True
+        return time.monotonic() - planned[0] <= 2 * rt.cfg.controller.interval_s + 5.0
 
     def guard_job() -> None:
         controller = rt.controller
@@ -576,6 +590,8 @@ def run_realtime(
         except Exception:
             log.exception("controller tick failed")
             return
+        finally:
+            planned[0] = time.monotonic()
         if controller_down:
             log.warning("controller: store reachable again")
             controller_down.clear()
@@ -614,7 +630,7 @@ def run_realtime(
         while not stop.is_set():
             if duration_s is not None and time.monotonic() - started >= duration_s:
                 break
-            if healthy.is_set():
+            if alive():
                 notify("WATCHDOG=1")
                 healthy.clear()
             if on_refresh is not None:

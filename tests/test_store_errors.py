@@ -167,7 +167,9 @@ def test_agent_falls_back_on_every_gpu_in_one_tick_while_postgres_is_stopped(own
         assert len(leases) == 8
         own_pg.halt()
         try:
-            rt.clock.set(max(leases) + 1)
+            # A lease runs from when the agent read it (its monotonic clock), at most
+            # one agent interval after the controller wrote it.
+            rt.clock.set(max(leases) + cfg.agent.interval_s + 1)
             rt.facility.advance_to(rt.clock.now())
             rt.tick_agents()
             agent = rt.agents[0]

@@ -111,7 +111,16 @@ def size_run(url: str, n_nodes: int, minutes: int, raw_min: int, rollup_min: int
     end = growth[-1]
     n_gpus = n_nodes * 8
     per_raw = end["raw_bytes"] / end["raw_gpu_rows"]
-    per_minute = end["rollup_bytes"] / end["rollup_gpu_rows"]
+    # Rollup tables are small in a short run, so their first pages weigh: the bytes a
+    # rollup row adds are measured between the first and last checkpoints holding any.
+    held = [g for g in growth if g["rollup_gpu_rows"]]
+    first, last = held[0], held[-1]
+    added = last["rollup_gpu_rows"] - first["rollup_gpu_rows"]
+    per_minute = (
+        (last["rollup_bytes"] - first["rollup_bytes"]) / added
+        if added > 0
+        else last["rollup_bytes"] / last["rollup_gpu_rows"]
+    )
     interval = cfg.agent.interval_s
     steady = (
         DEFAULT_RAW_S / interval * per_raw + (DEFAULT_ROLLUP_S - DEFAULT_RAW_S) / 60 * per_minute

@@ -211,6 +211,17 @@ class Leader(Base):
     expires_at: Mapped[float] = mapped_column(Float)
 
 
+class AgentRole(Base):
+    """On PostgreSQL, the login role each node's agent connects as (made by ``wattkeeper
+    db add-agent``): row-level security lets it see and write that node's rows only."""
+
+    __tablename__ = "agent_roles"
+
+    role_name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    node: Mapped[str] = mapped_column(String(255), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class AuditEntry(Base):
     __tablename__ = "audit_log"
 

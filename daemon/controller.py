@@ -57,7 +57,7 @@ class ControllerState:
     serving_host_w: dict[str, float] = field(default_factory=dict)
     """Each node's non-GPU power when last seen serving: a drained node in standby
     measures far less, and undraining it brings the serving figure back."""
-    _last_measure: tuple[float, float] | None = None
+    _last_measure: tuple[tuple[frozenset[str], frozenset[str]], float, float] | None = None
     epoch: int | None = None
     """The leader epoch this controller plans in; None while it stands by (or runs
     without a lease)."""
@@ -482,11 +482,19 @@ class Controller:
         if len(host) != len(nodes) or not gpus:
             return
         host_w = sum(host)
+        # Only movements of the same machines teach anything: a node that falls silent,
+        # is forgotten or joins changes both sums by a whole host, which is no coupling
+        # (read as one, it would hold every other node at its floor).
+        fresh = self.settings.is_fresh
+        measured = (
+            frozenset(n.name for n in nodes),
+            frozenset(g.uuid for g in gpus if g.power_w is not None and fresh(g.sample_age_s)),
+        )
         last = self.state._last_measure
-        self.state._last_measure = (gpu_w, host_w)
-        if last is None:
+        self.state._last_measure = (measured, gpu_w, host_w)
+        if last is None or last[0] != measured:
             return
-        d_gpu, d_host = gpu_w - last[0], host_w - last[1]
+        d_gpu, d_host = gpu_w - last[1], host_w - last[2]
         if abs(d_gpu) < LEARN_STEP_RATIO * budget_w:
             return
         observed = min(max(d_host / d_gpu, 0.0), COUPLING_MAX)

@@ -126,10 +126,15 @@ def plan(
     """
     overhead: dict[str, float] = {}
     for n in nodes:
-        measured = n.non_gpu_power_w if s.is_fresh(n.sample_age_s) else None
-        if measured is None and n.standby and s.drained_node_w is not None:
-            measured = s.drained_node_w  # powered down: its agent cannot report
-        overhead[n.name] = measured if measured is not None else s.default_node_overhead_w
+        if s.is_fresh(n.sample_age_s) and n.non_gpu_power_w is not None:
+            overhead[n.name] = n.non_gpu_power_w
+        elif n.standby and s.drained_node_w is not None:
+            overhead[n.name] = s.drained_node_w  # powered down: its agent cannot report
+        else:
+            # Silent: its host draws what it last did, or the configured model where that
+            # is higher (a partitioned node keeps running).
+            last = n.non_gpu_power_w if n.non_gpu_power_w is not None else 0.0
+            overhead[n.name] = max(last, s.default_node_overhead_w)
     stale: list[PlanGpu] = []
     fresh_gpus: list[PlanGpu] = []
     targets: list[PlanTarget] = []
@@ -168,8 +173,12 @@ def plan(
             targets.append(PlanTarget(g.uuid, keep, "no fresh sample: cap held, not relaxed"))
         # Budget the larger of what we asked and what the GPU last had: a cleanly
         # stopped agent restores its GPUs above their target, a crashed one leaves the
-        # target in force; either way that is what the GPU may draw now.
-        held[g.node] += min(max(keep, g.limit_w or 0.0), g.max_w)
+        # target in force; either way that is what the GPU may draw now. Its host power
+        # was last read at the GPU's last draw, so a rise from there to the cap brings
+        # the coupled host power too; the rest is in the host reading already.
+        may_draw = min(max(keep, g.limit_w or 0.0), g.max_w)
+        rise = may_draw - (g.power_w if g.power_w is not None else 0.0)
+        held[g.node] += may_draw + s.non_gpu_w_per_gpu_w * max(0.0, rise)
 
     non_gpu = sum(overhead.values())
     drawn_by_node: dict[str, float] = {}
@@ -178,11 +187,16 @@ def plan(
             drawn_by_node[g.node] = drawn_by_node.get(g.node, 0.0) + g.power_w
     # The facility: raising GPU power raises non-GPU power too, G + H0 + k (G - G0) <= B',
     # so the GPUs' share above today's draw shrinks by 1 + k.
-    usable = math.inf if budget_w is None else budget_w * (1 - s.margin_ratio) - non_gpu
+    # Held watts are drawn already (or budgeted with their own rise): only the fresh
+    # GPUs' rise above their draw pays the coupling.
+    usable = (
+        math.inf
+        if budget_w is None
+        else budget_w * (1 - s.margin_ratio) - non_gpu - sum(held.values())
+    )
     drawn = sum(drawn_by_node.values())
     if usable > drawn:
         usable = drawn + (usable - drawn) / (1 + s.non_gpu_w_per_gpu_w)
-    usable -= sum(held.values())
 
     tree, node_index = _tree(domains, overhead, held, drawn_by_node, usable, s)
     maxs = np.array([g.max_w for g in fresh_gpus], dtype=float)

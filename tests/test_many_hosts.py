@@ -243,3 +243,161 @@ def _audit_actions(url: str) -> set[str]:
             return {a for (a,) in conn.execute(text("SELECT DISTINCT action FROM audit_log"))}
     finally:
         engine.dispose()
+
+
+def _cli(pg_url: str, *args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [sys.executable, "-m", "wattkeeper", *args, "--db", pg_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **ENV},
+    )
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_a_budget_changed_during_failover_is_met_and_a_node_lost_for_good_frees_its_share(
+    pg_url: str, tmp_path: Path, procs: list[subprocess.Popen]
+) -> None:
+    """The budget is lowered while the leader hangs and before the standby has taken
+    over: the new leader plans on it, the agents apply it, and the audit log has it
+    with its reason. Then a node dies for good: its caps keep holding its share while
+    it may come back, and once it is forgotten the share goes to the node that lives."""
+    upgrade(make_engine(pg_url))
+    engine = make_engine(pg_url)
+    env = {"WATTKEEPER_CONTROLLER__FORGET_AFTER_S": "25"}
+
+    def leader() -> str | None:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT name FROM leader")).scalar()
+
+    def targets(node: str) -> dict[str, tuple[float, int]]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT g.uuid, t.power_limit_w, t.epoch FROM targets t"
+                    " JOIN gpus g ON g.id = t.gpu_id JOIN nodes n ON n.id = g.node_id"
+                    " WHERE n.name = :n"
+                ),
+                {"n": node},
+            ).all()
+        return {u: (w, e) for u, w, e in rows}
+
+    def applied(node: str) -> bool:
+        """Each GPU's newest sample shows the limit of its target."""
+        want = targets(node)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT DISTINCT ON (g.uuid) g.uuid, s.power_limit_w FROM gpu_samples s"
+                    " JOIN gpus g ON g.id = s.gpu_id JOIN nodes n ON n.id = g.node_id"
+                    " WHERE n.name = :n ORDER BY g.uuid, s.ts DESC"
+                ),
+                {"n": node},
+            ).all()
+        return len(rows) == len(want) > 0 and all(
+            lim is not None and abs(lim - want[u][0]) < 1.0 for u, lim in rows
+        )
+
+    agents = {}
+    for node in ("node-a", "node-b"):
+        agents[node] = _wattkeeper(
+            tmp_path,
+            node,
+            "agent",
+            "--simulate",
+            "2",
+            "--node",
+            node,
+            "--db",
+            pg_url,
+            "--no-metrics",
+            **env,
+        )
+        procs.append(agents[node])
+    first = _wattkeeper(
+        tmp_path,
+        "ctl-1",
+        "controller",
+        "--db",
+        pg_url,
+        "--no-metrics",
+        WATTKEEPER_CONTROLLER__NAME="ctl-1",
+        **env,
+    )
+    procs.append(first)
+    _wait("ctl-1 to lead", lambda: leader() == "ctl-1", tmp_path)
+    second = _wattkeeper(
+        tmp_path,
+        "ctl-2",
+        "controller",
+        "--db",
+        pg_url,
+        "--no-metrics",
+        WATTKEEPER_CONTROLLER__NAME="ctl-2",
+        **env,
+    )
+    procs.append(second)
+    _cli(pg_url, "budget", "set", "7kW")
+    _wait(
+        "targets for both nodes",
+        lambda: len(targets("node-a")) == len(targets("node-b")) == 2,
+        tmp_path,
+    )
+    before = sum(w for w, _ in [*targets("node-a").values(), *targets("node-b").values()])
+
+    os.kill(first.pid, signal.SIGSTOP)
+    _cli(pg_url, "budget", "set", "6kW", "--reason", "feeder maintenance")
+    _wait("ctl-2 to lead", lambda: leader() == "ctl-2", tmp_path)
+
+    def met() -> bool:
+        mine = [*targets("node-a").values(), *targets("node-b").values()]
+        epoch = {e for _, e in mine}
+        return len(mine) == 4 and len(epoch) == 1 and sum(w for w, _ in mine) < before - 200
+
+    _wait("the lower budget planned by the new leader", met, tmp_path)
+    _wait("the agents to apply it", lambda: applied("node-a") and applied("node-b"), tmp_path)
+    os.kill(first.pid, signal.SIGCONT)
+    with engine.connect() as conn:
+        reasons = [
+            d
+            for (d,) in conn.execute(
+                text("SELECT detail FROM audit_log WHERE action = 'budget.set' ORDER BY id")
+            )
+        ]
+    assert reasons[-1]["reason"] == "feeder maintenance" and reasons[-1]["limit_w"] == 6000.0
+
+    # node-b dies for good.
+    a_before = sum(w for w, _ in targets("node-a").values())
+    agents["node-b"].kill()
+    agents["node-b"].wait(timeout=30)
+    # Its last samples count as fresh for stale_after_s (5 s here), then it is silent.
+    time.sleep(7)
+    silent = time.monotonic()
+    b_held = {u: w for u, (w, _) in targets("node-b").items()}
+    while time.monotonic() - silent < 10:
+        # The silent node keeps its caps (budgeted with the host power a rise to them
+        # would bring); its peer does not pay for it twice.
+        a_now = sum(w for w, _ in targets("node-a").values())
+        assert a_now >= a_before - 40, (a_before, a_now)
+        assert {u: w for u, (w, _) in targets("node-b").items()} == b_held
+        time.sleep(0.5)
+    seen: list[object] = []
+
+    def freed() -> bool:
+        now = targets("node-a")
+        seen[:] = [now, targets("node-b")]
+        return sum(w for w, _ in now.values()) == 1400.0  # alone under 6 kW: uncapped
+
+    deadline = time.monotonic() + WAIT_S
+    while not freed() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not freed():
+        with engine.connect() as conn:
+            seen_at = conn.execute(text("SELECT name, last_seen_at FROM nodes")).all()
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in tmp_path.glob("*.log"))
+        pytest.fail(
+            f"node-a kept {a_before:.0f} W after node-b was forgotten: {seen} {seen_at}\n{logs}"
+        )
+    engine.dispose()

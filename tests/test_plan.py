@@ -1,3 +1,4 @@
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -150,3 +151,29 @@ def test_a_silent_drained_node_counts_at_its_caps_until_its_agent_said_it_powere
     assert a_total(standby=False) == 4 * 200.0
     # Its agent said the drain powers it down: b is 150 W, a gets the rest.
     assert a_total(standby=True) == pytest.approx(3500.0 - 1000.0 - 150.0, abs=4.0)
+
+
+def test_a_silent_node_costs_its_peers_its_caps_and_its_hosts_rise_to_them_only():
+    """A node that fell silent is held at its cap, its host at what it last drew, plus
+    the host power its GPU's rise from its last draw to its cap would add; only the
+    live GPU's own rise pays the coupling. (Charging the held watts the coupling again
+    held a live peer near its floor whenever a node died.)"""
+    k = 0.8
+    settings = PlanSettings(
+        margin_ratio=0.0, non_gpu_w_per_gpu_w=k, stale_after_s=10, default_node_overhead_w=1000
+    )
+
+    def peer_limit(b_power: float) -> float:
+        nodes = [PlanNode("a", 1000.0, 1.0), PlanNode("b", 1000.0, 60.0)]
+        gpus = [
+            PlanGpu("a0", "a", 200, 700, 450, 450, 450.0, 1.0, True),
+            PlanGpu("b0", "b", 200, 700, b_power, 450, 450.0, 60.0, True),
+        ]
+        targets = {t.uuid: t.power_limit_w for t in plan(nodes, gpus, 3000.0, settings).targets}
+        assert targets["b0"] == 450.0  # held, not relaxed
+        return targets["a0"]
+
+    # Drawing its cap when it fell silent: what is left above a0's draw pays a0's rise.
+    assert peer_limit(450.0) == math.floor(450 + (3000 - 2000 - 450 - 450) / (1 + k))
+    # Drawing 250 W of its 450 W cap: it may still rise 200 W, and its host 160 W.
+    assert peer_limit(250.0) == pytest.approx(3000 - 2000 - (450 + k * 200), abs=1)

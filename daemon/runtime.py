@@ -544,10 +544,23 @@ def run_realtime(
 
     # Three jobs on three threads: the agents' loop never waits on the controller or its
     # store calls, so a hung database leaves sampling, caps and the watchdog running.
-    # The controller's calls run one at a time on a daemon thread of their own, and its
-    # jobs wait for them only so long: a frozen database holds no scheduler thread, and
-    # stopping never waits for it.
-    flight = SingleFlight("controller")
+    # The controller's calls run on daemon threads of their own, and its jobs wait for
+    # them only so long: a frozen database holds no scheduler thread, and stopping never
+    # waits for it. The emergency check and the control period fall due at the same
+    # instants: each has its own flight, so neither takes the other's result for its
+    # own (the period was lost whenever the check got there first), and one lock keeps
+    # them from working on the controller's state at once.
+    guard_flight = SingleFlight("emergency check")
+    tick_flight = SingleFlight("controller")
+    controller_calls = threading.Lock()
+
+    def serial(fn: Callable[[], object]) -> Callable[[], object]:
+        def call() -> object:
+            with controller_calls:
+                return fn()
+
+        return call
+
     controller_down: list[str] = []
 
     def down(exc: Exception) -> None:
@@ -575,7 +588,9 @@ def run_realtime(
         if controller is None:
             return
         try:
-            flight.call(lambda: controller.guard(rt.clock.now()), rt.cfg.agent.interval_s)
+            guard_flight.call(
+                serial(lambda: controller.guard(rt.clock.now())), rt.cfg.agent.interval_s
+            )
         except (StoreError, Hung):
             pass  # the controller job reports the store; the agents hold the caps
         except Exception:
@@ -583,7 +598,7 @@ def run_realtime(
 
     def controller_job() -> None:
         try:
-            flight.call(rt.tick_controller, rt.cfg.controller.interval_s)
+            tick_flight.call(serial(rt.tick_controller), rt.cfg.controller.interval_s)
         except (StoreError, Hung) as exc:
             down(exc)
             return

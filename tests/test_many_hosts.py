@@ -396,6 +396,10 @@ def test_a_budget_changed_during_failover_is_met_and_a_node_lost_for_good_frees_
     if not freed():
         with engine.connect() as conn:
             seen_at = conn.execute(text("SELECT name, last_seen_at FROM nodes")).all()
+            seen_at += conn.execute(
+                text("SELECT reason, issued_at, extract(epoch from now()) FROM targets")
+            ).all()
+            seen_at += conn.execute(text("SELECT name, epoch, expires_at FROM leader")).all()
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in tmp_path.glob("*.log"))
         pytest.fail(
             f"node-a kept {a_before:.0f} W after node-b was forgotten: {seen} {seen_at}\n{logs}"

@@ -19,10 +19,8 @@ Run: ``.venv/bin/python bench/bench_retention.py [--backend postgresql|sqlite|bo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, text
@@ -35,7 +33,6 @@ from wattkeeper.store import retention
 from wattkeeper.store.models import Gpu, GpuRollupRow, GpuSampleRow
 from wattkeeper.store.repository import Store
 
-ROOT = Path(__file__).resolve().parent.parent
 RAW = ("gpu_samples", "host_samples", "token_samples")
 ROLLUPS = ("gpu_samples_1m", "host_samples_1m", "token_samples_1m")
 DEFAULT_RAW_S = 86400.0
@@ -43,11 +40,11 @@ DEFAULT_ROLLUP_S = 30 * 86400.0
 
 
 def _bench_store() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_store", ROOT / "bench" / "bench_store.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The fleet and history loaders of bench_store.py, beside this script (its folder
+    is on the path when the script runs)."""
+    import bench_store
+
+    return bench_store
 
 
 def table_bytes(store: Store, tables: tuple[str, ...]) -> int:

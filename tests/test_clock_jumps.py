@@ -11,7 +11,7 @@ from wattkeeper.runtime import build_simulated, open_store
 from wattkeeper.simulator.facility import FacilitySpec
 from wattkeeper.store.db import make_engine, upgrade
 
-HOUR = 3600.0
+STEP = 600.0  # ten minutes: twenty leases
 FALLBACK = 0.6 * 700
 
 
@@ -49,7 +49,7 @@ def host(sqlite_url):
     upgrade(make_engine(sqlite_url))
     cfg = load_config(None, environ={})
     store = open_store(cfg, sqlite_url)
-    rt = build_simulated(cfg, store, FacilitySpec(1, 4), SimClock(10_000.0))
+    rt = build_simulated(cfg, store, FacilitySpec(1, 2), SimClock(10_000.0))
     yield Host(rt)
     rt.store.engine.dispose()
 
@@ -58,48 +58,48 @@ def _uncapped(host: Host) -> None:
     """A budget that caps nothing: every target at 700 W with a 30 s lease, so the safe
     cap (420 W) shows when a lease has run out."""
     host.rt.store.set_budget(100_000.0, "test", host.rt.clock.now())
-    assert host.run(12)[-1] == [700.0] * 4
+    assert host.run(12)[-1] == [700.0] * 2
 
 
-@pytest.mark.parametrize("step", [HOUR, -HOUR])
+@pytest.mark.parametrize("step", [STEP, -STEP])
 def test_an_agent_clock_step_keeps_renewed_leases(host, step):
     _uncapped(host)
     host.agent_wall = step
-    seen = host.run(45)
-    assert all(lims == [700.0] * 4 for lims in seen), "a clock step expired the leases"
+    seen = host.run(36)
+    assert all(lims == [700.0] * 2 for lims in seen), "a clock step expired the leases"
 
 
-@pytest.mark.parametrize("step", [HOUR, -HOUR])
+@pytest.mark.parametrize("step", [STEP, -STEP])
 def test_a_controller_clock_step_keeps_renewed_leases(host, step):
     _uncapped(host)
     host.controller_wall = step
-    seen = host.run(45)
-    assert all(lims == [700.0] * 4 for lims in seen), "a clock step expired the leases"
+    seen = host.run(36)
+    assert all(lims == [700.0] * 2 for lims in seen), "a clock step expired the leases"
 
 
 @pytest.mark.parametrize("who", ["agent", "controller"])
 def test_a_clock_set_back_does_not_keep_a_dead_controllers_targets(host, who):
-    """The agent's clock set back an hour, or the controller's set forward an hour (its
-    last leases run an hour too long by the agent's wall clock): once the controller
+    """The agent's clock set back ten minutes, or the controller's set forward (its
+    last leases run ten minutes too long by the agent's wall clock): once the controller
     stops, the safe cap comes within the lease's length all the same."""
     _uncapped(host)
     if who == "agent":
-        host.agent_wall = -HOUR
+        host.agent_wall = -STEP
     else:
-        host.controller_wall = HOUR
+        host.controller_wall = STEP
     host.run(10)
-    seen = host.run(45, controller=False)
-    assert seen[-1] == [pytest.approx(FALLBACK)] * 4
+    seen = host.run(36, controller=False)
+    assert seen[-1] == [pytest.approx(FALLBACK)] * 2
     expired_after = next(k for k, lims in enumerate(seen) if lims[0] < 700.0)
     assert expired_after <= 31
 
 
 def test_a_binding_budget_is_not_relaxed_by_a_step_on_either_side(host):
-    host.rt.store.set_budget(1800.0, "test", host.rt.clock.now())
-    capped = host.run(30)[-1]
+    host.rt.store.set_budget(2600.0, "test", host.rt.clock.now())
+    capped = host.run(20)[-1]
     assert max(capped) < 700.0
-    for agent_wall, controller_wall in [(HOUR, 0.0), (-HOUR, 0.0), (0.0, HOUR), (0.0, -HOUR)]:
+    for agent_wall, controller_wall in [(STEP, 0.0), (-STEP, 0.0), (0.0, STEP), (0.0, -STEP)]:
         host.agent_wall, host.controller_wall = agent_wall, controller_wall
-        seen = host.run(40)
+        seen = host.run(36)
         assert max(max(lims) for lims in seen) <= max(capped) + 1.0
-        assert sum(seen[-1]) <= sum(capped) + 4.0
+        assert sum(seen[-1]) <= sum(capped) + 2.0

@@ -232,3 +232,19 @@ def test_a_simulated_facility_runs_with_each_part_on_its_own_role(pg_server):
             ).all()
         )
     assert set(written) == set(names) and min(written.values()) >= 4 * 30
+
+
+def test_a_temporary_table_does_not_let_an_agent_pass_for_another_node(fleet):
+    """The policies' functions run with their owner's rights: a temporary table named
+    like the one they read must not stand in for it."""
+    _url, stores, _ids = fleet
+    stores["ctl"].write_targets([TargetSpec("GPU-b", 450.0)], NOW, 30.0)
+    with stores["a"].engine.begin() as conn:
+        conn.execute(text("CREATE TEMP TABLE agent_roles (role_name text, node text)"))
+        conn.execute(text("INSERT INTO agent_roles VALUES (session_user, 'node-b')"))
+        conn.execute(text("CREATE TEMP TABLE nodes (id integer, name text)"))
+        conn.execute(text("INSERT INTO nodes SELECT 2, 'node-b'"))
+        seen = conn.execute(text("SELECT count(*) FROM public.targets")).scalar()
+        gpus = conn.execute(text("SELECT uuid FROM public.gpus")).scalars().all()
+    assert seen == 0
+    assert gpus == ["GPU-a"]

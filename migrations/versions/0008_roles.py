@@ -66,6 +66,10 @@ AGENT_ROWS = {
     "host_samples": f"node_id = {MY_NODE_ID}",
     "token_samples": f"node_id = {MY_NODE_ID}",
     "targets": MY_GPUS,
+    "routes": f"node_id = {MY_NODE_ID}",
+    "gpu_samples_1m": MY_GPUS,
+    "host_samples_1m": f"node_id = {MY_NODE_ID}",
+    "token_samples_1m": f"node_id = {MY_NODE_ID}",
 }
 
 
@@ -110,15 +114,18 @@ def upgrade() -> None:
 
     # Which node the connected agent speaks for: SECURITY DEFINER, so agents need not
     # read agent_roles, and keyed on session_user, the login role.
+    # Every name in their bodies is qualified and pg_temp comes last: an agent that
+    # made a temporary table called agent_roles or nodes would otherwise have it read
+    # in their place, with the definer's rights, and pass for any node.
     op.execute(
         "CREATE FUNCTION wattkeeper_agent_node() RETURNS text LANGUAGE sql STABLE "
-        f"SECURITY DEFINER SET search_path = pg_catalog, {schema} AS "
-        "$$ SELECT node FROM agent_roles WHERE role_name = session_user $$"
+        f"SECURITY DEFINER SET search_path = pg_catalog, {schema}, pg_temp AS "
+        f"$$ SELECT node FROM {schema}.agent_roles WHERE role_name = session_user $$"
     )
     op.execute(
         "CREATE FUNCTION wattkeeper_agent_node_id() RETURNS integer LANGUAGE sql STABLE "
-        f"SECURITY DEFINER SET search_path = pg_catalog, {schema} AS "
-        "$$ SELECT id FROM nodes WHERE name = wattkeeper_agent_node() $$"
+        f"SECURITY DEFINER SET search_path = pg_catalog, {schema}, pg_temp AS "
+        f"$$ SELECT id FROM {schema}.nodes WHERE name = {schema}.wattkeeper_agent_node() $$"
     )
     for fn in ("wattkeeper_agent_node()", "wattkeeper_agent_node_id()"):
         op.execute(f"REVOKE ALL ON FUNCTION {fn} FROM PUBLIC")

@@ -248,3 +248,39 @@ def test_a_temporary_table_does_not_let_an_agent_pass_for_another_node(fleet):
         gpus = conn.execute(text("SELECT uuid FROM public.gpus")).scalars().all()
     assert seen == 0
     assert gpus == ["GPU-a"]
+
+
+@pytest.fixture(scope="module")
+def scram_pg():
+    """A server of this module's own that asks every login but its owner for a
+    SCRAM-SHA-256 password, as a production server does."""
+    from conftest import started_pg
+
+    for server in started_pg():
+        hba = server.data / "pg_hba.conf"
+        hba.write_text(
+            "local all all trust\n"
+            "host all wattkeeper 127.0.0.1/32 trust\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n"
+        )
+        server._run(str(server.bindir / "pg_ctl"), "-D", str(server.data), "reload")
+        yield server
+
+
+def test_the_printed_url_logs_in_with_its_password_and_only_with_it(scram_pg):
+    url = scram_pg.create_database("roles_scram")
+    upgrade(make_engine(url))
+    made = _add_agent(url, "gpu-node-3")
+    import psycopg
+
+    login = make_url(made["url"])
+    dsn = f"host=127.0.0.1 port={login.port} dbname={login.database} user={login.username}"
+    with psycopg.connect(f"{dsn} password={login.password}") as conn:
+        assert conn.execute("SELECT session_user").fetchone()[0] == made["role"]
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(f"{dsn} password=not-{login.password}").close()
+    with make_engine(url).connect() as conn:
+        stored = conn.scalar(
+            text("SELECT rolpassword FROM pg_authid WHERE rolname = :r"), {"r": made["role"]}
+        )
+    assert stored.startswith("SCRAM-SHA-256$") and login.password not in stored

@@ -10,7 +10,9 @@ agent role speaks for, and the policies let it see and write that node's rows on
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import re
 import secrets
 from dataclasses import dataclass
@@ -50,6 +52,22 @@ def agent_role(database: str, node: str) -> str:
     return role
 
 
+def scram_verifier(password: str, iterations: int = 4096) -> str:
+    """What PostgreSQL stores for a SCRAM-SHA-256 password, made here: the server (and
+    its statement log) never sees the password itself. The password is ASCII, so
+    SASLprep leaves it as it is."""
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    stored_key = hashlib.sha256(client_key).digest()
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
 def quote(conn: Connection, name: str) -> str:
     return conn.dialect.identifier_preparer.quote_identifier(name)
 
@@ -81,13 +99,12 @@ def add_agent(conn: Connection, node: str, now: float) -> NewLogin:
         raise RoleError(f"a role named {role} already exists on this server: drop it first")
     password = secrets.token_urlsafe(24)
     group = group_role(database, "agent")
-    # CREATE ROLE takes no bind parameters: the password is URL-safe base64 and the
-    # names are quoted identifiers.
-    conn.execute(
-        text(
-            f"CREATE ROLE {quote(conn, role)} LOGIN PASSWORD '{password}' "
-            f"IN ROLE {quote(conn, group)}"
-        )
+    # CREATE ROLE takes no bind parameters: the verifier is base64, '$' and ':' (sent as
+    # it is, not through text(), which would read ':x' as a parameter), and the names
+    # are quoted identifiers.
+    conn.exec_driver_sql(
+        f"CREATE ROLE {quote(conn, role)} LOGIN PASSWORD '{scram_verifier(password)}' "
+        f"IN ROLE {quote(conn, group)}"
     )
     conn.execute(
         text("INSERT INTO agent_roles (role_name, node, created_at) VALUES (:r, :n, :t)"),

@@ -150,7 +150,7 @@ def speed_run(url: str, n_nodes: int, history_s: int) -> dict:
     t0 = time.perf_counter()
     minutes = raw_rows = 0
     while True:
-        done = retention.roll_up(engine.begin, now + 120.0, 60.0, 86400.0)
+        done = retention.roll_up(engine, now + 120.0, 60.0, 86400.0)
         minutes += done.minutes
         raw_rows += done.raw_rows
         if done.caught_up:

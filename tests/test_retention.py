@@ -156,10 +156,10 @@ def test_a_backlog_is_caught_up_a_bounded_piece_at_a_time(store, monkeypatch):
     ids = store.register_node("n0", "sim", [_info(u, i) for i, u in enumerate(UUIDS)], T0)
     for k in range(0, 300, 10):  # five minutes, gaps between samples
         _write(store, ids, T0 + k, 400.0)
-    done = retention.roll_up(store.engine.begin, T0 + 400, 60.0, 3600.0, max_minutes=2)
+    done = retention.roll_up(store.engine, T0 + 400, 60.0, 3600.0, max_minutes=2)
     assert not done.caught_up and done.minutes == 6  # two of each table
     while not done.caught_up:
-        done = retention.roll_up(store.engine.begin, T0 + 400, 60.0, 3600.0, max_minutes=2)
+        done = retention.roll_up(store.engine, T0 + 400, 60.0, 3600.0, max_minutes=2)
     assert _count(store, GpuSampleRow) == 0
     assert _count(store, GpuRollupRow) == 5 * 2
 

@@ -584,7 +584,7 @@ class Store:
         """Roll raw samples older than ``raw_s`` up into minutes, drop minutes older than
         ``rollup_s`` and audit entries older than that or 30 days, whichever is longer
         (store/retention.py says how)."""
-        done = roll_up(self.engine.begin, now, raw_s, rollup_s)
+        done = roll_up(self.engine, now, raw_s, rollup_s)
         with self.engine.begin() as conn:
             conn.execute(
                 delete(AuditEntry).where(AuditEntry.ts < now - max(rollup_s, AUDIT_KEPT_S))

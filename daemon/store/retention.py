@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Float, case, cast, delete, func, literal, select, text
+from sqlalchemy import Connection, Engine, Float, case, cast, delete, func, literal, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -148,7 +148,7 @@ def _roll_minute(conn: Connection, table: RollupTable, minute: float) -> int:
             func.count().label("samples"),
             *(_AGGREGATE[c.reduce](c.source(raw)).label(c.into) for c in table.columns),
         )
-        .where(raw.ts < end)
+        .where(raw.ts >= minute, raw.ts < end)
         .group_by(*keys)
     )
     names = [*table.keys, "ts", "samples", *(c.into for c in table.columns)]
@@ -167,7 +167,28 @@ def _roll_minute(conn: Connection, table: RollupTable, minute: float) -> int:
         },
     )
     conn.execute(stmt)
-    return conn.execute(delete(raw).where(raw.ts < end)).rowcount or 0
+    return conn.execute(delete(raw).where(raw.ts >= minute, raw.ts < end)).rowcount or 0
+
+
+class _Transaction:
+    """A connection and its transaction as one context: committed on success, rolled
+    back on error, closed either way."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> Connection:
+        self.conn.begin()
+        return self.conn
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        try:
+            if kind is None:
+                self.conn.commit()
+            else:
+                self.conn.rollback()
+        finally:
+            self.conn.close()
 
 
 @dataclass(frozen=True)
@@ -183,7 +204,7 @@ class Retained:
 
 
 def roll_up(
-    connect: Callable[[], Any],
+    engine: Engine,
     now: float,
     raw_s: float,
     rollup_s: float,
@@ -193,11 +214,20 @@ def roll_up(
     transaction (short: the agents' inserts and the controller's writes never wait long
     behind it), then drop rollups older than ``rollup_s``.
 
-    ``connect`` gives a transaction (``engine.begin``). On PostgreSQL each transaction
-    first takes a transaction-scoped advisory lock and skips the minute when another
-    controller holds it, so two processes never roll one minute up twice; on SQLite
-    the single writer does the same.
+    On PostgreSQL each transaction is REPEATABLE READ, so the rows it rolls up and the
+    rows it deletes are the same (under READ COMMITTED a late row committed between the
+    two statements would be deleted uncounted; now it waits for the next pass and is
+    merged into its minute). It first takes a transaction-scoped advisory lock and
+    skips the minute when another controller holds it, so two processes never roll one
+    minute up twice. On SQLite the single writer does both.
     """
+
+    def connect() -> Any:
+        conn = engine.connect()
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        return _Transaction(conn)
+
     cutoff = math.floor((now - raw_s) / ROLLUP_S) * ROLLUP_S
     minutes = raw_rows = 0
     caught_up = True

@@ -483,9 +483,10 @@ class Agent:
         A target whose issue time changed was renewed: its lease runs its full length
         from now, whatever either wall clock says, so it ends at most one store round
         trip later than the controller meant. A target first seen (this agent just
-        started) is trusted to the wall clock, but never for longer than its lease: a
-        clock set back cannot keep a dead controller's targets alive, and one set
-        forward only brings the safe cap early. The same issue time keeps its end."""
+        started), or renewed after the lease held here had run out, is trusted to the
+        wall clock, but never for longer than its lease: a clock set back cannot keep a
+        dead controller's targets alive, and one set forward only brings the safe cap
+        early. The same issue time keeps its end."""
         mono = self._mono(now)
         ends = {}
         for uuid, t in self._targets.items():
@@ -496,7 +497,10 @@ class Agent:
             length = t.lease_expires_at - t.issued_at
             if math.isnan(length):  # no issue time known: the wall clock alone
                 left = t.lease_expires_at - now
-            elif seen is None:
+            elif seen is None or seen[1] < mono:
+                # First sight, or a renewal after the last lease ran out here (a store
+                # away longer than a lease): it may be a dead controller's last word, so
+                # it gets no more than the wall clock says is left of it.
                 left = min(t.lease_expires_at - now, length)
             else:
                 left = length

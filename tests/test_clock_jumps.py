@@ -25,7 +25,7 @@ class Host:
         self.mono = 500.0
         rt.agents[0]._monotonic = lambda: self.mono
 
-    def run(self, seconds: int, controller: bool = True) -> list[list[float]]:
+    def run(self, seconds: int, controller: bool = True, agent: bool = True) -> list[list[float]]:
         """Seconds of the loop; the GPUs' limits after each."""
         rt, seen = self.rt, []
         for _ in range(seconds):
@@ -33,7 +33,8 @@ class Host:
             rt.clock.set(t)
             rt.facility.advance_to(t)
             self.mono += 1
-            rt.agents[0].tick(t + self.agent_wall)
+            if agent:
+                rt.agents[0].tick(t + self.agent_wall)
             if controller and int(t) % 5 == 0:
                 rt.controller.tick(t + self.controller_wall)
             seen.append(limits(rt))
@@ -103,3 +104,15 @@ def test_a_binding_budget_is_not_relaxed_by_a_step_on_either_side(host):
         seen = host.run(36)
         assert max(max(lims) for lims in seen) <= max(capped) + 1.0
         assert sum(seen[-1]) <= sum(capped) + 2.0
+
+
+def test_a_renewal_read_after_the_lease_ran_out_gets_only_what_is_left_of_it(host):
+    """The agent is cut off from the store for longer than a lease while the controller
+    keeps renewing, and the controller dies before the agent is back: the last renewal
+    it reads is a dead controller's, and runs out when the controller meant, not a
+    whole lease after the agent read it."""
+    _uncapped(host)
+    host.run(40, agent=False)  # the controller renews; the agent reads nothing
+    host.run(20, controller=False, agent=False)  # the controller dies 20 s before
+    seen = host.run(15, controller=False)  # the agent is back: 10 s were left
+    assert seen[-1] == [pytest.approx(FALLBACK)] * 2

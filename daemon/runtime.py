@@ -575,10 +575,12 @@ def run_realtime(
             healthy.set()
 
     def alive() -> bool:
-        """Whether to ping the watchdog: the actuating loop ticked since the last ping,
-        and the controller's job (where there is one) ran within two periods."""
-        if rt.agents and not healthy.is_set():
-            return False
+        """Whether to ping the watchdog. Where there are agents, their loop decides: it
+        holds the caps, and it goes on while the store hangs (a restart would cost the
+        GPUs their restore). A controller alone is alive while its periods finish, with
+        or without the store; one stuck in a call that never returns is restarted."""
+        if rt.agents:
+            return healthy.is_set()
         if rt.controller is None:
             return True
         return time.monotonic() - planned[0] <= 2 * rt.cfg.controller.interval_s + 5.0
@@ -599,14 +601,18 @@ def run_realtime(
     def controller_job() -> None:
         try:
             tick_flight.call(serial(rt.tick_controller), rt.cfg.controller.interval_s)
-        except (StoreError, Hung) as exc:
+        except Hung as exc:
+            down(exc)  # not finished: the watchdog hears nothing of it
+            return
+        except StoreError as exc:
+            planned[0] = time.monotonic()  # finished: the store answered, with an error
             down(exc)
             return
         except Exception:
+            planned[0] = time.monotonic()
             log.exception("controller tick failed")
             return
-        finally:
-            planned[0] = time.monotonic()
+        planned[0] = time.monotonic()
         if controller_down:
             log.warning("controller: store reachable again")
             controller_down.clear()

@@ -119,7 +119,17 @@ def make_engine(url: str, *, create_dirs: bool = True, must_exist: bool = False)
         return _create(
             parsed,
             pool_pre_ping=True,
-            connect_args={"connect_timeout": 5, "options": "-c statement_timeout=30000"},
+            # Keepalives and a TCP user timeout: a server host that dies or a failover
+            # that leaves a half-open socket ends the call in about 30 s instead of never.
+            connect_args={
+                "connect_timeout": 5,
+                "options": "-c statement_timeout=30000",
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+                "tcp_user_timeout": 30000,
+            },
         )
     raise StoreError(
         f"unsupported database {backend!r} in {describe_url(url)}: use sqlite:///PATH or "

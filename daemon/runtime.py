@@ -56,6 +56,9 @@ class Runtime:
     """None in `wattkeeper agent`: the controller runs elsewhere."""
     facility: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    controller_calls: threading.Lock | None = None
+    """Held by the real-time driver's controller calls; shutdown takes it before ending
+    the leader lease, so a period still in flight cannot renew it afterwards."""
     retain_in_tick: bool = True
     """Retention runs after the controller's tick on a simulated clock; in real time it
     has a job of its own, so a long rollup never delays a plan."""
@@ -132,10 +135,17 @@ class Runtime:
                     agent.backend.close()
         controller = self.controller
         if controller is not None:
+            calls = self.controller_calls
+            # After the GPUs: a period still in flight would renew the lease after it
+            # ends; wait for it, never for long (the store may be frozen).
+            held = calls.acquire(timeout=SHUTDOWN_STORE_S) if calls is not None else False
             try:
                 call_within(lambda: controller.resign(now), SHUTDOWN_STORE_S, "resign")
             except (StoreError, Hung) as exc:
                 log.warning("could not end the leader lease: %s", exc)
+            finally:
+                if held and calls is not None:
+                    calls.release()
         self.store.engine.dispose()
 
 
@@ -553,6 +563,7 @@ def run_realtime(
     guard_flight = SingleFlight("emergency check")
     tick_flight = SingleFlight("controller")
     controller_calls = threading.Lock()
+    rt.controller_calls = controller_calls
 
     def serial(fn: Callable[[], object]) -> Callable[[], object]:
         def call() -> object:

@@ -377,10 +377,11 @@ def test_a_budget_changed_during_failover_is_met_and_a_node_lost_for_good_frees_
     silent = time.monotonic()
     b_held = {u: w for u, (w, _) in targets("node-b").items()}
     while time.monotonic() - silent < 10:
-        # The silent node keeps its caps (budgeted with the host power a rise to them
-        # would bring); its peer does not pay for it twice.
-        a_now = sum(w for w, _ in targets("node-a").values())
-        assert a_now >= a_before - 40, (a_before, a_now)
+        # The silent node keeps its caps, budgeted with the host power a rise from its
+        # last draw to them would bring: its peer may give up that much, but is never
+        # pushed to its floors (as when the silent host was read as coupling).
+        a_now = targets("node-a")
+        assert all(w > 200.0 for w, _ in a_now.values()), (a_before, a_now)
         assert {u: w for u, (w, _) in targets("node-b").items()} == b_held
         time.sleep(0.5)
     seen: list[object] = []

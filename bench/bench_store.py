@@ -7,11 +7,13 @@ pragmas of ``store.db.make_engine``) and on PostgreSQL (a throwaway server from
 ``tests/pg.py``; note that it runs with ``fsync=off``, so commit cost is CPU and round
 trips, not disk flushes). The schema comes from the Alembic migrations, as in production.
 
-- ``tick``: ``Store.write_samples`` exactly as the agent calls it, cycling over the
-  fleet's nodes (one transaction: node lookup, ``last_seen_at`` update, 8 GPU rows, a
-  host row); rate in GPU rows per second, from ``--writers`` processes (1 and 4).
-- ``lean``: the same rows and transaction through the write path proposed in
-  ``bench/README.md`` (``lean_write_samples``: ``UPDATE ... RETURNING`` for the node).
+- ``tick``: ``Store.write_ticks`` exactly as the agent calls it, cycling over the
+  fleet's nodes (one transaction: the node claimed and touched by one ``UPDATE ...
+  RETURNING``, 8 GPU rows, a host row); rate in GPU rows per second, from ``--writers``
+  processes (1 and 4).
+- ``ticksK``: the same with K ticks of a node per transaction (``--ticks-per-write``,
+  default 5): an agent with ``agent.write_interval_s`` of K seconds, or replaying a
+  backlog.
 - ``batch``: the same Core ``insert(GpuSampleRow)`` with ``--batch`` rows (1000) per
   transaction: what a batching ingester could reach.
 - ``copy`` (PostgreSQL only): ``COPY gpu_samples FROM STDIN`` through psycopg, the
@@ -51,12 +53,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Select, event, insert, select, text, true, update
+from sqlalchemy import Engine, Select, event, insert, select, text, true
 
 from wattkeeper.collectors.gpu import GpuSample
 from wattkeeper.store.db import make_engine, upgrade
-from wattkeeper.store.models import Budget, Gpu, GpuSampleRow, HostSampleRow, Node, Target
-from wattkeeper.store.repository import GpuView, Store, TargetSpec
+from wattkeeper.store.models import Budget, Gpu, GpuSampleRow, Node, Target
+from wattkeeper.store.repository import GpuView, NodeTick, Store, TargetSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 GPUS_PER_NODE = 8
@@ -272,88 +274,49 @@ def _row(gpu_id: int, ts: float) -> tuple:
     return (gpu_id, ts, 400.0, 410.0, 1e9 + ts, 1755.0, 2619.0, 0.9, 60.0, 500.0, "sw_power_cap")
 
 
-def lean_write_samples(
-    engine: Engine,
-    node_name: str,
-    gpu_ids: dict[str, int],
-    samples: list[GpuSample],
-    now: float,
-    host: tuple[float | None, float | None, str],
-) -> None:
-    """The agent's write as proposed in bench/README.md: the same rows in the same single
-    transaction, with ``UPDATE ... RETURNING id`` in place of a lookup followed by an
-    update (one statement and one round trip fewer per tick)."""
-    rows = [
-        {
-            "gpu_id": gpu_ids[g.uuid],
-            "ts": g.timestamp,
-            "power_w": g.power_w,
-            "power_instant_w": g.power_instant_w,
-            "energy_j": g.energy_j,
-            "sm_clock_mhz": g.sm_clock_mhz,
-            "mem_clock_mhz": g.mem_clock_mhz,
-            "utilization_gpu_ratio": g.utilization_gpu_ratio,
-            "temperature_c": g.temperature_c,
-            "power_limit_w": g.power_limit_w,
-            "throttle_reasons": ",".join(g.throttle_reasons),
-        }
-        for g in samples
-    ]
-    with engine.begin() as conn:
-        node_id = conn.scalar(
-            update(Node).where(Node.name == node_name).values(last_seen_at=now).returning(Node.id)
-        )
-        conn.execute(insert(GpuSampleRow), rows)
-        cpu, power, source = host
-        conn.execute(
-            insert(HostSampleRow),
-            [
-                {
-                    "node_id": node_id,
-                    "ts": now,
-                    "cpu_util_ratio": cpu,
-                    "non_gpu_power_w": power,
-                    "power_source": source,
-                }
-            ],
-        )
-
-
 def _tick_writer(
-    url: str, fleet: list[tuple[str, dict[str, int]]], seconds: float, lean: bool
+    url: str, fleet: list[tuple[str, dict[str, int]]], seconds: float, per_write: int
 ) -> tuple[int, float]:
-    """One agent-like writer over its share of the nodes; (node ticks written, seconds)."""
+    """One agent-like writer over its share of the nodes, each write carrying
+    ``per_write`` ticks of a node as ``Store.write_ticks`` (an agent with
+    ``agent.write_interval_s`` of that many seconds); (node ticks written, seconds)."""
     engine = make_engine(url)
     store = Store(engine)
-
-    def write(node: str, ids: dict[str, int], samples: list[GpuSample], now: float) -> None:
-        if lean:
-            lean_write_samples(engine, node, ids, samples, now, host)
-        else:
-            store.write_samples(node, ids, samples, now, host=host)
-
-    ticks = [(node, ids, [_sample(u, T0, k) for k, u in enumerate(ids)]) for node, ids in fleet]
     host = (0.3, 1100.0, "model")
-    for node, ids, samples in ticks[:20]:  # warm-up: connections, statement caches
-        write(node, ids, samples, T0)
+    fleet_ticks = [
+        (node, ids, [_sample(u, T0, k) for k, u in enumerate(ids)]) for node, ids in fleet
+    ]
+
+    def ticks(samples: list[GpuSample], first: float) -> list[NodeTick]:
+        return [
+            NodeTick(
+                first + j,
+                tuple(replace(s, timestamp=first + j) for s in samples),
+                host,
+            )
+            for j in range(per_write)
+        ]
+
+    for node, ids, samples in fleet_ticks[:20]:  # warm-up: connections, statement caches
+        store.write_ticks(node, ids, ticks(samples, T0))
     done = 0
     started = time.perf_counter()
     deadline = started + seconds
     now = T0
     while time.perf_counter() < deadline:
-        now += 1.0
-        for node, ids, samples in ticks:
-            write(node, ids, [replace(s, timestamp=now) for s in samples], now)
-            done += 1
-            if done % 50 == 0 and time.perf_counter() >= deadline:
+        now += per_write
+        for node, ids, samples in fleet_ticks:
+            store.write_ticks(node, ids, ticks(samples, now))
+            done += per_write
+            if done % 50 < per_write and time.perf_counter() >= deadline:
                 break
     elapsed = time.perf_counter() - started
     engine.dispose()
     return done, elapsed
 
 
-def bench_ticks(backend: str, n_nodes: int, seconds: float, writers: int, lean: bool) -> dict:
-    """Agent ticks from ``writers`` processes (agents are separate processes, each with
+def bench_ticks(backend: str, n_nodes: int, seconds: float, writers: int, per_write: int) -> dict:
+    """Agent writes from ``writers`` processes (agents are separate processes, each with
     its own connection); the rate counts only the measured window of each writer."""
     with database(backend, "ingest_tick") as url:
         engine = migrated_engine(url)
@@ -361,16 +324,19 @@ def bench_ticks(backend: str, n_nodes: int, seconds: float, writers: int, lean: 
         engine.dispose()
         shares = [fleet[w::writers] for w in range(writers)]
         if writers == 1:
-            results = [_tick_writer(url, shares[0], seconds, lean)]
+            results = [_tick_writer(url, shares[0], seconds, per_write)]
         else:
             ctx = multiprocessing.get_context("spawn")
             with ctx.Pool(writers) as pool:
-                results = pool.starmap(_tick_writer, [(url, sh, seconds, lean) for sh in shares])
+                results = pool.starmap(
+                    _tick_writer, [(url, sh, seconds, per_write) for sh in shares]
+                )
     rows = sum(done for done, _ in results) * GPUS_PER_NODE
     elapsed = max(e for _, e in results)
     return {
-        "mode": f"{'lean' if lean else 'tick'} x{writers}",
+        "mode": f"{'tick' if per_write == 1 else f'ticks{per_write}'} x{writers}",
         "writers": writers,
+        "ticks_per_write": per_write,
         "rows": rows,
         "seconds": elapsed,
         "rows_per_s": rows / elapsed,
@@ -609,6 +575,13 @@ def main() -> None:
     parser.add_argument(
         "--writers", type=int, nargs="+", default=[1, 4], help="agent processes for tick mode"
     )
+    parser.add_argument(
+        "--ticks-per-write",
+        type=int,
+        nargs="+",
+        default=[1, 5],
+        help="ticks of a node per transaction (agent.write_interval_s in seconds)",
+    )
     parser.add_argument("--nodes", type=int, default=1250, help="8 GPUs each")
     parser.add_argument("--history-s", type=int, nargs="+", default=[60])
     parser.add_argument("--repeat", type=int, default=5)
@@ -623,8 +596,8 @@ def main() -> None:
         if "ingest" not in args.skip:
             for res in (
                 *(
-                    bench_ticks(backend, args.nodes, args.seconds, w, lean)
-                    for lean in (False, True)
+                    bench_ticks(backend, args.nodes, args.seconds, w, k)
+                    for k in args.ticks_per_write
                     for w in args.writers
                 ),
                 bench_batches(backend, args.batch, args.seconds),

@@ -35,7 +35,13 @@ from wattkeeper.collectors.tokens import (
     parse_page,
 )
 from wattkeeper.store.db import StoreError
-from wattkeeper.store.repository import LIMIT_TOLERANCE_W, NodeClaimedError, Store, TokenRow
+from wattkeeper.store.repository import (
+    LIMIT_TOLERANCE_W,
+    NodeClaimedError,
+    NodeTick,
+    Store,
+    TokenRow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +100,6 @@ class CachedTarget:
     """When the controller wrote it (its clock): a new value is a renewal."""
 
 
-@dataclass(frozen=True)
-class _Tick:
-    """One tick's observations, waiting to be written."""
-
-    ts: float
-    samples: tuple[GpuSample, ...]
-    host: tuple[float | None, float | None, str | None] | None
-    tokens: tuple[TokenRow, ...]
-
-
 @dataclass
 class _StoreWork:
     """What one round trip to the store does, in order. Built on the agent's thread and
@@ -111,7 +107,7 @@ class _StoreWork:
 
     register: bool
     gpu_ids: dict[str, int]
-    ticks: list[_Tick]
+    ticks: list[NodeTick]
     originals: dict[str, float | None]
     standby: bool | None
     audit: list[tuple[str, str, dict, float]]
@@ -184,6 +180,7 @@ class Agent:
         drain: DrainActuator | None = None,
         store_timeout_s: float | None = None,
         spool_ticks: int = SPOOL_TICKS,
+        write_interval_s: float = 0.0,
         agent_id: str | None = None,
         monotonic: Callable[[], float] | None = None,
     ) -> None:
@@ -202,8 +199,13 @@ class Agent:
         most this long per tick (and half an interval at most): a hung database never
         holds up a sample, a cap or a scrape."""
         self._io_job: tuple[_StoreWork, Future[_StoreResult], float] | None = None
-        self._spool: list[_Tick] = []
+        self._spool: list[NodeTick] = []
         self._spool_max = max(1, spool_ticks)
+        self.write_interval_s = write_interval_s
+        """Samples are written this often, all that waits in one transaction (0: every
+        tick). Targets are read at every tick regardless, so a longer interval delays what
+        the controller sees, never what the agent applies."""
+        self._write_due = float("-inf")
         self._outbox_originals: dict[str, float | None] = {}
         self._outbox_standby: bool | None = None
         self._targets_read = False
@@ -287,7 +289,7 @@ class Agent:
         self.state.host = host
         self.state.tick_ts = now
         self._spool_tick(
-            _Tick(
+            NodeTick(
                 now,
                 tuple(samples.values()),
                 (host.cpu_util_ratio, host.non_gpu_power_w, host.power_source) if host else None,
@@ -304,7 +306,7 @@ class Agent:
             self._apply_drain(self._drained_mark, now)
 
     # -- the store, off the agent's thread ----------------------------------------------
-    def _spool_tick(self, tick: _Tick) -> None:
+    def _spool_tick(self, tick: NodeTick) -> None:
         self._spool.append(tick)
         over = len(self._spool) - self._spool_max
         if over > 0:
@@ -330,15 +332,22 @@ class Agent:
                         False, StoreError(f"the store has not answered for {now - started:.0f} s")
                     )
                 return fresh
-        # The newest tick goes first, so the controller sees the node as it is now; the
-        # backlog of an outage follows, oldest first, a bounded batch per round trip.
-        newest = self._spool[-1:]
-        backlog = self._spool[: min(REPLAY_TICKS, max(0, len(self._spool) - 1))]
-        self._spool = self._spool[len(backlog) : len(self._spool) - len(newest)]
+        # Written every write_interval_s, one transaction for all that waits; after an
+        # outage, the newest tick and the oldest of the backlog, a bounded batch per
+        # round trip, so the controller sees the node as it is now and the backlog
+        # drains in order.
+        ticks: list[NodeTick] = []
+        if self._spool and (not self.gpu_ids or now >= self._write_due):
+            self._write_due = now + self.write_interval_s - 1e-6
+            if len(self._spool) <= REPLAY_TICKS:
+                ticks, self._spool = self._spool, []
+            else:
+                ticks = [*self._spool[: REPLAY_TICKS - 1], self._spool[-1]]
+                self._spool = self._spool[REPLAY_TICKS - 1 : -1]
         work = _StoreWork(
             register=not self.gpu_ids,
             gpu_ids=dict(self.gpu_ids),
-            ticks=newest + backlog,
+            ticks=ticks,
             originals=self._outbox_originals,
             standby=self._outbox_standby,
             audit=self._pending_audit,
@@ -393,41 +402,16 @@ class Agent:
             for action, subject, detail, ts in work.audit:
                 store.audit(self.actor, action, subject, detail, ts)
                 out.audited += 1
-            for k, tick in enumerate(work.ticks):
-                store.write_samples(
-                    self.node,
-                    gpu_ids,
-                    tick.samples,
-                    tick.ts,
-                    host=tick.host,
-                    tokens=tick.tokens,
-                    agent_id=self.agent_id,
+            if work.ticks:
+                store.write_ticks(self.node, gpu_ids, work.ticks, agent_id=self.agent_id)
+                out.ticks_written = len(work.ticks)
+            out.targets = {
+                uuid: CachedTarget(
+                    t.power_limit_w, t.lease_expires_at, t.reason or "target", t.epoch, t.issued_at
                 )
-                out.ticks_written += 1
-                if k == 0:
-                    out.targets = {
-                        uuid: CachedTarget(
-                            t.power_limit_w,
-                            t.lease_expires_at,
-                            t.reason or "target",
-                            t.epoch,
-                            t.issued_at,
-                        )
-                        for uuid, t in store.targets_for_node(self.node).items()
-                    }
-                    out.drained = store.node_drained(self.node)
-            if out.targets is None:
-                out.targets = {
-                    uuid: CachedTarget(
-                        t.power_limit_w,
-                        t.lease_expires_at,
-                        t.reason or "target",
-                        t.epoch,
-                        t.issued_at,
-                    )
-                    for uuid, t in store.targets_for_node(self.node).items()
-                }
-                out.drained = store.node_drained(self.node)
+                for uuid, t in store.targets_for_node(self.node).items()
+            }
+            out.drained = store.node_drained(self.node)
         except StoreError as exc:
             out.error = exc
         except Exception as exc:  # a bug must not lose what was done, nor stop the agent
@@ -810,16 +794,18 @@ class Agent:
         for uuid, watts in restored.items():
             self._audit("gpu.restore", uuid, {"power_limit_w": watts}, now)
         last = self._sample_gpus().values() if restored and self.gpu_ids else ()
+        unwritten = self._spool[-REPLAY_TICKS:]
 
         def record() -> None:
             self.store.clear_original_power_limits(
                 [self.gpu_ids[u] for u in restored if u in self.gpu_ids]
             )
             self._flush_audit()
-            if last:
-                # A last sample, so the controller budgets these GPUs at their restored
-                # limits rather than at the targets they no longer follow.
-                self.store.write_samples(self.node, self.gpu_ids, last, now, agent_id=self.agent_id)
+            # What is spooled, and a last sample so the controller budgets these GPUs at
+            # their restored limits rather than at the targets they no longer follow.
+            ticks = [*unwritten, *([NodeTick(now, tuple(last))] if last else [])]
+            if ticks and self.gpu_ids:
+                self.store.write_ticks(self.node, self.gpu_ids, ticks, agent_id=self.agent_id)
             if self.gpu_ids:
                 self.store.release_node(self.node, self.agent_id)
 

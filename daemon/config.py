@@ -134,6 +134,12 @@ class AgentConfig(_Section):
     spool_ticks: int = Field(default=3600, ge=1, le=1_000_000)
     """Ticks of samples kept while the store is away (an hour at 1 s); older are dropped
     and counted in wattkeeper_agent_spool_dropped_ticks_total."""
+    write_interval_s: Annotated[DurationS, Field(le=60)] | None = None
+    """Samples go to the store this often, all that waits in one transaction (unset:
+    every tick). A store's ingest is bounded by commits, not rows, so 5 s
+    lets one PostgreSQL take about five times the nodes; the price is that the
+    controller sees each node up to this much later, and reacts to a breach that much
+    later. Targets are still read every tick."""
     endpoints: list[EndpointConfig] = Field(default_factory=list)
     host: HostPowerConfig = HostPowerConfig()
 
@@ -386,10 +392,12 @@ class Config(_Section):
                 f"controller.lease_s ({c.lease_s:g} s) must be at least 2 x "
                 f"controller.interval_s + agent.interval_s ({need:g} s)"
             )
-        if c.stale_after_s < 2 * a.interval_s:
+        batch = a.write_interval_s or 0.0
+        if c.stale_after_s < 2 * a.interval_s + batch:
             raise ValueError(
                 f"controller.stale_after_s ({c.stale_after_s:g} s) must be at least 2 x "
-                f"agent.interval_s ({2 * a.interval_s:g} s)"
+                f"agent.interval_s{' + agent.write_interval_s' if batch else ''} "
+                f"({2 * a.interval_s + batch:g} s)"
             )
         if c.leader_lease_s < 2 * a.interval_s:
             raise ValueError(

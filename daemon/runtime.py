@@ -337,6 +337,7 @@ def make_agent(
         drain=drain,
         store_timeout_s=cfg.agent.store_timeout_s if wall_clock else None,
         spool_ticks=cfg.agent.spool_ticks,
+        write_interval_s=cfg.agent.write_interval_s or 0.0,
         monotonic=time.monotonic if wall_clock else None,
     )
 

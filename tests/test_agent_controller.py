@@ -173,3 +173,35 @@ def test_shutdown_restores_every_gpu_even_when_the_store_fails(rt, monkeypatch):
     _store_down(rt, monkeypatch)
     rt.shutdown()
     assert list(rt.facility.limit_requested[:4]) == [700.0] * 4
+
+
+def _stored_ticks(rt) -> list[float]:
+    from wattkeeper.store.models import GpuSampleRow
+
+    with rt.store.engine.connect() as conn:
+        return sorted(set(conn.scalars(select(GpuSampleRow.ts))))
+
+
+def test_batched_writes_carry_every_tick_and_targets_still_arrive_each_tick(rt):
+    """agent.write_interval_s: samples wait until the oldest is that old and go in one
+    transaction; targets are read at every tick all the same, so a cap is applied one
+    tick after the controller writes it; a clean stop writes what is still waiting."""
+    agent = rt.agents[0]
+    agent.write_interval_s = 5.0
+    step(rt, 1, controller=False)  # the first tick registers and writes at once
+    first = _stored_ticks(rt)
+    assert len(first) == 1
+    step(rt, 4, controller=False)
+    assert _stored_ticks(rt) == first and agent.state.spooled_ticks == 4
+    step(rt, 1, controller=False)  # 5 s since the last write: the five waiting land
+    assert len(_stored_ticks(rt)) == 6 and agent.state.spooled_ticks == 0
+    rt.store.set_budget(3000.0, "test", rt.clock.now())
+    rt.tick_controller()
+    written = _stored_ticks(rt)
+    step(rt, 1, controller=False)
+    assert _stored_ticks(rt) == written  # nothing written this tick...
+    assert all(lim < 700 for lim in limits(rt))  # ...but the new caps were read and applied
+    step(rt, 2, controller=False)
+    rt.shutdown()
+    stored = _stored_ticks(rt)
+    assert stored == [float(t) for t in range(int(first[0]), int(rt.clock.now()) + 1)]

@@ -18,7 +18,7 @@ from sqlalchemy import insert, select
 
 from wattkeeper.collectors.gpu import GpuInfo, GpuSample, PowerLimitConstraints
 from wattkeeper.store import repository
-from wattkeeper.store.db import make_engine, upgrade
+from wattkeeper.store.db import StoreError, make_engine, upgrade
 from wattkeeper.store.models import (
     Budget,
     Gpu,
@@ -30,6 +30,8 @@ from wattkeeper.store.models import (
 )
 from wattkeeper.store.repository import (
     GpuView,
+    NodeClaimedError,
+    NodeTick,
     NodeView,
     Snapshot,
     Store,
@@ -217,6 +219,78 @@ def test_snapshot_host_and_tokens_newest_per_node(store: Store) -> None:
     assert alpha.host_ts == T - 2  # no host row at T + 1
     assert (alpha.endpoints_up, alpha.endpoints_total) == (0, 1)
     assert alpha.generation_tokens_per_s is None and alpha.generation_tokens_total is None
+
+
+def _rows(store: Store, node: str) -> tuple[list, list, list, float]:
+    """Every stored row of a node, without ids, in a stable order."""
+    with store.engine.connect() as conn:
+        node_id, seen = conn.execute(
+            select(Node.id, Node.last_seen_at).where(Node.name == node)
+        ).one()
+        gpu = conn.execute(
+            select(Gpu.index, GpuSampleRow.ts, GpuSampleRow.power_w, GpuSampleRow.throttle_reasons)
+            .join(Gpu, Gpu.id == GpuSampleRow.gpu_id)
+            .where(Gpu.node_id == node_id)
+            .order_by(GpuSampleRow.ts, Gpu.index)
+        ).all()
+        host = conn.execute(
+            select(HostSampleRow.ts, HostSampleRow.non_gpu_power_w, HostSampleRow.power_source)
+            .where(HostSampleRow.node_id == node_id)
+            .order_by(HostSampleRow.ts)
+        ).all()
+        tokens = conn.execute(
+            select(TokenSampleRow.ts, TokenSampleRow.endpoint, TokenSampleRow.ttft_p90_s)
+            .where(TokenSampleRow.node_id == node_id)
+            .order_by(TokenSampleRow.ts, TokenSampleRow.endpoint)
+        ).all()
+    return [tuple(r) for r in gpu], [tuple(r) for r in host], [tuple(r) for r in tokens], seen
+
+
+def test_write_ticks_stores_what_tick_by_tick_writes_would(store: Store) -> None:
+    """An agent that batches (agent.write_interval_s) or replays an outage's backlog
+    hands over many ticks at once, in any order: the rows are the ones each tick would
+    have written, and last seen is the newest tick, never an older one."""
+    one = store.register_node("one", "sim", _infos("one", 2), T)
+    many = store.register_node("many", "sim", _infos("many", 2), T)
+
+    def tick(node: str, ids: dict[str, int], ts: float, k: int) -> NodeTick:
+        return NodeTick(
+            ts,
+            tuple(_sample(u, ts, 100.0 + k, ("sw_power_cap",) * (k % 2)) for u in ids),
+            (0.1 * k, 900.0 + k, "model") if k % 3 else None,
+            tuple(_tok(f"e{j}", True, 1.0, 2.0, ttft_p90_s=0.1 * k) for j in range(k % 3)),
+        )
+
+    order = [4, 0, 1, 2, 3, 6, 5]  # the newest first, then a backlog, as after an outage
+    for k in order:
+        t = tick("one", one, T + k, k)
+        store.write_samples("one", one, t.samples, t.ts, host=t.host, tokens=t.tokens)
+    store.write_ticks("many", many, [tick("many", many, T + k, k) for k in order])
+    assert _rows(store, "many") == _rows(store, "one")
+    assert _rows(store, "many")[3] == T + 6
+    # An older backlog after that does not move last seen back.
+    store.write_ticks("many", many, [tick("many", many, T - 10, 1)])
+    assert _rows(store, "many")[3] == T + 6
+
+
+def test_write_ticks_lands_whole_or_not_at_all(store: Store) -> None:
+    ids = store.register_node("n1", "sim", _infos("n1", 2), T, agent_id="host-a m1 10 aa")
+    good = NodeTick(T + 1, tuple(_sample(u, T + 1, 100.0) for u in ids), (0.1, 900.0, "model"))
+    before = _rows(store, "n1")
+    # The second tick names a GPU the store does not have: the first must not land either.
+    bogus = {**ids, "GPU-gone": max(ids.values()) + 1000}
+    bad = NodeTick(T + 2, (_sample("GPU-gone", T + 2, 1.0),))
+    with pytest.raises(StoreError):
+        store.write_ticks("n1", bogus, [good, bad], agent_id="host-a m1 10 aa")
+    assert _rows(store, "n1") == before
+    # Another agent's batch under the name: refused, nothing written, last seen kept.
+    with pytest.raises(NodeClaimedError, match="taken over"):
+        store.write_ticks("n1", ids, [good], agent_id="host-b m2 10 bb")
+    with pytest.raises(StoreError, match="not registered"):
+        store.write_ticks("nobody", ids, [good])
+    assert _rows(store, "n1") == before
+    store.write_ticks("n1", ids, [good], agent_id="host-a m1 10 aa")
+    assert len(_rows(store, "n1")[0]) == 2 and _rows(store, "n1")[3] == T + 1
 
 
 def test_snapshot_includes_targets_and_budget(store: Store) -> None:

@@ -1,0 +1,54 @@
+"""``node``: a person takes a node out of service and puts it back. Kept apart from the
+controller's own draining, which never undoes what a person did here.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from wattkeeper.cli.common import ConfigOpt, DbOpt, ReasonOpt, _actor, _config, _store, fail
+
+node_app = typer.Typer(help="Take a node out of service or put it back.", no_args_is_help=True)
+
+
+@node_app.command("drain")
+def node_drain(
+    name: Annotated[str, typer.Argument(help="The node, as `status` lists it.")],
+    reason: ReasonOpt = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Drain a node: its agent runs its drain command, its GPUs are held at their floor,
+    and the controller never puts it back; only `node resume` does."""
+    _set_drained(name, True, reason, db, config)
+
+
+@node_app.command("resume")
+def node_resume(
+    name: Annotated[str, typer.Argument(help="The node, as `status` lists it.")],
+    reason: ReasonOpt = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Put a drained node back in service (whoever drained it)."""
+    _set_drained(name, False, reason, db, config)
+
+
+def _set_drained(
+    name: str, drained: bool, reason: str | None, db: str | None, config: Path | None
+) -> None:
+    from wattkeeper.store.db import StoreError
+
+    store = _store(_config(config), db)
+    try:
+        changed = store.set_drained(name, drained, _actor(), time.time(), reason=reason)
+    except KeyError:
+        fail(f"no node named {name!r} in the store (wattkeeper status lists them)")
+    except StoreError as exc:
+        fail(str(exc))
+    state = "drained" if drained else "in service"
+    typer.echo(f"{name}: {state}" + ("" if changed else " (already)"))

@@ -1,0 +1,309 @@
+"""The commands that read the store and change nothing: ``status`` (the facility as it is)
+and ``explain`` (why a node, GPU or budget is as it is). They sit together because they
+describe the same snapshot at the same moment, the one ``run``'s live table shows.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from wattkeeper.cli.common import (
+    ConfigOpt,
+    DbOpt,
+    Output,
+    OutputOpt,
+    _check_domain,
+    _config,
+    _configured_limit,
+    _domain_nodes,
+    _emit_json,
+    _live_table,
+    _status_moment,
+    _store,
+    fail,
+)
+
+
+def status(
+    gpus: Annotated[bool, typer.Option("--gpus", help="One row per GPU too.")] = False,
+    output: OutputOpt = Output.table,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Facility power against budget, tokens/s and tokens/J, per node (and per GPU)."""
+    from wattkeeper.store.db import StoreError
+    from wattkeeper.summary import cost_options, facility_summary, in_force
+
+    cfg = _config(config)
+    store = _store(cfg, db)
+    try:
+        as_of, clock = _status_moment(store)
+        s = facility_summary(
+            in_force(store, store.snapshot(as_of, window_s=cfg.store.retention_s), as_of),
+            with_gpus=gpus,
+            stale_after_s=cfg.controller.stale_after_s,
+            clock=clock,
+            **cost_options(cfg, as_of),
+        )
+        leader = store.leader()
+    except StoreError as exc:
+        fail(str(exc))
+    s["leader"] = (
+        None
+        if leader is None
+        else {
+            "name": leader.name,
+            "host": leader.host,
+            "pid": leader.pid,
+            "epoch": leader.epoch,
+            "since": leader.acquired_at,
+            "lease_expires_at": leader.expires_at,
+            "live": leader.expires_at >= time.time(),
+        }
+    )
+    if output is Output.json:
+        _emit_json(s)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from wattkeeper.units import format_power
+
+    console = Console()
+    console.print(_live_table(s))
+    if leader is not None:
+        state = "leading" if s["leader"]["live"] else "lease expired (no controller planning)"
+        console.print(
+            f"controller: {leader.name} on {leader.host} (pid {leader.pid}), epoch "
+            f"{leader.epoch}, {state}"
+        )
+    age = s["newest_sample_age_s"]
+    if s["clock"] == "simulated":
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["ts"]))
+        console.print(f"simulated facility, as of its last samples ({when})")
+    else:
+        console.print(f"newest sample: {'none' if age is None else f'{age:.0f} s ago'}")
+    if gpus:
+        t = Table(title="GPUs")
+        for col in (
+            "node",
+            "idx",
+            "name",
+            "power",
+            "limit",
+            "target",
+            "range",
+            "SM MHz",
+            "throttle",
+            "age",
+        ):
+            t.add_column(col)
+        for n in s["nodes"]:
+            for g in n["gpu_list"]:
+                t.add_row(
+                    n["name"],
+                    str(g["index"]),
+                    g["name"],
+                    format_power(g["power_w"]),
+                    format_power(g["power_limit_w"]),
+                    format_power(g["target_power_limit_w"]),
+                    f"{g['power_min_w']:.0f}-{g['power_max_w']:.0f} W",
+                    "-" if g["sm_clock_mhz"] is None else f"{g['sm_clock_mhz']:.0f}",
+                    ",".join(g["throttle_reasons"]) or "-",
+                    "-" if g["sample_age_s"] is None else f"{g['sample_age_s']:.0f}s",
+                )
+        console.print(t)
+
+
+explain_app = typer.Typer(
+    help="Why a node or GPU has the settings it has: targets, reasons, latency, audit.",
+    no_args_is_help=True,
+)
+
+
+@explain_app.command("node")
+def explain_node(
+    name: Annotated[str, typer.Argument(help="The node, as `status` lists it.")],
+    output: OutputOpt = Output.table,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The node's latency as the controller read it, each GPU's target and the reason it
+    was set, and the newest audit entries about the node and its GPUs."""
+    _explain(name, None, output, db, config)
+
+
+@explain_app.command("budget")
+def explain_budget(
+    domain: Annotated[str, typer.Argument(help="facility, or a configured domain.")] = "facility",
+    output: OutputOpt = Output.table,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """A budget: the limit in force and where it comes from (set, configured or a
+    schedule's window), the power drawn under it, its headroom, and the GPUs whose
+    targets it holds down."""
+    from wattkeeper.policies.schedule import effective_budget
+    from wattkeeper.store.db import StoreError
+    from wattkeeper.units import format_power
+
+    cfg = _config(config)
+    _check_domain(cfg, domain)
+    store = _store(cfg, db)
+    try:
+        as_of, _ = _status_moment(store)
+        snap = store.snapshot(as_of, window_s=max(60.0, 3 * cfg.controller.stale_after_s))
+        stored = store.budgets()
+        schedules = [s for s in store.schedules() if s.scope == domain]
+        under = _domain_nodes(cfg, domain)
+        nodes = [n.name for n in snap.nodes if under is None or n.name in under]
+        reasons = {
+            uuid: t.reason for node in nodes for uuid, t in store.targets_for_node(node).items()
+        }
+    except StoreError as exc:
+        fail(str(exc))
+    configured = _configured_limit(cfg, domain)
+    standing = stored.get(domain, configured)
+    in_force, source = effective_budget(standing, schedules, time.time(), 0.0)
+    power = sum(n.non_gpu_power_w or 0.0 for n in snap.nodes if n.name in nodes) + sum(
+        g.power_w or 0.0 for g in snap.gpus if g.node in nodes
+    )
+    held = sorted(u for u, why in reasons.items() if f"budget {domain} " in why)
+    data = {
+        "format_version": 1,
+        "domain": domain,
+        "in_force_w": in_force,
+        "from": (
+            f"schedule {source.id}"
+            if source is not None
+            else "set at run time"
+            if domain in stored
+            else "configuration"
+            if configured is not None
+            else None
+        ),
+        "nodes": nodes,
+        "power_w": round(power, 1),
+        "headroom_w": None if in_force is None else round(in_force - power, 1),
+        "gpus_held": held,
+        "schedules": [s.id for s in schedules],
+    }
+    if output is Output.json:
+        _emit_json(data)
+        return
+    origin = f" ({data['from']})" if data["from"] else ""
+    typer.echo(
+        f"{domain}: {format_power(in_force)}{origin}, drawing {format_power(power)} over "
+        f"{len(nodes)} node(s)"
+        + ("" if in_force is None else f", headroom {format_power(in_force - power)}")
+    )
+    typer.echo(f"holds {len(held)} GPU target(s) below what they would get otherwise")
+    if schedules:
+        typer.echo(f"schedules: {', '.join(str(s.id) for s in schedules)}")
+
+
+@explain_app.command("gpu")
+def explain_gpu(
+    uuid: Annotated[str, typer.Argument(help="The GPU's UUID, as `status --gpus` lists it.")],
+    output: OutputOpt = Output.table,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """One GPU: its limit, target and the reason for it, and its audit entries."""
+    _explain(None, uuid, output, db, config)
+
+
+def _explain(
+    node: str | None, uuid: str | None, output: Output, db: str | None, config: Path | None
+) -> None:
+    from wattkeeper.store.db import StoreError
+
+    cfg = _config(config)
+    store = _store(cfg, db)
+    try:
+        now, _ = _status_moment(store)
+        snap = store.snapshot(now, window_s=max(60.0, 3 * cfg.controller.stale_after_s))
+        if uuid is not None:
+            gpu = next((g for g in snap.gpus if g.uuid == uuid), None)
+            if gpu is None:
+                fail(f"no GPU {uuid!r} in the store (wattkeeper status --gpus lists them)")
+            node = gpu.node
+        view = next((n for n in snap.nodes if n.name == node), None)
+        if view is None:
+            fail(f"no node named {node!r} in the store (wattkeeper status lists them)")
+        assert node is not None
+        targets = store.targets_for_node(node)
+        gpus = [g for g in snap.gpus if g.node == node and (uuid is None or g.uuid == uuid)]
+        subjects = [g.uuid for g in gpus] + ([node] if uuid is None else [])
+        entries = store.audit_log(20, subjects=subjects)
+        route = next((r for r in store.routes() if r.node == node), None)
+    except StoreError as exc:
+        fail(str(exc))
+    latency = {
+        key: getattr(view, key)
+        for key in ("ttft_mean_s", "tpot_mean_s", "ttft_p90_s", "tpot_p90_s", "requests_running")
+    }
+    data = {
+        "format_version": 1,
+        "node": node,
+        "drained": view.drained,
+        "drained_by": view.drained_by,
+        "budget_w": snap.budget_w,
+        "generation_tokens_per_s": view.generation_tokens_per_s,
+        "latency": latency,
+        "route": None
+        if route is None
+        else {
+            "weight": route.weight,
+            "max_inflight": route.max_inflight,
+            "updated_at": route.updated_at,
+            "reason": route.reason,
+        },
+        "gpus": [
+            {
+                "uuid": g.uuid,
+                "index": g.index,
+                "power_w": g.power_w,
+                "power_limit_w": g.power_limit_w,
+                "range_w": [g.power_min_w, g.power_max_w],
+                "target_power_limit_w": g.target_power_limit_w,
+                "reason": targets[g.uuid].reason if g.uuid in targets else None,
+            }
+            for g in gpus
+        ],
+        "audit": [
+            {"ts": e.ts, "actor": e.actor, "action": e.action, "subject": e.subject, **e.detail}
+            for e in entries
+        ],
+    }
+    if output is Output.json:
+        _emit_json(data)
+        return
+    from wattkeeper.units import format_power
+
+    state = f"drained by {view.drained_by}" if view.drained else "in service"
+    typer.echo(f"node {node}: {state}; budget {format_power(snap.budget_w)}")
+    shown = ", ".join(
+        f"{k.removesuffix('_s')} {v * 1e3:.1f} ms" if k.endswith("_s") else f"{k} {v:.0f}"
+        for k, v in latency.items()
+        if v is not None
+    )
+    typer.echo(f"servers since the agent's previous read: {shown or 'no latency reading'}")
+    if route is not None:
+        inflight = "the servers' own" if route.max_inflight is None else route.max_inflight
+        typer.echo(
+            f"router: weight {route.weight}/256, in flight per server {inflight} - {route.reason}"
+        )
+    for g in data["gpus"]:
+        typer.echo(
+            f"  GPU {g['index']} {g['uuid']}: draws {format_power(g['power_w'])}, limit "
+            f"{format_power(g['power_limit_w'])}, target {format_power(g['target_power_limit_w'])}"
+            f" - {g['reason'] or 'no target'}"
+        )
+    for e in data["audit"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"]))
+        typer.echo(f"  {when} {e['actor']} {e['action']} {e['subject']}")

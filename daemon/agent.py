@@ -6,6 +6,7 @@ the simulator calls it on a simulated clock, and both run exactly this code.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from wattkeeper.bounded import Hung, call_within, spawn
@@ -183,8 +185,15 @@ class Agent:
         write_interval_s: float = 0.0,
         agent_id: str | None = None,
         monotonic: Callable[[], float] | None = None,
+        originals_path: Path | None = None,
     ) -> None:
         self.node = node
+        self.originals_path = originals_path
+        """A local file holding each GPU's limit from before the first change, written
+        before that change is made. The store keeps them too, but only once a round trip
+        gets there: an agent killed in between (or during an outage) would otherwise come
+        back taking its own cap for the original, and a clean stop would leave it. None:
+        GPUs that do not outlive the process (simulated)."""
         self._monotonic = monotonic
         """Leases are timed on it, not on the wall clock ``tick`` is given, so a clock
         step on this host or the controller's neither expires every lease at once nor
@@ -233,7 +242,7 @@ class Agent:
         self._tokens_due = float("-inf")
         self._targets: dict[str, CachedTarget] = {}
         self._pending_audit: list[tuple[str, str, dict, float]] = []
-        self._persisted_originals: dict[str, float | None] = {}
+        self._persisted_originals: dict[str, float | None] = dict(self._read_originals())
 
     def register(self, now: float) -> None:
         """Record the node and its GPUs in the store, and load what a previous run of this
@@ -737,6 +746,8 @@ class Agent:
         for uuid, want, why in sorted(moves, key=rise):
             before = samples[uuid].power_limit_requested_w if uuid in samples else None
             first_touch = self.backend.original_settings(uuid) is None
+            if first_touch and uuid not in self._persisted_originals and before is not None:
+                self._keep_original(uuid, before)
             try:
                 self.backend.set_power_limit(uuid, want)
             except GpuError as exc:
@@ -750,10 +761,10 @@ class Agent:
             self._first(f"limit:{uuid}", None)
             if uuid in out:
                 out[uuid] = replace(out[uuid], power_limit_requested_w=want)
-            if first_touch and uuid not in self._persisted_originals:
-                # Persist what the GPU had, so a restart after a crash can still put it back.
-                self._persisted_originals[uuid] = before
-                self._outbox_originals[uuid] = before
+            if first_touch and uuid not in self._outbox_originals and before is not None:
+                # To the store as well, where `explain` and a new host can see it.
+                self._persisted_originals.setdefault(uuid, before)
+                self._outbox_originals[uuid] = self._persisted_originals[uuid]
             self.state.actuations += 1
             self._audit(
                 "power_limit.set",
@@ -763,6 +774,54 @@ class Agent:
             )
         self.state.samples = out
         return out
+
+    def _read_originals(self) -> dict[str, float]:
+        """What an earlier run of this agent recorded before changing each GPU."""
+        path = self.originals_path
+        if path is None or not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+            return {str(u): float(w) for u, w in data["power_limit_w"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.error("%s: unreadable (%s): original limits from the store only", path, exc)
+            return {}
+
+    def _keep_original(self, uuid: str, watts: float) -> None:
+        """Record a GPU's limit before its first change, on disk before the change."""
+        self._persisted_originals[uuid] = watts
+        self._write_originals()
+
+    def _write_originals(self) -> None:
+        path = self.originals_path
+        if path is None:
+            return
+        known = {u: w for u, w in self._persisted_originals.items() if w is not None}
+        try:
+            if not known:
+                path.unlink(missing_ok=True)
+                return
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"node": self.node, "power_limit_w": known}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            self._first("originals-file", None)
+        except OSError as exc:
+            # The cap still goes on: the budget matters more than the restore.
+            if self._first("originals-file", str(exc)):
+                log.error("cannot record original limits in %s: %s", path, exc)
+
+    def _forget_originals(self, restored: dict[str, float | None]) -> None:
+        """Restored GPUs have nothing left to put back."""
+        if not restored:
+            return
+        for uuid in restored:
+            self._persisted_originals.pop(uuid, None)
+        self._write_originals()
 
     def shutdown(self, now: float) -> None:
         """On a clean stop, put back what each GPU had before wattkeeper touched it.
@@ -793,6 +852,7 @@ class Agent:
                 (log.debug if self._asleep else log.error)("cannot restore %s: %s", uuid, exc)
         for uuid, watts in restored.items():
             self._audit("gpu.restore", uuid, {"power_limit_w": watts}, now)
+        self._forget_originals(restored)
         last = self._sample_gpus().values() if restored and self.gpu_ids else ()
         unwritten = self._spool[-REPLAY_TICKS:]
 

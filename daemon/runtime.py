@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from wattkeeper.agent import SHUTDOWN_STORE_S, Agent, TokenEndpoint, holder_gone
@@ -22,6 +23,7 @@ from wattkeeper.clock import SimClock, WallClock
 from wattkeeper.collectors.drain import CommandDrain, DrainActuator
 from wattkeeper.config import Config
 from wattkeeper.controller import Controller, Leadership, RouteActuator
+from wattkeeper.paths import state_dir
 from wattkeeper.policies.drain import DrainSettings
 from wattkeeper.policies.plan import Domain, PlanSettings
 from wattkeeper.policies.route import Routes, RouteSettings
@@ -312,6 +314,13 @@ def build_on_facility(
     return Runtime(cfg, store, clock, agents, controller, facility=facility)
 
 
+def originals_file(node: str) -> Path:
+    """Where a node's agent records GPU limits before changing them (one file per node
+    name, so several agents on one host never share one)."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in node)
+    return state_dir() / f"originals-{safe}.json"
+
+
 def make_agent(
     cfg: Config,
     store: Store,
@@ -339,6 +348,7 @@ def make_agent(
         spool_ticks=cfg.agent.spool_ticks,
         write_interval_s=cfg.agent.write_interval_s or 0.0,
         monotonic=time.monotonic if wall_clock else None,
+        originals_path=None if getattr(backend, "name", "") == "sim" else originals_file(node),
     )
 
 

@@ -205,3 +205,42 @@ def test_batched_writes_carry_every_tick_and_targets_still_arrive_each_tick(rt):
     rt.shutdown()
     stored = _stored_ticks(rt)
     assert stored == [float(t) for t in range(int(first[0]), int(rt.clock.now()) + 1)]
+
+
+def test_original_limits_reach_a_local_file_before_the_first_change(rt, tmp_path, caplog):
+    """The store hears of a GPU's original limit only at the next round trip; the local
+    file has it before the change is made, and forgets it once the GPU is restored.
+    A file that cannot be read or written costs the record, never the cap."""
+    import json
+
+    agent = rt.agents[0]
+    agent.originals_path = tmp_path / "originals.json"
+    seen: list[dict] = []
+    set_limit = agent.backend.set_power_limit
+
+    def watch(uuid, watts):
+        seen.append(json.loads(agent.originals_path.read_text())["power_limit_w"])
+        return set_limit(uuid, watts)
+
+    agent.backend.set_power_limit = watch
+    rt.store.set_budget(3000.0, "test", rt.clock.now())
+    step(rt, 11)
+    assert seen and all(lim < 700 for lim in limits(rt))
+    # Each change found its GPU's original already on disk.
+    assert len(seen[0]) == 1 and set(seen[-1].values()) == {700.0} and len(seen[-1]) == 4
+    rt.shutdown()
+    assert not agent.originals_path.exists()
+
+    agent.originals_path.write_text("{not json")
+    assert agent._read_originals() == {}
+    assert "unreadable" in caplog.text
+
+
+def test_an_unwritable_originals_file_does_not_stop_the_caps(rt, tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    rt.agents[0].originals_path = blocker / "originals.json"  # under a file: cannot exist
+    rt.store.set_budget(3000.0, "test", rt.clock.now())
+    step(rt, 11)
+    assert all(lim < 700 for lim in limits(rt))
+    assert "cannot record original limits" in caplog.text

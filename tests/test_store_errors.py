@@ -25,7 +25,7 @@ from wattkeeper.policies.schedule import Schedule
 from wattkeeper.runtime import build_simulated, open_store
 from wattkeeper.simulator.facility import FacilitySpec
 from wattkeeper.store.db import StoreError, make_engine, upgrade
-from wattkeeper.store.repository import Store, TargetSpec, TokenRow
+from wattkeeper.store.repository import NodeTick, Store, TargetSpec, TokenRow
 
 NOW = 1_800_000_000.0
 INFO = GpuInfo(
@@ -70,6 +70,9 @@ CALLS = {
         NOW,
         host=(0.2, 900.0, "model"),
         tokens=[TokenRow(endpoint="http://n0:8000/metrics", model="m", up=True)],
+    ),
+    "write_ticks": lambda s: s.write_ticks(
+        "n0", {"GPU-err-0": 1}, [NodeTick(NOW, (SAMPLE,), (0.2, 900.0, "model"))]
     ),
     "retain": lambda s: s.retain(NOW, 3600.0, 7200.0),
     "get_budget": lambda s: s.get_budget(),

@@ -65,6 +65,7 @@ class Runtime:
     """Retention runs after the controller's tick on a simulated clock; in real time it
     has a job of its own, so a long rollup never delays a plan."""
     _last_retain: float = float("-inf")
+    _next_period: float = float("-inf")
 
     def tick_agents(self) -> bool:
         """Tick every local agent; one failing agent never stops the others."""
@@ -89,6 +90,21 @@ class Runtime:
             self.tick_controller()
         else:
             self.controller.guard(self.clock.now())
+
+    def advance(self, t: float) -> None:
+        """One agent interval of a simulated run, ending at ``t``: the clock and the
+        facility move to ``t``, then ``step``, with the controller's period due every
+        ``controller.interval_s`` from the first call. The one driver of every run on a
+        simulated clock (``run --fast``, the comparison, the tests), so they cannot
+        differ in when the controller plans."""
+        assert isinstance(self.clock, SimClock), "advance drives a simulated clock only"
+        self.clock.set(t)
+        if self.facility is not None:
+            self.facility.advance_to(t)
+        due = t >= self._next_period - 1e-9
+        if due:
+            self._next_period = t + self.cfg.controller.interval_s
+        self.step(due)
 
     def tick_controller(self) -> None:
         if self.controller is None:
@@ -466,21 +482,11 @@ def run_fast(
     rt: Runtime, duration_s: float, progress: Callable[[float], None] | None = None
 ) -> dict:
     """Drive agents and controller on the simulated clock; return the ground-truth summary."""
-    clock = rt.clock
-    assert isinstance(clock, SimClock)
-    start = clock.now()
+    start = rt.clock.now()
     a = rt.cfg.agent.interval_s
-    c = rt.cfg.controller.interval_s
-    next_controller = start
     steps = round(duration_s / a)
     for k in range(steps + 1):
-        t = start + k * a
-        clock.set(t)
-        rt.facility.advance_to(t)
-        controller_due = t >= next_controller - 1e-9
-        if controller_due:
-            next_controller += c
-        rt.step(controller_due)
+        rt.advance(start + k * a)
         if progress is not None:
             progress((k * a) / duration_s)
     return summarize(rt, duration_s)

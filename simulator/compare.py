@@ -283,20 +283,14 @@ class Wattkeeper:
         )
         self.clock = SimClock(f.now)
         self.rt = build_on_facility(cfg, open_store(cfg, url), f, self.clock)
-        self.interval_s = cfg.controller.interval_s
-        self._next = float("-inf")
         self._budget: float | None = None
 
     def step(self, f: SimFacility, t: float) -> None:
-        self.clock.set(t)
         budget = f.budget_at(t)
         if budget is not None and budget != self._budget:
             self.rt.store.set_budget(budget, "scenario", t)
             self._budget = budget
-        due = t >= self._next
-        if due:
-            self._next = t + self.interval_s
-        self.rt.step(due)
+        self.rt.advance(t)
 
     def close(self) -> None:
         self.rt.store.engine.dispose()

@@ -60,17 +60,10 @@ def migrated_store(tmp_path: Path, name: str = "wattkeeper.db") -> Store:
     return open_store(Config(), url)
 
 
-def step(rt: Runtime, seconds: int, controller_every_s: int = 5) -> None:
-    """Advance the simulated clock one second at a time, as ``run_fast`` does."""
-    clock = rt.clock
-    assert isinstance(clock, SimClock)
+def step(rt: Runtime, seconds: int) -> None:
+    """Advance the simulated run one second at a time, as ``run --fast`` does."""
     for _ in range(seconds):
-        t = clock.now() + 1.0
-        clock.set(t)
-        rt.facility.advance_to(t)
-        rt.tick_agents()
-        if round(t - START) % controller_every_s == 1:
-            rt.tick_controller()
+        rt.advance(rt.clock.now() + 1.0)
 
 
 Key = tuple[str, frozenset[tuple[str, str]]]

@@ -174,10 +174,7 @@ def test_the_controller_meets_a_scheduled_window_on_time_and_lets_go_after(
     store.add_schedule(Schedule(0, "facility", low, 120.0, at_ts=start + 60.0), "test", start)
     seen = []
     for k in range(1, 241):
-        t = start + k
-        rt.clock.set(t)
-        rt.facility.advance_to(t)
-        rt.step(k % 5 == 0)
+        rt.advance(start + k)
         seen.append((k, rt.facility.stats.second_power_w[-1]))
     during = [p for k, p in seen if 61 <= k < 180]
     after = [p for k, p in seen if k >= 200]
@@ -197,9 +194,7 @@ def test_a_schedule_that_no_longer_parses_is_skipped_not_fatal(sqlite_url: str) 
     bad = Schedule(0, "facility", 2_000.0, 3600.0, cron="* * * * *", timezone="Mars/Olympus")
     store.add_schedule(bad, "test", start)
     for k in range(1, 12):
-        rt.clock.set(start + k)
-        rt.facility.advance_to(start + k)
-        rt.step(k % 5 == 0)
+        rt.advance(start + k)
     plan = rt.controller.state.last_plan
     assert plan is not None and plan.budget_w == 3_000.0
     for command in (["budget", "show"], ["status"], ["budget", "schedule", "list"]):

@@ -284,3 +284,37 @@ def test_the_printed_url_logs_in_with_its_password_and_only_with_it(scram_pg):
             text("SELECT rolpassword FROM pg_authid WHERE rolname = :r"), {"r": made["role"]}
         )
     assert stored.startswith("SCRAM-SHA-256$") and login.password not in stored
+
+
+def test_a_gpu_moved_between_nodes_is_named_until_an_admin_removes_its_old_node(fleet):
+    """Under row-level security an agent cannot see, so cannot adopt, a GPU registered
+    under another node: its registration is refused with a message naming the GPU and
+    the command that resolves it, and nothing of either node changes."""
+    url, stores, _ids = fleet
+    a = stores["a"]
+    moved = [_info("GPU-a"), _info("GPU-b")]
+    with pytest.raises(
+        StoreError, match=r"GPU GPU-b is registered under another node.*node remove"
+    ):
+        a.register_node("node-a", "nvml", moved, NOW + 40, agent_id="a")
+    with make_engine(url).connect() as conn:
+        owners = dict(
+            conn.execute(
+                text("SELECT g.uuid, n.name FROM gpus g JOIN nodes n ON n.id = g.node_id")
+            ).all()
+        )
+    assert owners == {"GPU-a": "node-a", "GPU-b": "node-b"}
+
+    refused = runner.invoke(app, ["node", "remove", "node-b", "--db", url])
+    assert refused.exit_code == 1 and "would register it again" in refused.output
+    gone = runner.invoke(app, ["node", "remove", "nobody", "--db", url])
+    assert gone.exit_code == 1 and "no node named 'nobody'" in gone.output
+    done = runner.invoke(
+        app, ["node", "remove", "node-b", "--force", "--reason", "GPU moved", "--db", url]
+    )
+    assert done.exit_code == 0, done.output
+    assert "node-b: removed, with its 1 GPU(s)" in done.output
+    ids = a.register_node("node-a", "nvml", moved, NOW + 41, agent_id="a")
+    assert set(ids) == {"GPU-a", "GPU-b"}
+    entry = next(e for e in Store(make_engine(url)).audit_log(20) if e.action == "node.removed")
+    assert (entry.subject, entry.detail) == ("node-b", {"gpus": 1, "reason": "GPU moved"})

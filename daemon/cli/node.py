@@ -38,6 +38,41 @@ def node_resume(
     _set_drained(name, False, reason, db, config)
 
 
+@node_app.command("remove")
+def node_remove(
+    name: Annotated[str, typer.Argument(help="The node, as `status` lists it.")],
+    reason: ReasonOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Remove it even though its agent wrote lately.")
+    ] = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Forget a node for good (decommissioned, renamed, or its GPUs moved to another
+    host): its GPUs, samples, targets and routes go, the audit log keeps the removal. A
+    node whose agent still writes would only register again, so it is refused unless
+    --force."""
+    from wattkeeper.store.db import StoreError
+    from wattkeeper.store.repository import CLAIM_LIVE_S
+
+    store = _store(_config(config), db)
+    now = time.time()
+    try:
+        claims = store.node_claims()
+        if name not in claims:
+            fail(f"no node named {name!r} in the store (wattkeeper status lists them)")
+        quiet_s = now - claims[name][1]
+        if quiet_s < CLAIM_LIVE_S and not force:
+            fail(
+                f"node {name!r} was heard from {max(0.0, quiet_s):.0f} s ago: its agent "
+                "would register it again. Stop that agent first, or pass --force"
+            )
+        gpus = store.remove_nodes([name], _actor(), now, reason=reason)
+    except StoreError as exc:
+        fail(str(exc))
+    typer.echo(f"{name}: removed, with its {gpus} GPU(s)")
+
+
 def _set_drained(
     name: str, drained: bool, reason: str | None, db: str | None, config: Path | None
 ) -> None:

@@ -44,12 +44,15 @@ from wattkeeper.store.models import (
     Budget,
     BudgetSchedule,
     Gpu,
+    GpuRollupRow,
     GpuSampleRow,
+    HostRollupRow,
     HostSampleRow,
     Leader,
     Node,
     Route,
     Target,
+    TokenRollupRow,
     TokenSampleRow,
 )
 from wattkeeper.store.retention import Retained, roll_up
@@ -306,9 +309,9 @@ class Store:
             }
             for info in gpus:
                 row = existing.get(info.uuid)
+                new = row is None
                 if row is None:
                     row = Gpu(uuid=info.uuid)
-                    s.add(row)
                 row.node_id = node.id
                 row.index = info.index
                 row.name = info.name
@@ -318,7 +321,24 @@ class Store:
                 row.power_max_w = info.power_limits.max_w
                 row.power_default_w = info.power_limits.default_w
                 row.max_sm_clock_mhz = info.max_sm_clock_mhz
-                s.flush()
+                if new:
+                    s.add(row)
+                try:
+                    s.flush()
+                except IntegrityError as exc:
+                    if not new or "uuid" not in str(exc.orig):
+                        raise
+                    # Only where the GPU's row is out of sight: an agent's role under
+                    # row-level security sees its own node's GPUs, not another's.
+                    raise StoreError(
+                        f"GPU {info.uuid} is registered under another node, which "
+                        "this agent's database role may not see or change (a GPU "
+                        "moved between hosts, or two hosts report one UUID): an "
+                        "administrator removes the old node with `wattkeeper node "
+                        "remove NODE` (`wattkeeper status` lists the nodes). Until "
+                        f"then {name!r} is not registered and its GPUs hold the "
+                        "safe cap"
+                    ) from None
                 ids[info.uuid] = row.id
             gone = list(
                 s.scalars(
@@ -496,23 +516,33 @@ class Store:
                 .values(agent_id=None)
             )
 
-    def remove_nodes(self, names: Sequence[str], actor: str, now: float) -> None:
-        """Drop nodes with their GPUs, samples and targets, and audit it."""
+    def remove_nodes(
+        self, names: Sequence[str], actor: str, now: float, *, reason: str | None = None
+    ) -> int:
+        """Drop nodes with their GPUs, samples, rollups, targets and routes, and audit
+        it; returns how many GPUs went with them."""
         if not names:
-            return
+            return 0
         with self.session() as s, s.begin():
             node_ids = list(s.scalars(select(Node.id).where(Node.name.in_(list(names)))))
             gpu_ids = list(s.scalars(select(Gpu.id).where(Gpu.node_id.in_(node_ids))))
             # Children first: this must not depend on the database enforcing cascades.
-            for model in (GpuSampleRow, Target):
+            for model in (GpuSampleRow, GpuRollupRow, Target):
                 s.execute(delete(model).where(model.gpu_id.in_(gpu_ids)))
-            for model in (HostSampleRow, TokenSampleRow, Route, Gpu):
+            for model in (HostSampleRow, TokenSampleRow, HostRollupRow, TokenRollupRow, Route, Gpu):
                 s.execute(delete(model).where(model.node_id.in_(node_ids)))
             s.execute(delete(Node).where(Node.id.in_(node_ids)))
             s.add_all(
-                AuditEntry(ts=now, actor=actor, action="node.removed", subject=name, detail={})
+                AuditEntry(
+                    ts=now,
+                    actor=actor,
+                    action="node.removed",
+                    subject=name,
+                    detail=_why({"gpus": len(gpu_ids)}, reason),
+                )
                 for name in names
             )
+        return len(gpu_ids)
 
     def set_original_power_limit(self, gpu_id: int, watts: float | None) -> None:
         with self.session() as s, s.begin():

@@ -197,7 +197,9 @@ class Agent:
         self._monotonic = monotonic
         """Leases are timed on it, not on the wall clock ``tick`` is given, so a clock
         step on this host or the controller's neither expires every lease at once nor
-        holds a cap past its lease. None: the tick's clock (a simulated run)."""
+        holds a cap past its lease; so are the agent's own timers (token reads, the store
+        timeout, batched writes, drain retries), which a step back would otherwise stop
+        for as long as it stepped. None: the tick's clock (a simulated run)."""
         self._lease_ends: dict[str, tuple[float, float]] = {}
         """Per GPU: the issue time of the target last seen and when, on the monotonic
         clock, its lease ends."""
@@ -289,10 +291,11 @@ class Agent:
         samples = self._timed("gpu", self._sample_gpus, lambda r: len(r) == len(self.infos))
         host = self._timed("host", lambda: self._sample_host(now), lambda r: r is not None)
         tokens: list[TokenRow] = []
-        if now >= self._tokens_due:
+        mono = self._mono(now)  # timers, unlike samples, must not follow a clock step
+        if mono >= self._tokens_due:
             # Servers are scraped less often than GPUs: a page costs milliseconds to parse
             # and token rates need no finer grain than the control period.
-            self._tokens_due = now + self.tokens_interval_s - 1e-6
+            self._tokens_due = mono + self.tokens_interval_s - 1e-6
             tokens = self._read_tokens(now)
         self.state.samples = samples
         self.state.host = host
@@ -335,10 +338,10 @@ class Agent:
         if self._io_job is not None:
             fresh = self._collect(now)
             if self._io_job is not None:
-                started = self._io_job[2]
-                if self.store_timeout_s is not None and now - started > self.store_timeout_s:
+                waited = self._mono(now) - self._io_job[2]
+                if self.store_timeout_s is not None and waited > self.store_timeout_s:
                     self._store_ok(
-                        False, StoreError(f"the store has not answered for {now - started:.0f} s")
+                        False, StoreError(f"the store has not answered for {waited:.0f} s")
                     )
                 return fresh
         # Written every write_interval_s, one transaction for all that waits; after an
@@ -346,8 +349,8 @@ class Agent:
         # round trip, so the controller sees the node as it is now and the backlog
         # drains in order.
         ticks: list[NodeTick] = []
-        if self._spool and (not self.gpu_ids or now >= self._write_due):
-            self._write_due = now + self.write_interval_s - 1e-6
+        if self._spool and (not self.gpu_ids or self._mono(now) >= self._write_due):
+            self._write_due = self._mono(now) + self.write_interval_s - 1e-6
             if len(self._spool) <= REPLAY_TICKS:
                 ticks, self._spool = self._spool, []
             else:
@@ -369,7 +372,7 @@ class Agent:
             future.set_result(self._store_job(work))
         else:
             future = spawn(lambda: self._store_job(work), f"store-{self.node}")
-        self._io_job = (work, future, now)
+        self._io_job = (work, future, self._mono(now))
         if self.store_timeout_s is not None:
             wait([future], timeout=min(self.store_timeout_s, self._wait_s))
         return self._collect(now) or fresh
@@ -546,7 +549,7 @@ class Agent:
                 return
             self._drain_job = None
             self._drain_done(want, future.exception(), now)
-        if drained == self._drained_applied or now < self._drain_retry_at:
+        if drained == self._drained_applied or self._mono(now) < self._drain_retry_at:
             return
         if self._drained_applied is None and not drained:
             self._drained_applied = False
@@ -566,7 +569,7 @@ class Agent:
     def _drain_done(self, drained: bool, error: BaseException | None, now: float) -> None:
         what = "drain" if drained else "resume"
         if error is not None:
-            self._drain_retry_at = now + DRAIN_RETRY_S
+            self._drain_retry_at = self._mono(now) + DRAIN_RETRY_S
             if self._first("drain", f"{what}: {error}"):
                 log.error("%s: %s", what, error)
                 self._audit(

@@ -116,3 +116,23 @@ def test_a_renewal_read_after_the_lease_ran_out_gets_only_what_is_left_of_it(hos
     host.run(20, controller=False, agent=False)  # the controller dies 20 s before
     seen = host.run(15, controller=False)  # the agent is back: 10 s were left
     assert seen[-1] == [pytest.approx(FALLBACK)] * 2
+
+
+def test_a_clock_stepped_back_does_not_stop_the_agents_own_timers(host: Host) -> None:
+    """Token reads (every agent.tokens_interval_s) are timed on the monotonic clock too:
+    timed on the wall clock, a step back of ten minutes would stop them for ten minutes
+    and leave the controller with no latency and no token rates."""
+    from sqlalchemy import func, select
+
+    from wattkeeper.store.models import TokenSampleRow
+
+    def token_rows() -> int:
+        with host.rt.store.engine.connect() as conn:
+            return conn.scalar(select(func.count()).select_from(TokenSampleRow))
+
+    host.run(12)
+    before = token_rows()
+    assert before > 0
+    host.agent_wall -= STEP
+    host.run(21)
+    assert token_rows() - before >= 4  # every 5 s, as before the step

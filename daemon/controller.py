@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -63,6 +64,31 @@ class ControllerState:
     without a lease)."""
     said: dict[str, float] = field(default_factory=dict)
     """When each standing warning was last logged."""
+    periods: PeriodTimes = field(default_factory=lambda: PeriodTimes())
+    """How long the control periods this controller led took, for the exporter."""
+
+
+PERIOD_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class PeriodTimes:
+    """A histogram of whole control periods (snapshot, learn, plan, write), so an SRE
+    sees from Prometheus when the leader's period nears its interval, the point where
+    the fleet has outgrown it. Buckets as Prometheus expects them: cumulative."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * len(PERIOD_BUCKETS_S))
+    total: int = 0
+    sum_s: float = 0.0
+    last_s: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        self.total += 1
+        self.sum_s += seconds
+        self.last_s = seconds
+        for k, le in enumerate(PERIOD_BUCKETS_S):
+            if seconds <= le:
+                self.counts[k] += 1
 
 
 SAY_EVERY_S = 60.0
@@ -160,15 +186,18 @@ class Controller:
 
     def tick(self, now: float) -> Plan | None:
         """The control period: plan and write targets (only while leading)."""
+        started = time.perf_counter()
         if not self._lead(now):
             return None
-        snap = self._with_schedules(self._snapshot(now), now)
         try:
+            snap = self._with_schedules(self._snapshot(now), now)
             return self._plan(now, snap, self._domain_limits(now), periodic=True)
         except NotLeaderError as exc:
             log.warning("%s", exc)
             self.state.epoch = None
             return None
+        finally:
+            self.state.periods.observe(time.perf_counter() - started)
 
     def _plan(
         self, now: float, snap: Snapshot, domains: list[Domain], periodic: bool

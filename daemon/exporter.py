@@ -41,6 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from wattkeeper import __version__
 from wattkeeper.bounded import Hung, SingleFlight
 from wattkeeper.collectors.gpu import THROTTLE_REASONS
+from wattkeeper.controller import PERIOD_BUCKETS_S
 from wattkeeper.store.db import StoreError
 from wattkeeper.summary import cost_options, facility_summary, in_force
 
@@ -163,6 +164,7 @@ class WattkeeperCollector(Collector):
             yield from self._host(views)
         yield from self._tokens(views)
         yield from self._agents(views)
+        yield from self._controller()
         yield from self._store()
 
     def _views(self) -> list[_AgentView]:
@@ -476,6 +478,32 @@ class WattkeeperCollector(Collector):
             changes.add_metric([v.node], float(v.actuations))
             errors.add_metric([v.node], float(v.errors))
         yield from (dur, ok, changes, errors, spooled, dropped)
+
+    # -- the controller ------------------------------------------------------------------
+    def _controller(self) -> Iterator[Metric]:
+        controller = self.rt.controller
+        if controller is None:
+            return
+        state = controller.state
+        yield GaugeMetricFamily(
+            "wattkeeper_controller_leading",
+            "1 while this controller holds the leader lease and plans, else 0 (standby).",
+            value=1.0 if controller.leading else 0.0,
+        )
+        periods = state.periods
+        hist = HistogramMetricFamily(
+            "wattkeeper_controller_period_duration_seconds",
+            "Whole control periods this controller led: snapshot, plan and writes.",
+            buckets=[
+                *(
+                    (f"{le:g}", float(n))
+                    for le, n in zip(PERIOD_BUCKETS_S, periods.counts, strict=True)
+                ),
+                ("+Inf", float(periods.total)),
+            ],
+            sum_value=periods.sum_s,
+        )
+        yield hist
 
     # -- the store: budget, targets, facility figures ------------------------------------
     def _store(self) -> Iterator[Metric]:

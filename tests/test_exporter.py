@@ -384,6 +384,29 @@ def test_failed_sources_go_down_and_keep_their_last_timestamp(
     assert after.value("wattkeeper_agent_errors_total", node=agent.node) >= 3
 
 
+def test_controller_periods_are_a_histogram_of_the_periods_it_led(rt: Runtime, port: int) -> None:
+    """12 seconds at a 5 s period: periods at 1, 6 and 11 s, each observed once, in
+    cumulative buckets; a standby's periods are not counted."""
+    first = scrape(port)
+    assert first.value("wattkeeper_controller_leading") == 1.0
+    assert first.value("wattkeeper_controller_period_duration_seconds_count") == 3
+    buckets = [
+        (float(dict(labels)["le"]), v)
+        for (name, labels), v in first.samples.items()
+        if name == "wattkeeper_controller_period_duration_seconds_bucket"
+    ]
+    counts = [v for _, v in sorted(buckets)]
+    assert counts == sorted(counts) and counts[-1] == 3
+    total = first.value("wattkeeper_controller_period_duration_seconds_sum")
+    assert 0 < total == pytest.approx(rt.controller.state.periods.sum_s)
+    rt.controller.state.epoch = None  # as when the lease went to another controller
+    rt.controller._lead = lambda now: False
+    step(rt, 10)
+    later = scrape(port)
+    assert later.value("wattkeeper_controller_leading") == 0.0
+    assert later.value("wattkeeper_controller_period_duration_seconds_count") == 3
+
+
 # -- the names are a contract: golden file, docs, dashboard ----------------------------------
 def structure(s: Scrape) -> str:
     """HELP, TYPE and one placeholder sample per label set: stable against physics changes."""

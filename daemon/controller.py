@@ -23,6 +23,7 @@ from wattkeeper.policies.plan import (
 from wattkeeper.policies.route import RouteNode, Routes
 from wattkeeper.policies.schedule import Schedule, ScheduleError, effective_budget, window_start
 from wattkeeper.policies.slo import Ceilings, NodeLatency
+from wattkeeper.store.db import StoreError
 from wattkeeper.store.repository import (
     FACILITY,
     NotLeaderError,
@@ -91,6 +92,12 @@ class PeriodTimes:
                 self.counts[k] += 1
 
 
+MEMORY_KEY = "learned"
+MEMORY_EVERY_S = 30.0
+"""How often the leader keeps what it learned in the store."""
+MEMORY_KEPT_S = 3600.0
+"""Memory older than this is not taken back: the fleet and its load have moved on."""
+
 SAY_EVERY_S = 60.0
 """A standing condition (over budget, a budget under the floors) is logged this often."""
 
@@ -155,6 +162,9 @@ class Controller:
         """With it, the controller plans only while it holds the leader lease (several
         may run on one store); without it, it always plans (one process on a store)."""
         self.state = ControllerState()
+        self._recalled: tuple[int | None] | None = None
+        """The epoch whose start read the memory back (a 1-tuple; None: not yet)."""
+        self._remembered_at = float("-inf")
 
     @property
     def leading(self) -> bool:
@@ -178,8 +188,58 @@ class Controller:
 
     def resign(self, now: float) -> None:
         if self.leadership is not None and self.state.epoch is not None:
+            self._remember(now)  # the newest, for whoever leads next
             self.store.resign(self.leadership.holder, now)
             self.state.epoch = None
+
+    # -- memory: what was learned outlives this process --------------------------------
+    def _remember(self, now: float) -> None:
+        """Keep what was learned in the store, fenced by this leader's epoch. Best
+        effort: a store that fails here costs a warm start, never a plan."""
+        self._remembered_at = now
+        data = {
+            "ceilings": self.ceilings.to_memory() if self.ceilings is not None else {},
+            "routes": self.routes.to_memory() if self.routes is not None else {},
+            "coupling": self.state.coupling,
+        }
+        try:
+            self.store.remember(MEMORY_KEY, data, now, epoch=self.state.epoch)
+        except NotLeaderError:
+            raise
+        except StoreError as exc:
+            log.warning("could not keep what the controller learned: %s", exc)
+
+    def _recall(self, now: float) -> None:
+        """On taking the lease (or starting alone): take back what the last leader
+        kept, in place of anything this process learned before (a standby's own is
+        older than what its successor-turned-predecessor wrote)."""
+        self._recalled = (self.state.epoch,)
+        kept = self.store.recall(MEMORY_KEY)
+        if kept is None:
+            return
+        data, when = kept
+        age = now - when
+        if not -MEMORY_KEPT_S < age < MEMORY_KEPT_S:
+            log.info("controller memory from %.0f s ago: too old to take back", age)
+            return
+        ceilings = routes = 0
+        if self.ceilings is not None and isinstance(data.get("ceilings"), dict):
+            self.ceilings.nodes.clear()
+            ceilings = self.ceilings.restore(data["ceilings"])
+        if self.routes is not None and isinstance(data.get("routes"), dict):
+            self.routes.nodes.clear()
+            routes = self.routes.restore(data["routes"])
+        coupling = data.get("coupling")
+        if isinstance(coupling, (int, float)) and 0.0 <= coupling <= COUPLING_MAX:
+            self.state.coupling = float(coupling)
+        log.info(
+            "took back what the controller learned %.0f s ago: %d latency ceilings, "
+            "%d routes, coupling %s",
+            age,
+            ceilings,
+            routes,
+            "unknown" if self.state.coupling is None else f"{self.state.coupling:.2f}",
+        )
 
     def _snapshot(self, now: float) -> Snapshot:
         return self.store.snapshot(now, window_s=max(60.0, 3 * self.settings.stale_after_s))
@@ -190,8 +250,13 @@ class Controller:
         if not self._lead(now):
             return None
         try:
+            if self._recalled != (self.state.epoch,):
+                self._recall(now)
             snap = self._with_schedules(self._snapshot(now), now)
-            return self._plan(now, snap, self._domain_limits(now), periodic=True)
+            result = self._plan(now, snap, self._domain_limits(now), periodic=True)
+            if now - self._remembered_at >= MEMORY_EVERY_S:
+                self._remember(now)
+            return result
         except NotLeaderError as exc:
             log.warning("%s", exc)
             self.state.epoch = None

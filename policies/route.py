@@ -99,6 +99,37 @@ class Routes:
     settings: RouteSettings = field(default_factory=RouteSettings)
     nodes: dict[str, _NodeRoute] = field(default_factory=dict)
 
+    def to_memory(self) -> dict[str, dict]:
+        """What was learned per node, as plain JSON."""
+        return {
+            name: {
+                "efficiency": st.efficiency,
+                "latency_share": st.latency_share,
+                "inflight": st.inflight,
+            }
+            for name, st in self.nodes.items()
+        }
+
+    def restore(self, memory: dict[str, dict]) -> int:
+        """Take back what a controller kept (``to_memory``); a node already known here
+        keeps its own, and an entry that does not read as numbers is skipped."""
+        taken = 0
+        for node, kept in memory.items():
+            if node in self.nodes or not isinstance(kept, dict) or "efficiency" not in kept:
+                continue
+            try:
+                eff, inflight = kept.get("efficiency"), kept.get("inflight")
+                st = _NodeRoute(
+                    efficiency=None if eff is None else float(eff),
+                    latency_share=float(kept.get("latency_share", 1.0)),
+                    inflight=None if inflight is None else float(inflight),
+                )
+            except (TypeError, ValueError):
+                continue
+            self.nodes[node] = st
+            taken += 1
+        return taken
+
     def update(self, nodes: list[RouteNode]) -> list[RouteTarget]:
         """One control period: new weights and in-flight limits for every node."""
         s = self.settings

@@ -18,7 +18,8 @@ SLO costs goodput while a watt too many only costs a watt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -218,3 +219,37 @@ class Ceilings:
     def forget(self, keep: set[str]) -> None:
         for name in set(self.nodes) - keep:
             del self.nodes[name]
+
+    def to_memory(self) -> dict[str, dict]:
+        """Every node's ceiling as plain JSON (no infinities: None stands for "never")."""
+        return {
+            name: {
+                k: (None if isinstance(v, float) and math.isinf(v) else v)
+                for k, v in asdict(st).items()
+            }
+            for name, st in self.nodes.items()
+        }
+
+    def restore(self, memory: dict[str, dict]) -> int:
+        """Take back ceilings a controller kept (``to_memory``): a node already known
+        here keeps its own. Entries that do not read as a ceiling are skipped, never
+        half-taken. Returns how many were taken."""
+        names = {f.name: f for f in fields(CeilingState)}
+        taken = 0
+        for node, kept in memory.items():
+            if node in self.nodes or not isinstance(kept, dict):
+                continue
+            try:
+                values = {
+                    k: (float("-inf") if v is None and k.endswith("_ts") else v)
+                    for k, v in kept.items()
+                    if k in names
+                }
+                state = CeilingState(**values)
+                if not 0.0 <= float(state.ratio) <= 1.0:
+                    continue
+            except (TypeError, ValueError):
+                continue
+            self.nodes[node] = state
+            taken += 1
+        return taken

@@ -188,6 +188,11 @@ def test_the_controller_plans_but_cannot_set_a_budget(fleet):
         ctl.set_budget(5000.0, "controller", NOW)
     assert ctl.write_targets([TargetSpec("GPU-b", 450.0)], NOW, 30.0) == 1
     assert ctl.set_drained("node-b", True, "controller", NOW)
+    # What it learned is its own: an agent's login cannot read or change it.
+    ctl.remember("learned", {"coupling": 0.3}, NOW)
+    assert ctl.recall("learned") == ({"coupling": 0.3}, NOW)
+    with pytest.raises(StoreError, match="permission denied"):
+        stores["a"].recall("learned")
     admin = Store(make_engine(url))
     admin.set_budget(5000.0, "cli:root", NOW)
     assert admin.get_budget().limit_w == 5000.0

@@ -155,8 +155,12 @@ def test_explain_shows_the_latency_and_why_each_target_was_set(
     # The one node is the most efficient there is: full weight, and why it was set.
     assert data["route"]["weight"] == 256 and data["route"]["max_inflight"] is None
     assert "tokens/J" in data["route"]["reason"]  # brought up to date, not the first one
+    # What the controller learned, from the store (the controller's process is gone).
+    learned = data["learned"]
+    assert 0.0 < learned["ceiling"]["ratio"] <= 1.0 and learned["tokens_per_joule"] > 0
     text = runner.invoke(app, ["explain", "node", "sim-node-0", "--db", sqlite_url]).stdout
     assert "router: weight 256/256" in text
+    assert "latency ceiling at" in text and "tokens/J" in text
     uuid = data["gpus"][0]["uuid"]
     r = runner.invoke(app, ["explain", "gpu", uuid, "--db", sqlite_url, "-o", "json"])
     assert r.exit_code == 0 and [g["uuid"] for g in json.loads(r.stdout)["gpus"]] == [uuid]

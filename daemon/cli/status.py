@@ -241,8 +241,24 @@ def _explain(
         subjects = [g.uuid for g in gpus] + ([node] if uuid is None else [])
         entries = store.audit_log(20, subjects=subjects)
         route = next((r for r in store.routes() if r.node == node), None)
+        memory = store.recall("learned")
     except StoreError as exc:
         fail(str(exc))
+    learned = None
+    if memory is not None:
+        kept, kept_at = memory
+        ceiling = (kept.get("ceilings") or {}).get(node)
+        learned = {
+            "kept_at": kept_at,
+            "ceiling": None
+            if not isinstance(ceiling, dict)
+            else {
+                k: ceiling.get(k)
+                for k in ("ratio", "floor", "batch_limit", "unqueued_ttft_s", "reason")
+            },
+            "tokens_per_joule": ((kept.get("routes") or {}).get(node) or {}).get("efficiency"),
+            "non_gpu_w_per_gpu_w": kept.get("coupling"),
+        }
     latency = {
         key: getattr(view, key)
         for key in ("ttft_mean_s", "tpot_mean_s", "ttft_p90_s", "tpot_p90_s", "requests_running")
@@ -275,6 +291,7 @@ def _explain(
             }
             for g in gpus
         ],
+        "learned": learned,
         "audit": [
             {"ts": e.ts, "actor": e.actor, "action": e.action, "subject": e.subject, **e.detail}
             for e in entries
@@ -297,6 +314,27 @@ def _explain(
         inflight = "the servers' own" if route.max_inflight is None else route.max_inflight
         typer.echo(
             f"router: weight {route.weight}/256, in flight per server {inflight} - {route.reason}"
+        )
+    if learned is not None:
+        c = learned["ceiling"]
+        parts = []
+        if c is not None and c.get("ratio") is not None:
+            parts.append(f"latency ceiling at {c['ratio']:.0%} of each GPU's range")
+            if c.get("floor"):
+                parts.append(f"not below {c['floor']:.0%} (it queued lower)")
+            if c.get("batch_limit"):
+                parts.append(f"in-flight limit {c['batch_limit']:.0f} requests")
+            if c.get("unqueued_ttft_s"):
+                parts.append(f"TTFT without a queue {c['unqueued_ttft_s'] * 1e3:.0f} ms")
+        if learned["tokens_per_joule"] is not None:
+            parts.append(f"{learned['tokens_per_joule']:.2f} tokens/J")
+        if learned["non_gpu_w_per_gpu_w"] is not None:
+            parts.append(
+                f"non-GPU power rises {learned['non_gpu_w_per_gpu_w']:.2f} W per GPU W (facility)"
+            )
+        age = time.time() - learned["kept_at"]
+        typer.echo(
+            f"learned (kept {age:.0f} s ago): {'; '.join(parts) or 'nothing for this node yet'}"
         )
     for g in data["gpus"]:
         typer.echo(

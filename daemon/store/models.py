@@ -211,6 +211,17 @@ class Leader(Base):
     expires_at: Mapped[float] = mapped_column(Float)
 
 
+class ControllerMemory(Base):
+    """What the leading controller learned, so a restarted or new leader starts warm."""
+
+    __tablename__ = "controller_memory"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+    data: Mapped[dict] = mapped_column(JSON)
+
+
 class AgentRole(Base):
     """On PostgreSQL, the login role each node's agent connects as (made by ``wattkeeper
     db add-agent``): row-level security lets it see and write that node's rows only."""

@@ -43,6 +43,7 @@ from wattkeeper.store.models import (
     AuditEntry,
     Budget,
     BudgetSchedule,
+    ControllerMemory,
     Gpu,
     GpuRollupRow,
     GpuSampleRow,
@@ -966,6 +967,29 @@ class Store:
                 .order_by(Node.name)
             ).all()
         return [RouteRow(*row) for row in rows]
+
+    def remember(self, key: str, data: dict, now: float, *, epoch: int | None = None) -> None:
+        """Keep what the controller learned under ``key``; with ``epoch``, only while
+        that epoch leads (a deposed leader must not overwrite its successor's)."""
+        with self.engine.begin() as conn:
+            if epoch is not None:
+                _fence(conn, epoch)
+            values = {"epoch": epoch, "updated_at": now, "data": data}
+            done = conn.execute(
+                update(ControllerMemory).where(ControllerMemory.key == key).values(**values)
+            )
+            if done.rowcount == 0:
+                conn.execute(insert(ControllerMemory).values(key=key, **values))
+
+    def recall(self, key: str) -> tuple[dict, float] | None:
+        """What was kept under ``key``, and when."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(ControllerMemory.data, ControllerMemory.updated_at).where(
+                    ControllerMemory.key == key
+                )
+            ).first()
+        return None if row is None else (dict(row[0]), float(row[1]))
 
     def audit(self, actor: str, action: str, subject: str, detail: dict, now: float) -> None:
         with self.session() as s, s.begin():

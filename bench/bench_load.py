@@ -10,9 +10,10 @@ binding facility budget) run beside them. Near the end the leader is killed
 The nodes are driven from ``--writers`` processes, one connection each, and do per
 second what an agent does with the store: one ``Store.write_ticks`` of the node's
 ticks (every tick, or every ``--write-interval`` seconds with that many ticks in one
-transaction, as ``agent.write_interval_s`` does), then ``Store.targets_for_node``. Their
-GPUs draw a little under the target the controller set. What is not measured here: the
-simulated physics and NVML reads (``bench_agent.py`` measures an agent's own tick).
+transaction, as ``agent.write_interval_s`` does), then ``Store.orders_for_node`` (its
+targets and drain mark, one statement). Their GPUs draw a little under the target the
+controller set. What is not measured here: the simulated physics and NVML reads
+(``bench_agent.py`` measures an agent's own tick).
 
 Reported: GPU samples per second offered and sustained, rows in the store against rows
 written (none may be lost), how late the writers' rounds ran (a round that takes more
@@ -118,10 +119,9 @@ def _writer(
                         store.write_ticks(node, ids, waiting[node])
                         rows += GPUS_PER_NODE * len(waiting[node])
                         waiting[node] = []
+                    orders, _drained = store.orders_for_node(node)
                     targets[node] = {
-                        u: t.power_limit_w
-                        for u, t in store.targets_for_node(node).items()
-                        if t.power_limit_w is not None
+                        u: t.power_limit_w for u, t in orders.items() if t.power_limit_w is not None
                     }
                 except StoreError:
                     errors += 1

@@ -417,13 +417,13 @@ class Agent:
             if work.ticks:
                 store.write_ticks(self.node, gpu_ids, work.ticks, agent_id=self.agent_id)
                 out.ticks_written = len(work.ticks)
+            targets, out.drained = store.orders_for_node(self.node)
             out.targets = {
                 uuid: CachedTarget(
                     t.power_limit_w, t.lease_expires_at, t.reason or "target", t.epoch, t.issued_at
                 )
-                for uuid, t in store.targets_for_node(self.node).items()
+                for uuid, t in targets.items()
             }
-            out.drained = store.node_drained(self.node)
         except StoreError as exc:
             out.error = exc
         except Exception as exc:  # a bug must not lose what was done, nor stop the agent

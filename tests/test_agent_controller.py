@@ -122,6 +122,8 @@ def _store_down(rt, monkeypatch):
 
     for name in (
         "write_samples",
+        "write_ticks",
+        "orders_for_node",
         "targets_for_node",
         "audit",
         "register_node",

@@ -200,23 +200,6 @@ def _cpu_s(procs: list[psutil.Process]) -> float:
     return total
 
 
-def _server_cpu(root: str, seen: dict[int, float]) -> float:
-    """CPU seconds of every process of the server whose data lives under ``root``, each
-    kept at its last reading so a backend that exits still counts."""
-    for p in psutil.process_iter(["pid", "name"]):
-        try:
-            if p.info["name"] == "postgres":
-                if p.pid not in seen and not any(root in c for c in p.cmdline()):
-                    parent = p.parent()
-                    if parent is None or not any(root in c for c in parent.cmdline()):
-                        continue
-                t = p.cpu_times()
-                seen[p.pid] = t.user + t.system
-        except psutil.Error:
-            pass
-    return sum(seen.values())
-
-
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -292,7 +275,7 @@ def run(args: argparse.Namespace) -> dict:
         ctl_cpu0 = _cpu_s(controllers)
         ctl_cpu_killed = 0.0
         pg_seen: dict[int, float] = {}
-        pg_cpu0 = _server_cpu(str(server.root), pg_seen)
+        pg_cpu0 = store_bench.server_cpu_s(str(server.root), pg_seen)
         wall0 = time.time()
         kill_at = start_at + args.kill_at * args.duration
         store = Store(engine)
@@ -316,7 +299,7 @@ def run(args: argparse.Namespace) -> dict:
                             )
                             break
                         time.sleep(0.05)
-            pg_cpu_last = _server_cpu(str(server.root), pg_seen)
+            pg_cpu_last = store_bench.server_cpu_s(str(server.root), pg_seen)
             time.sleep(0.5)
         ctl_cpu = _cpu_s([c for c in controllers if c.is_running()]) + ctl_cpu_killed - ctl_cpu0
         for p in writers:

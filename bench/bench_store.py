@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, Select, event, insert, select, text, true
+from sqlalchemy.engine import make_url
 
 from wattkeeper.collectors.gpu import GpuSample
 from wattkeeper.store.db import make_engine, upgrade
@@ -183,6 +184,34 @@ def _load_pg_helper() -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def server_cpu_s(marker: str, seen: dict[int, float]) -> float:
+    """CPU seconds of every process of the PostgreSQL server whose postmaster's command
+    line holds ``marker`` (its data directory or port), each kept at its last reading so
+    a backend that exits still counts. Reading it before and after a measurement says
+    how much of the machine the server itself used: on a machine it shares with its
+    clients, rows per server CPU second is what carries over to a server of its own."""
+    import psutil
+
+    for p in psutil.process_iter(["pid", "name"]):
+        try:
+            if p.info["name"] != "postgres":
+                continue
+            if p.pid not in seen:
+                parent = p.parent()
+                lines = [p.cmdline(), parent.cmdline() if parent is not None else []]
+                if not any(marker in part for line in lines for part in line):
+                    continue
+            t = p.cpu_times()
+            seen[p.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return sum(seen.values())
+
+
+def _port(url: str) -> str:
+    return f"-p {make_url(url).port}"
 
 
 @contextmanager
@@ -323,6 +352,8 @@ def bench_ticks(backend: str, n_nodes: int, seconds: float, writers: int, per_wr
         fleet = sorted(register_fleet(engine, n_nodes, T0).items())
         engine.dispose()
         shares = [fleet[w::writers] for w in range(writers)]
+        seen: dict[int, float] = {}
+        cpu0 = server_cpu_s(_port(url), seen) if backend == "postgresql" else 0.0
         if writers == 1:
             results = [_tick_writer(url, shares[0], seconds, per_write)]
         else:
@@ -331,6 +362,7 @@ def bench_ticks(backend: str, n_nodes: int, seconds: float, writers: int, per_wr
                 results = pool.starmap(
                     _tick_writer, [(url, sh, seconds, per_write) for sh in shares]
                 )
+        server_s = server_cpu_s(_port(url), seen) - cpu0 if backend == "postgresql" else None
     rows = sum(done for done, _ in results) * GPUS_PER_NODE
     elapsed = max(e for _, e in results)
     return {
@@ -340,6 +372,9 @@ def bench_ticks(backend: str, n_nodes: int, seconds: float, writers: int, per_wr
         "rows": rows,
         "seconds": elapsed,
         "rows_per_s": rows / elapsed,
+        # Includes the writers' warm-up: slightly pessimistic per row.
+        "server_cpu_s": server_s,
+        "rows_per_server_cpu_s": rows / server_s if server_s else None,
     }
 
 
@@ -354,6 +389,9 @@ def bench_batches(backend: str, batch: int, seconds: float) -> dict:
         with engine.begin() as conn:
             conn.execute(insert(GpuSampleRow), template)
         done = 0
+        seen: dict[int, float] = {}
+        pg = backend == "postgresql"
+        cpu0 = server_cpu_s(_port(url), seen) if pg else 0.0
         started = time.perf_counter()
         now = T0
         while time.perf_counter() - started < seconds:
@@ -364,12 +402,15 @@ def bench_batches(backend: str, batch: int, seconds: float) -> dict:
                 conn.execute(insert(GpuSampleRow), template)
             done += len(template)
         elapsed = time.perf_counter() - started
+        server_s = server_cpu_s(_port(url), seen) - cpu0 if pg else None
         engine.dispose()
     return {
         "mode": f"batch{batch}",
         "rows": done,
         "seconds": elapsed,
         "rows_per_s": done / elapsed,
+        "server_cpu_s": server_s,
+        "rows_per_server_cpu_s": done / server_s if server_s else None,
     }
 
 
@@ -380,6 +421,8 @@ def bench_copy(batch: int, seconds: float) -> dict:
         fleet = register_fleet(engine, max(1, batch // GPUS_PER_NODE), T0)
         gpu_ids = [i for ids in fleet.values() for i in ids.values()][:batch]
         done = 0
+        seen: dict[int, float] = {}
+        cpu0 = server_cpu_s(_port(url), seen)
         started = time.perf_counter()
         now = T0
         raw = engine.raw_connection()
@@ -397,8 +440,16 @@ def bench_copy(batch: int, seconds: float) -> dict:
         finally:
             raw.close()
         elapsed = time.perf_counter() - started
+        server_s = server_cpu_s(_port(url), seen) - cpu0
         engine.dispose()
-    return {"mode": f"copy{batch}", "rows": done, "seconds": elapsed, "rows_per_s": done / elapsed}
+    return {
+        "mode": f"copy{batch}",
+        "rows": done,
+        "seconds": elapsed,
+        "rows_per_s": done / elapsed,
+        "server_cpu_s": server_s,
+        "rows_per_server_cpu_s": done / server_s if server_s else None,
+    }
 
 
 def load_history(engine: Engine, fleet: dict, history_s: int, now: float) -> int:
@@ -628,11 +679,15 @@ def main() -> None:
         print(json.dumps({**meta, "ingest": ingest, "snapshot": snapshots}, indent=2))
         return
     if ingest:
-        print(f"{'backend':<11} {'mode':<10} {'rows':>9} {'rows/s':>10} {'goal':>9}")
+        print(
+            f"{'backend':<11} {'mode':<10} {'rows':>9} {'rows/s':>10} {'goal':>9} "
+            f"{'rows/server CPU s':>18}"
+        )
     for r in ingest:
+        per_cpu = r.get("rows_per_server_cpu_s")
         print(
             f"{r['backend']:<11} {r['mode']:<10} {r['rows']:>9} {r['rows_per_s']:>10,.0f} "
-            f"{r['goal_rows_per_s']:>9,}"
+            f"{r['goal_rows_per_s']:>9,} {'' if per_cpu is None else f'{per_cpu:,.0f}':>18}"
         )
     print()
     print(

@@ -46,6 +46,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -210,8 +211,39 @@ def server_cpu_s(marker: str, seen: dict[int, float]) -> float:
     return sum(seen.values())
 
 
+class ServerCpu:
+    """The server's CPU seconds over a ``with`` block, polled every 0.1 s on a thread:
+    a backend's CPU time is readable only while it lives, and the writers' backends
+    end with their connections, before the block does."""
+
+    def __init__(self, marker: str | None) -> None:
+        self.marker = marker
+        self.seen: dict[int, float] = {}
+        self.seconds: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        assert self.marker is not None
+        while not self._stop.wait(0.1):
+            server_cpu_s(self.marker, self.seen)
+
+    def __enter__(self) -> ServerCpu:
+        if self.marker is not None:
+            self._start = server_cpu_s(self.marker, self.seen)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.marker is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self.seconds = server_cpu_s(self.marker, self.seen) - self._start
+
+
 def _port(url: str) -> str:
-    return f"-p {make_url(url).port}"
+    return str(make_url(url).port)
 
 
 @contextmanager
@@ -352,17 +384,16 @@ def bench_ticks(backend: str, n_nodes: int, seconds: float, writers: int, per_wr
         fleet = sorted(register_fleet(engine, n_nodes, T0).items())
         engine.dispose()
         shares = [fleet[w::writers] for w in range(writers)]
-        seen: dict[int, float] = {}
-        cpu0 = server_cpu_s(_port(url), seen) if backend == "postgresql" else 0.0
-        if writers == 1:
-            results = [_tick_writer(url, shares[0], seconds, per_write)]
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(writers) as pool:
-                results = pool.starmap(
-                    _tick_writer, [(url, sh, seconds, per_write) for sh in shares]
-                )
-        server_s = server_cpu_s(_port(url), seen) - cpu0 if backend == "postgresql" else None
+        with ServerCpu(_port(url) if backend == "postgresql" else None) as cpu:
+            if writers == 1:
+                results = [_tick_writer(url, shares[0], seconds, per_write)]
+            else:
+                ctx = multiprocessing.get_context("spawn")
+                with ctx.Pool(writers) as pool:
+                    results = pool.starmap(
+                        _tick_writer, [(url, sh, seconds, per_write) for sh in shares]
+                    )
+        server_s = cpu.seconds
     rows = sum(done for done, _ in results) * GPUS_PER_NODE
     elapsed = max(e for _, e in results)
     return {

@@ -116,8 +116,15 @@ def run(backend: str, n_nodes: int, history_s: int, ticks: int, pin: bool) -> di
         timed = Timed(
             store,
             {
-                "snapshot": ("snapshot", "budgets", "schedules"),
-                "write": ("write_targets", "write_routes", "routes", "set_drained", "audit"),
+                "snapshot": ("snapshot", "budgets", "schedules", "recall"),
+                "write": (
+                    "write_targets",
+                    "write_routes",
+                    "routes",
+                    "set_drained",
+                    "audit",
+                    "remember",
+                ),
             },
         )
         controller = Controller(

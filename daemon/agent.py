@@ -167,6 +167,35 @@ class HostReader:
         raise NotImplementedError
 
 
+def _tick_json(t: NodeTick) -> dict[str, Any]:
+    return {
+        "ts": t.ts,
+        "samples": [asdict(g) for g in t.samples],
+        "host": t.host,
+        "tokens": [asdict(r) for r in t.tokens],
+    }
+
+
+def _tick_from_json(d: dict[str, Any]) -> NodeTick:
+    def sample(g: dict[str, Any]) -> GpuSample:
+        locked = g.get("locked_sm_clocks_mhz")
+        return GpuSample(
+            **{
+                **g,
+                "throttle_reasons": tuple(g.get("throttle_reasons") or ()),
+                "locked_sm_clocks_mhz": None if locked is None else (locked[0], locked[1]),
+            }
+        )
+
+    host = d.get("host")
+    return NodeTick(
+        float(d["ts"]),
+        tuple(sample(g) for g in d["samples"]),
+        None if host is None else (host[0], host[1], host[2]),
+        tuple(TokenRow(**r) for r in d.get("tokens") or ()),
+    )
+
+
 class Agent:
     def __init__(
         self,
@@ -186,8 +215,16 @@ class Agent:
         agent_id: str | None = None,
         monotonic: Callable[[], float] | None = None,
         originals_path: Path | None = None,
+        spool_path: Path | None = None,
     ) -> None:
         self.node = node
+        self.spool_path = spool_path
+        """Where the spool goes on disk while the store is away, so an agent restarted
+        during an outage (a crash, a host reboot, systemd) loses none of it. Only
+        then: while the store answers, ticks wait at most write_interval_s in memory.
+        None: in memory only (a simulated run)."""
+        self._spool_on_disk = False
+        self._spool_file_ticks = 0
         self.originals_path = originals_path
         """A local file holding each GPU's limit from before the first change, written
         before that change is made. The store keeps them too, but only once a round trip
@@ -245,6 +282,7 @@ class Agent:
         self._targets: dict[str, CachedTarget] = {}
         self._pending_audit: list[tuple[str, str, dict, float]] = []
         self._persisted_originals: dict[str, float | None] = dict(self._read_originals())
+        self._load_spool()
 
     def register(self, now: float) -> None:
         """Record the node and its GPUs in the store, and load what a previous run of this
@@ -320,6 +358,11 @@ class Agent:
     # -- the store, off the agent's thread ----------------------------------------------
     def _spool_tick(self, tick: NodeTick) -> None:
         self._spool.append(tick)
+        if self._spool_on_disk:
+            # Appended; rewritten from the spool once the file holds twice what the
+            # spool keeps, so a long outage does not grow it without bound.
+            full = self._spool_file_ticks >= 2 * self._spool_max
+            self._spool_write(self._spool[-self._spool_max :] if full else [tick], append=not full)
         over = len(self._spool) - self._spool_max
         if over > 0:
             del self._spool[:over]
@@ -463,6 +506,9 @@ class Agent:
             self._store_ok(False, res.error)
             return False
         self._store_ok(True, None)
+        if self._spool_on_disk:
+            # What is left of the backlog, and nothing once it has all landed.
+            self._spool_write(self._spool, append=False)
         assert res.targets is not None
         self._targets = self._fenced(res.targets)
         self._time_leases(now)
@@ -587,6 +633,14 @@ class Agent:
         self._outbox_standby = standby
 
     def _store_ok(self, ok: bool, exc: StoreError | None) -> None:
+        if not ok and not self._spool_on_disk and self.spool_path is not None:
+            # From now on every tick also goes to disk, the ones waiting already and
+            # those of a round trip still in flight (hung) included.
+            waiting = list(self._spool)
+            if self._io_job is not None:
+                waiting = sorted([*self._io_job[0].ticks, *waiting], key=lambda t: t.ts)
+            self._spool_on_disk = True
+            self._spool_write(waiting, append=False)
         if ok and not self.state.store_ok:
             log.warning("store reachable again")
         elif not ok and self.state.store_ok:
@@ -778,6 +832,66 @@ class Agent:
         self.state.samples = out
         return out
 
+    # -- the spool on disk --------------------------------------------------------------
+    def _spool_write(self, ticks: Sequence[NodeTick], *, append: bool) -> None:
+        """Append ticks to the spool file, or replace it with ``ticks`` (removed when
+        there are none). A disk that fails costs the copy on disk, never the tick."""
+        path = self.spool_path
+        if path is None:
+            return
+        try:
+            if not append and not ticks:
+                path.unlink(missing_ok=True)
+                self._spool_on_disk = False
+                return
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            lines = "".join(json.dumps(_tick_json(t), separators=(",", ":")) + "\n" for t in ticks)
+            if append:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                with os.fdopen(fd, "a") as f:
+                    f.write(lines)
+                self._spool_file_ticks += len(ticks)
+            else:
+                self._spool_file_ticks = len(ticks)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(lines)
+                os.replace(tmp, path)
+            self._first("spool-file", None)
+        except OSError as exc:
+            if self._first("spool-file", str(exc)):
+                log.error("cannot keep the spool in %s: %s (it stays in memory)", path, exc)
+
+    def _load_spool(self) -> None:
+        """Ticks a previous run of this agent spooled on disk during an outage: they go
+        to the store first, in order."""
+        path = self.spool_path
+        if path is None or not path.exists():
+            return
+        ticks: list[NodeTick] = []
+        bad = 0
+        try:
+            with path.open() as f:
+                for line in f:
+                    try:
+                        ticks.append(_tick_from_json(json.loads(line)))
+                    except (ValueError, TypeError, KeyError):
+                        bad += 1  # a line cut short by a crash
+        except OSError as exc:
+            log.error("%s: unreadable (%s): its samples are lost", path, exc)
+            return
+        ticks.sort(key=lambda t: t.ts)
+        self._spool = ticks[-self._spool_max :]
+        self.state.spool_dropped_ticks += len(ticks) - len(self._spool)
+        self.state.spooled_ticks = len(self._spool)
+        self._spool_on_disk = True
+        log.warning(
+            "%d tick(s) of samples spooled on disk by an earlier run: writing them first%s",
+            len(self._spool),
+            f" ({bad} unreadable line(s) skipped)" if bad else "",
+        )
+
     def _read_originals(self) -> dict[str, float]:
         """What an earlier run of this agent recorded before changing each GPU."""
         path = self.originals_path
@@ -835,6 +949,9 @@ class Agent:
         """
         if self._drain_pool is not None:
             self._drain_pool.shutdown(wait=False, cancel_futures=True)
+        if self._spool:
+            # On disk first: whatever the store does below, the next start has them.
+            self._spool_write(self._spool, append=False)
         if not self.restore_on_exit:
             return
         restored: dict[str, float | None] = {}
@@ -869,6 +986,7 @@ class Agent:
             ticks = [*unwritten, *([NodeTick(now, tuple(last))] if last else [])]
             if ticks and self.gpu_ids:
                 self.store.write_ticks(self.node, self.gpu_ids, ticks, agent_id=self.agent_id)
+                self._spool_write(self._spool[: -len(unwritten) or None], append=False)
             if self.gpu_ids:
                 self.store.release_node(self.node, self.agent_id)
 

@@ -330,11 +330,16 @@ def build_on_facility(
     return Runtime(cfg, store, clock, agents, controller, facility=facility)
 
 
-def originals_file(node: str) -> Path:
-    """Where a node's agent records GPU limits before changing them (one file per node
-    name, so several agents on one host never share one)."""
+def state_file(kind: str, node: str) -> Path:
+    """A node's agent's own file in the state directory (one per node name, so several
+    agents on one host never share one)."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in node)
-    return state_dir() / f"originals-{safe}.json"
+    return state_dir() / f"{kind}-{safe}.json{'l' if kind == 'spool' else ''}"
+
+
+def originals_file(node: str) -> Path:
+    """Where a node's agent records GPU limits before changing them."""
+    return state_file("originals", node)
 
 
 def make_agent(
@@ -350,6 +355,7 @@ def make_agent(
     """One agent with the configured agent settings, whatever its backend. On the wall
     clock its store calls run on a thread of their own; on a simulated clock inline, so
     a run stays deterministic."""
+    simulated = getattr(backend, "name", "") == "sim"
     return Agent(
         node,
         backend,
@@ -364,7 +370,8 @@ def make_agent(
         spool_ticks=cfg.agent.spool_ticks,
         write_interval_s=cfg.agent.write_interval_s or 0.0,
         monotonic=time.monotonic if wall_clock else None,
-        originals_path=None if getattr(backend, "name", "") == "sim" else originals_file(node),
+        originals_path=None if simulated else originals_file(node),
+        spool_path=None if simulated else state_file("spool", node),
     )
 
 

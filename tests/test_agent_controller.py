@@ -1,5 +1,7 @@
 """Agent and controller behaviour on the simulated facility and a real SQLite store."""
 
+from dataclasses import replace
+
 import pytest
 from sqlalchemy import select, update
 
@@ -248,3 +250,25 @@ def test_an_unwritable_originals_file_does_not_stop_the_caps(rt, tmp_path, caplo
     step(rt, 11)
     assert all(lim < 700 for lim in limits(rt))
     assert "cannot record original limits" in caplog.text
+
+
+def test_a_spool_file_cut_short_by_a_crash_is_read_up_to_its_last_whole_line(rt, tmp_path, caplog):
+    """An earlier run's spool on disk goes to the store first; a line a crash cut in
+    half is skipped and said, and the file is gone once everything has landed."""
+    import json
+
+    from wattkeeper.agent import _tick_json
+    from wattkeeper.store.repository import NodeTick
+
+    agent = rt.agents[0]
+    step(rt, 2)
+    sample = next(iter(agent.state.samples.values()))
+    old = NodeTick(5_000.0, (replace(sample, timestamp=5_000.0),), (0.2, 900.0, "model"))
+    path = tmp_path / "spool.jsonl"
+    path.write_text(json.dumps(_tick_json(old)) + "\n" + '{"ts": 5001.0, "samp')
+    agent.spool_path = path
+    agent._load_spool()
+    assert agent.state.spooled_ticks == 1 and "1 unreadable line(s) skipped" in caplog.text
+    step(rt, 1)
+    assert 5_000.0 in _stored_ticks(rt)
+    assert not path.exists() and agent.state.spooled_ticks == 0

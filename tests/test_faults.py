@@ -216,3 +216,77 @@ def test_run_on_a_real_node_starts_on_the_safe_cap_while_postgres_is_down(
         assert bad.exit_code == 1 and "Traceback" not in bad.output, bad.output
         assert "safe cap" not in bad.output
     assert fake.nvmlDeviceSetPowerManagementLimit.call_args_list == []
+
+
+def test_an_agent_restarted_during_an_outage_loses_none_of_its_spool(pg, tmp_path):
+    """The database is stopped; the agent spools, now on disk too; its process dies
+    (nothing shut down, the object dropped) and a new one starts on the same node and
+    state directory while the database is still down; when it comes back, every tick
+    taken during the outage, by either process, is in the store, and the spool file
+    is gone."""
+    from dataclasses import replace
+
+    url = pg.create_database("respool")
+    upgrade(make_engine(url))
+    cfg = load_config(None, environ={})
+    rt = build_simulated(cfg, open_store(cfg, url), FacilitySpec(1, 2), SimClock(70_000.0))
+    spool = tmp_path / "spool-sim-node-0.jsonl"
+    rt.agents[0].spool_path = spool
+    _threaded(rt, timeout_s=2.0)
+    t = 70_000.0
+    for _ in range(3):
+        t += 1
+        _step(rt, t)
+    assert not spool.exists()  # the store answers: nothing goes to disk
+    down_from = t + 1
+    pg.halt()
+    try:
+
+        def outage(agent_rt: Runtime, ticks: int) -> None:
+            nonlocal t
+            for _ in range(ticks):
+                t += 1
+                _step(agent_rt, t)
+                threading.Event().wait(0.05)  # let a failing round trip come back
+
+        _run_bounded(lambda: outage(rt, 8))
+        assert not rt.agents[0].state.store_ok and spool.exists()
+        # The process dies. A new one, as systemd would start it, on the same files.
+        old = rt.agents[0]
+        new = make_agent(cfg, rt.store, old.node, old.backend, old.host, old.endpoints)
+        new.spool_path = spool
+        new._load_spool()
+        assert new.state.spooled_ticks >= 7  # what the dead process had taken
+        reborn = replace(rt, agents=[new])
+        _threaded(reborn, timeout_s=2.0)
+        _run_bounded(lambda: outage(reborn, 4))
+    finally:
+        pg.start_again()
+    down_to = t
+
+    def after() -> None:
+        nonlocal t
+        for _ in range(200):
+            t += 1
+            _step(reborn, t)
+            if new.state.store_ok and new.state.spooled_ticks == 0:
+                return
+            threading.Event().wait(0.05)
+        pytest.fail(f"spool never emptied: {new.state.spooled_ticks} ticks left")
+
+    _run_bounded(after)
+    with rt.store.engine.connect() as conn:
+        kept = conn.scalar(
+            select(func.count(func.distinct(GpuSampleRow.ts))).where(
+                GpuSampleRow.ts >= down_from, GpuSampleRow.ts <= down_to
+            )
+        )
+        rows = conn.scalar(
+            select(func.count())
+            .select_from(GpuSampleRow)
+            .where(GpuSampleRow.ts >= down_from, GpuSampleRow.ts <= down_to)
+        )
+    assert kept == down_to - down_from + 1  # every second of the outage
+    assert rows == 2 * kept  # two GPUs, each tick once
+    assert not spool.exists()
+    reborn.shutdown()

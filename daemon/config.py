@@ -165,6 +165,11 @@ class ControllerConfig(_Section):
     """Share of the budget kept in reserve for load swings between control periods."""
     non_gpu_w_per_gpu_w: float = Field(default=0.2, ge=0, le=2)
     """Rise of non-GPU power (fans, PSU losses) per watt of added GPU power."""
+    oversubscribe: bool = False
+    """Count a GPU drawing well under its limit at its predicted draw and lift its limit:
+    more GPUs run at full speed under a budget, and the emergency check (every agent
+    interval) is the backstop for a surge, so a budget may be passed for about two
+    seconds. Off: limits count in full and nothing passes a budget."""
     drain_nodes: bool = False
     """Let the controller drain nodes a budget cannot serve (docs/policy.md); each
     node's agent needs agent.drain_command for a drain to take work off it."""

@@ -264,6 +264,7 @@ def plan_settings(cfg: Config) -> PlanSettings:
         default_node_overhead_w=host.idle_w + host.per_cpu_util_w,
         non_gpu_w_per_gpu_w=cfg.controller.non_gpu_w_per_gpu_w,
         drained_node_w=cfg.controller.drained_node_w,
+        oversubscribe=cfg.controller.oversubscribe,
     )
 
 

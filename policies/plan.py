@@ -28,6 +28,12 @@ class PlanSettings:
     non_gpu_w_per_gpu_w: float = 0.2
     """How much non-GPU power rises per watt of added GPU power: fans follow the heat and
     power supplies lose a share of what they deliver (assumption, configurable)."""
+    oversubscribe: bool = False
+    """Budget a GPU that draws well under its limit at its predicted draw, not at its
+    limit, and lift its limit to its top: the budgets then hold more GPUs at full speed,
+    and a surge past them is caught by the emergency check (the controller re-plans on
+    the measurement within an agent interval). Off: every limit counts in full, so no
+    surge can pass a budget."""
 
     def is_fresh(self, age_s: float | None) -> bool:
         """A reading counts as current only if it exists and is within ``stale_after_s``."""
@@ -210,12 +216,27 @@ def plan(
     # Demand first (a GPU drawing less than its share keeps headroom above its draw),
     # then what demand left over, up to each GPU's ceiling.
     first = allocate_tree(tree, leaf, mins, demand)
-    second = allocate_tree(tree, leaf, first.limits_w, tops) if fresh_gpus else first
+    lifted = np.zeros(len(fresh_gpus), dtype=bool)
+    if s.oversubscribe:
+        # A light GPU that got all it is predicted to draw counts at that in every
+        # budget: what demand left over goes to the GPUs held back, and the light ones'
+        # limits rise to their tops outside the budgets.
+        lifted = (demand < tops - 1e-6) & (first.limits_w >= demand - 1e-6)
+        budget_tops = np.where(lifted, first.limits_w, tops)
+        second = allocate_tree(tree, leaf, first.limits_w, budget_tops) if fresh_gpus else first
+        limits = np.where(lifted, tops, second.limits_w)
+    else:
+        second = allocate_tree(tree, leaf, first.limits_w, tops) if fresh_gpus else first
+        limits = second.limits_w
     # Whole watts, rounded down, but never below a fractional hardware floor.
-    whole = np.maximum(mins, np.floor(second.limits_w)).tolist()
-    for g, limit, reason in zip(
-        fresh_gpus, whole, _reasons(fresh_gpus, second, tree, tops, maxs, demand), strict=True
-    ):
+    whole = np.maximum(mins, np.floor(limits)).tolist()
+    reasons = _reasons(fresh_gpus, second, tree, tops, maxs, demand)
+    for i, (g, limit, reason) in enumerate(zip(fresh_gpus, whole, reasons, strict=True)):
+        if lifted[i]:
+            reason = (
+                f"oversubscribed: budgeted at its predicted draw {demand[i]:.0f} W, "
+                f"limit {limit:.0f} W"
+            )
         targets.append(PlanTarget(g.uuid, limit, reason))
     infeasible = first.infeasible or second.infeasible
     said = "no budget" if budget_w is None else f"budget {budget_w:.0f} W"

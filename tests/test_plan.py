@@ -177,3 +177,53 @@ def test_a_silent_node_costs_its_peers_its_caps_and_its_hosts_rise_to_them_only(
     assert peer_limit(450.0) == math.floor(450 + (3000 - 2000 - 450 - 450) / (1 + k))
     # Drawing 250 W of its 450 W cap: it may still rise 200 W, and its host 160 W.
     assert peer_limit(250.0) == pytest.approx(3000 - 2000 - (450 + k * 200), abs=1)
+
+
+class Oversubscribed(Split):
+    def __init__(self, gpus: list[GpuState], budget: float) -> None:
+        node = [PlanNode("n", 0.0, 0.0)]
+        plan_gpus = [
+            PlanGpu(g.uuid, "n", g.min_w, g.max_w, g.power_w, g.limit_w, None, 0.0, g.power_capped)
+            for g in gpus
+        ]
+        settings = PlanSettings(margin_ratio=0.0, non_gpu_w_per_gpu_w=0.0, oversubscribe=True)
+        self.plan = plan(node, plan_gpus, budget, settings)
+        self.limits = {t.uuid: t.power_limit_w for t in self.plan.targets}
+        self.reasons = {t.uuid: t.reason for t in self.plan.targets}
+
+
+def test_oversubscription_budgets_light_gpus_at_their_draw_and_lifts_their_limits():
+    """The busy GPU gets what the light one is predicted not to draw, as without
+    oversubscription; the light one's limit goes to its maximum instead of staying at
+    its draw plus headroom. Budgeted on predicted draw, the sum still fits."""
+    gpus = [
+        h100("light", power=250.0, limit=400.0),
+        h100("busy", power=399.0, limit=400.0, capped=True),
+    ]
+    plain = Split(gpus, 1000.0).limits
+    over = Oversubscribed(gpus, 1000.0)
+    predicted = 250 * 1.1 + 25
+    assert over.limits["light"] == 700.0 and plain["light"] == pytest.approx(predicted, abs=1)
+    assert over.limits["busy"] == plain["busy"] == pytest.approx(1000 - predicted, abs=1)
+    assert over.limits["busy"] + predicted <= 1000.0 + 1e-6
+    assert over.reasons["light"].startswith("oversubscribed: budgeted at its predicted draw")
+    # A budget that cannot give the light GPU even its predicted draw lifts nothing.
+    tight = Oversubscribed(gpus, 450.0)
+    assert tight.limits == Split(gpus, 450.0).limits
+
+
+def test_oversubscription_keeps_every_budget_on_predicted_draw():
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        gpus = [
+            h100(f"g{i}", power=float(rng.uniform(100, 700)), capped=bool(rng.integers(0, 2)))
+            for i in range(16)
+        ]
+        budget = float(rng.uniform(3300, 11000))
+        over = Oversubscribed(gpus, budget)
+        charged = 0.0
+        for g in gpus:
+            limit = over.limits[g.uuid]
+            lifted = over.reasons[g.uuid].startswith("oversubscribed")
+            charged += min(700.0, max(200.0, g.power_w * 1.1 + 25)) if lifted else limit
+        assert charged <= budget + 1e-6

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -58,3 +60,23 @@ def _isolated_state(tmp_path, monkeypatch) -> None:
     for name in list(os.environ):
         if name.startswith("WATTKEEPER_") and "__" in name:
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen]]:
+    """Processes a test starts; whatever still runs at the end is woken (it may have
+    been stopped with SIGSTOP), asked to stop, and killed if it does not."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            p.terminate()
+    for p in started:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()

@@ -15,11 +15,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from processes import wait_for
 from sqlalchemy import text
 
 from wattkeeper.store.db import make_engine, upgrade
@@ -34,29 +33,7 @@ ENV = {
     "WATTKEEPER_CONTROLLER__STALE_AFTER_S": "5",
     "WATTKEEPER_CONTROLLER__LEADER_LEASE_S": "3",
 }
-WAIT_S = 90.0
 ORIGINAL_MW = 700_000
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen]]:
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait(timeout=30)
-
-
-def _wait(what: str, check: Callable[[], object], tmp: Path) -> object:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.2)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in tmp.glob("*.log"))
-    pytest.fail(f"timed out waiting for {what}\n{logs}")
 
 
 def test_agent_killed_mid_actuation_restarts_onto_its_targets_and_restores_the_originals(
@@ -98,7 +75,7 @@ def test_agent_killed_mid_actuation_restarts_onto_its_targets_and_restores_the_o
             return conn.execute(text("SELECT count(*) FROM gpus")).scalar() == 4
 
     first = agent(WK_FAKE_BLOCK_AT="2")
-    _wait("the agent to register its GPUs", registered, tmp_path)
+    wait_for("the agent to register its GPUs", registered, tmp_path)
     start("controller", "-m", "wattkeeper", "controller", "--db", pg_url, "--no-metrics")
     budget = subprocess.run(
         [sys.executable, "-m", "wattkeeper", "budget", "set", "3kW", "--db", pg_url],
@@ -110,7 +87,7 @@ def test_agent_killed_mid_actuation_restarts_onto_its_targets_and_restores_the_o
     assert budget.returncode == 0, budget.stderr
 
     # The first run caps two GPUs and hangs inside the second change; it is killed there.
-    _wait("the agent to hang mid-actuation", (tmp_path / "gpus.json.blocked").exists, tmp_path)
+    wait_for("the agent to hang mid-actuation", (tmp_path / "gpus.json.blocked").exists, tmp_path)
     caught = limits_mw()
     assert sorted(mw < ORIGINAL_MW for mw in caught) == [False, False, True, True], caught
     os.kill(first.pid, signal.SIGKILL)
@@ -131,7 +108,7 @@ def test_agent_killed_mid_actuation_restarts_onto_its_targets_and_restores_the_o
             abs(mw / 1000 - w) <= 1.0 for mw, w in zip(now, want.values(), strict=True)
         )
 
-    _wait("every GPU at its target after the restart", on_targets, tmp_path)
+    wait_for("every GPU at its target after the restart", on_targets, tmp_path)
     assert all(mw < ORIGINAL_MW for mw in limits_mw())
 
     # A clean stop puts back what the GPUs had before the first run, for all four.

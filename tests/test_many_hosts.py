@@ -13,10 +13,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from processes import WAIT_S, wait_for
 from sqlalchemy import text
 
 from wattkeeper.store.db import make_engine, upgrade
@@ -31,7 +31,6 @@ ENV = {
     "WATTKEEPER_CONTROLLER__STALE_AFTER_S": "5",
     "WATTKEEPER_CONTROLLER__LEADER_LEASE_S": "3",
 }
-WAIT_S = 90.0
 
 
 def _wattkeeper(tmp: Path, name: str, *args: str, **env: str) -> subprocess.Popen:
@@ -42,35 +41,6 @@ def _wattkeeper(tmp: Path, name: str, *args: str, **env: str) -> subprocess.Pope
         stderr=subprocess.STDOUT,
         env={**os.environ, **ENV, **env},
     )
-
-
-def _wait(what: str, check: Callable[[], object], tmp: Path) -> object:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.3)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in tmp.glob("*.log"))
-    pytest.fail(f"timed out waiting for {what}\n{logs}")
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen]]:
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            try:
-                os.kill(p.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-            p.terminate()
-    for p in started:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def test_standby_controller_takes_over_and_a_deposed_leader_is_fenced(
@@ -113,7 +83,7 @@ def test_standby_controller_takes_over_and_a_deposed_leader_is_fenced(
         WATTKEEPER_CONTROLLER__NAME="ctl-1",
     )
     procs.append(first)
-    _wait("ctl-1 to lead", lambda: leader() == ("ctl-1", 1), tmp_path)
+    wait_for("ctl-1 to lead", lambda: leader() == ("ctl-1", 1), tmp_path)
     second = _wattkeeper(
         tmp_path,
         "ctl-2",
@@ -137,16 +107,16 @@ def test_standby_controller_takes_over_and_a_deposed_leader_is_fenced(
         with engine.connect() as conn:
             return int(conn.execute(text("SELECT count(*) FROM targets")).scalar() or 0)
 
-    _wait("targets for all four GPUs", lambda: targets() == 4 and epochs() == {1}, tmp_path)
+    wait_for("targets for all four GPUs", lambda: targets() == 4 and epochs() == {1}, tmp_path)
     assert leader() == ("ctl-1", 1), "the standby must not take a live lease"
 
     # The leader hangs: the standby takes over with a new epoch.
     os.kill(first.pid, signal.SIGSTOP)
-    _wait("ctl-2 to lead", lambda: leader() == ("ctl-2", 2), tmp_path)
-    _wait("every target rewritten in epoch 2", lambda: epochs() == {2}, tmp_path)
+    wait_for("ctl-2 to lead", lambda: leader() == ("ctl-2", 2), tmp_path)
+    wait_for("every target rewritten in epoch 2", lambda: epochs() == {2}, tmp_path)
     # It wakes up: its next write is fenced, it stands by, and epoch 1 never returns.
     os.kill(first.pid, signal.SIGCONT)
-    _wait(
+    wait_for(
         "ctl-1 to stand down",
         lambda: (
             "standing by" in (tmp_path / "ctl-1.log").read_text()
@@ -160,8 +130,8 @@ def test_standby_controller_takes_over_and_a_deposed_leader_is_fenced(
     # The new leader is killed outright: the first one takes over again, epoch 3.
     second.kill()
     second.wait(timeout=30)
-    _wait("ctl-1 to lead again", lambda: leader() == ("ctl-1", 3), tmp_path)
-    _wait("targets in epoch 3", lambda: epochs() == {3}, tmp_path)
+    wait_for("ctl-1 to lead again", lambda: leader() == ("ctl-1", 3), tmp_path)
+    wait_for("targets in epoch 3", lambda: epochs() == {3}, tmp_path)
 
     r = subprocess.run(
         [sys.executable, "-m", "wattkeeper", "status", "-o", "json", "--db", pg_url],
@@ -214,7 +184,7 @@ def test_daemons_stop_and_restore_while_the_database_is_frozen(
         env={**os.environ, **ENV},
     )
     assert r.returncode == 0, r.stderr
-    _wait(
+    wait_for(
         "the agent to apply a target",
         lambda: "power_limit.set" in _audit_actions(pg_url),
         tmp_path,
@@ -327,7 +297,7 @@ def test_a_budget_changed_during_failover_is_met_and_a_node_lost_for_good_frees_
         **env,
     )
     procs.append(first)
-    _wait("ctl-1 to lead", lambda: leader() == "ctl-1", tmp_path)
+    wait_for("ctl-1 to lead", lambda: leader() == "ctl-1", tmp_path)
     second = _wattkeeper(
         tmp_path,
         "ctl-2",
@@ -340,7 +310,7 @@ def test_a_budget_changed_during_failover_is_met_and_a_node_lost_for_good_frees_
     )
     procs.append(second)
     _cli(pg_url, "budget", "set", "7kW")
-    _wait(
+    wait_for(
         "targets for both nodes",
         lambda: len(targets("node-a")) == len(targets("node-b")) == 2,
         tmp_path,
@@ -349,15 +319,15 @@ def test_a_budget_changed_during_failover_is_met_and_a_node_lost_for_good_frees_
 
     os.kill(first.pid, signal.SIGSTOP)
     _cli(pg_url, "budget", "set", "6kW", "--reason", "feeder maintenance")
-    _wait("ctl-2 to lead", lambda: leader() == "ctl-2", tmp_path)
+    wait_for("ctl-2 to lead", lambda: leader() == "ctl-2", tmp_path)
 
     def met() -> bool:
         mine = [*targets("node-a").values(), *targets("node-b").values()]
         epoch = {e for _, e in mine}
         return len(mine) == 4 and len(epoch) == 1 and sum(w for w, _ in mine) < before - 200
 
-    _wait("the lower budget planned by the new leader", met, tmp_path)
-    _wait("the agents to apply it", lambda: applied("node-a") and applied("node-b"), tmp_path)
+    wait_for("the lower budget planned by the new leader", met, tmp_path)
+    wait_for("the agents to apply it", lambda: applied("node-a") and applied("node-b"), tmp_path)
     os.kill(first.pid, signal.SIGCONT)
     with engine.connect() as conn:
         reasons = [

@@ -24,15 +24,20 @@ class Split:
     """The plan for ``gpus`` on one node with no host power, no margin and no coupling:
     what the GPUs may share is exactly ``budget``."""
 
+    oversubscribe = False
+
     def __init__(self, gpus: list[GpuState], budget: float) -> None:
         node = [PlanNode("n", 0.0, 0.0)]
         plan_gpus = [
             PlanGpu(g.uuid, "n", g.min_w, g.max_w, g.power_w, g.limit_w, None, 0.0, g.power_capped)
             for g in gpus
         ]
-        settings = PlanSettings(margin_ratio=0.0, non_gpu_w_per_gpu_w=0.0)
+        settings = PlanSettings(
+            margin_ratio=0.0, non_gpu_w_per_gpu_w=0.0, oversubscribe=self.oversubscribe
+        )
         self.plan: Plan = plan(node, plan_gpus, budget, settings)
         self.limits = {t.uuid: t.power_limit_w for t in self.plan.targets}
+        self.reasons = {t.uuid: t.reason for t in self.plan.targets}
 
 
 def test_sum_of_limits_never_exceeds_the_gpu_budget():
@@ -180,16 +185,7 @@ def test_a_silent_node_costs_its_peers_its_caps_and_its_hosts_rise_to_them_only(
 
 
 class Oversubscribed(Split):
-    def __init__(self, gpus: list[GpuState], budget: float) -> None:
-        node = [PlanNode("n", 0.0, 0.0)]
-        plan_gpus = [
-            PlanGpu(g.uuid, "n", g.min_w, g.max_w, g.power_w, g.limit_w, None, 0.0, g.power_capped)
-            for g in gpus
-        ]
-        settings = PlanSettings(margin_ratio=0.0, non_gpu_w_per_gpu_w=0.0, oversubscribe=True)
-        self.plan = plan(node, plan_gpus, budget, settings)
-        self.limits = {t.uuid: t.power_limit_w for t in self.plan.targets}
-        self.reasons = {t.uuid: t.reason for t in self.plan.targets}
+    oversubscribe = True
 
 
 def test_oversubscription_budgets_light_gpus_at_their_draw_and_lifts_their_limits():

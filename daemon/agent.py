@@ -40,6 +40,7 @@ from wattkeeper.store.db import StoreError
 from wattkeeper.store.repository import (
     LIMIT_TOLERANCE_W,
     NodeClaimedError,
+    NodeGoneError,
     NodeTick,
     Store,
     TokenRow,
@@ -122,6 +123,9 @@ class _StoreResult:
 
     registered: tuple[dict[str, int], dict[str, float | None]] | None = None
     ticks_written: int = 0
+    """How many of the round trip's ticks are done with, from the first."""
+    ticks_refused: int = 0
+    """Of those, how many the store refused and were dropped."""
     originals_written: bool = False
     standby_written: bool = False
     audited: int = 0
@@ -168,6 +172,8 @@ class HostReader:
 
 
 def _tick_json(t: NodeTick) -> dict[str, Any]:
+    """A tick as one line of the spool file (JSON has no tuples: ``_tick_from_json``
+    puts them back)."""
     return {
         "ts": t.ts,
         "samples": [asdict(g) for g in t.samples],
@@ -177,6 +183,9 @@ def _tick_json(t: NodeTick) -> dict[str, Any]:
 
 
 def _tick_from_json(d: dict[str, Any]) -> NodeTick:
+    """A spool file's line back as the tick it was; malformed raises (the caller skips
+    it)."""
+
     def sample(g: dict[str, Any]) -> GpuSample:
         locked = g.get("locked_sm_clocks_mhz")
         return GpuSample(
@@ -283,21 +292,6 @@ class Agent:
         self._pending_audit: list[tuple[str, str, dict, float]] = []
         self._persisted_originals: dict[str, float | None] = dict(self._read_originals())
         self._load_spool()
-
-    def register(self, now: float) -> None:
-        """Record the node and its GPUs in the store, and load what a previous run of this
-        agent remembered of each GPU's original limit (it may have crashed while capped)."""
-        infos = [self._usable(i) for i in self.backend.gpus()]
-        self.infos = {i.uuid: i for i in infos}
-        self.gpu_ids = self.store.register_node(
-            self.node,
-            self.backend.name,
-            infos,
-            now,
-            agent_id=self.agent_id,
-            holder_gone=holder_gone,
-        )
-        self._persisted_originals = self.store.original_power_limits(self.node)
 
     def _usable(self, info: GpuInfo) -> GpuInfo:
         """A GPU whose limit constraints cannot be read is pinned to its current limit:
@@ -426,9 +420,8 @@ class Agent:
 
     def _store_job(self, work: _StoreWork) -> _StoreResult:
         """One round trip. What keeps the node safe goes first: registration, the limits
-        to restore after a crash, the standby flag, the audit, then the newest tick and
-        the targets and drain mark; then the backlog. Stops at the first error and says
-        how far it got."""
+        to restore after a crash, the standby flag, the audit, the targets and drain
+        mark; then the samples. Stops at the first error and says how far it got."""
         out = _StoreResult()
         store = self.store
         try:
@@ -457,22 +450,51 @@ class Agent:
             for action, subject, detail, ts in work.audit:
                 store.audit(self.actor, action, subject, detail, ts)
                 out.audited += 1
-            if work.ticks:
-                store.write_ticks(self.node, gpu_ids, work.ticks, agent_id=self.agent_id)
-                out.ticks_written = len(work.ticks)
-            targets, out.drained = store.orders_for_node(self.node)
+            # Orders before samples: a write that fails (a backlog the store refuses) must
+            # not keep the node from its targets.
+            targets, drained = store.orders_for_node(self.node, self.agent_id)
             out.targets = {
                 uuid: CachedTarget(
                     t.power_limit_w, t.lease_expires_at, t.reason or "target", t.epoch, t.issued_at
                 )
                 for uuid, t in targets.items()
             }
+            out.drained = drained
+            if work.ticks:
+                self._write(store, gpu_ids, work.ticks, out)
         except StoreError as exc:
             out.error = exc
         except Exception as exc:  # a bug must not lose what was done, nor stop the agent
             log.exception("store round trip failed")
             out.error = StoreError(f"store round trip failed: {exc}")
         return out
+
+    def _write(
+        self, store: Store, gpu_ids: dict[str, int], ticks: list[NodeTick], out: _StoreResult
+    ) -> None:
+        """All ticks in one transaction. Refused for a reason other than an outage, they
+        go one by one, and a tick the store will never take (it refuses it, it is not
+        away) is dropped and counted rather than retried for the spool's whole life."""
+        try:
+            store.write_ticks(self.node, gpu_ids, ticks, agent_id=self.agent_id)
+            out.ticks_written = len(ticks)
+            return
+        except (NodeGoneError, NodeClaimedError):
+            raise
+        except StoreError as exc:
+            if exc.outage or len(ticks) == 1:
+                raise
+        for tick in ticks:
+            try:
+                store.write_ticks(self.node, gpu_ids, [tick], agent_id=self.agent_id)
+            except (NodeGoneError, NodeClaimedError):
+                raise
+            except StoreError as exc:
+                if exc.outage:
+                    raise
+                out.ticks_refused += 1
+                log.error("the store refused the samples of %.0f: dropped (%s)", tick.ts, exc)
+            out.ticks_written += 1
 
     def _collect(self, now: float) -> bool:
         """Take a finished round trip's outcome; what it did not do goes back into the
@@ -502,13 +524,22 @@ class Agent:
             self._outbox_standby = work.standby
         self._pending_audit[:0] = work.audit[res.audited :]
         del self._pending_audit[:-MAX_PENDING_AUDIT]
+        self.state.spool_dropped_ticks += res.ticks_refused
+        if isinstance(res.error, NodeGoneError):
+            self.gpu_ids = {}  # removed from the store: the next round trip registers it
         if res.error is not None:
             self._store_ok(False, res.error)
-            return False
-        self._store_ok(True, None)
-        if self._spool_on_disk:
-            # What is left of the backlog, and nothing once it has all landed.
-            self._spool_write(self._spool, append=False)
+            if res.targets is None:
+                return False
+        else:
+            self._store_ok(True, None)
+            if self._spool_on_disk and (
+                not self._spool or len(self._spool) <= self._spool_file_ticks // 2
+            ):
+                # What is left of the backlog, rewritten as it halves (a rewrite per
+                # round trip would cost the agent's thread the whole file each time),
+                # and nothing once it has all landed.
+                self._spool_write(self._spool, append=False)
         assert res.targets is not None
         self._targets = self._fenced(res.targets)
         self._time_leases(now)
@@ -859,7 +890,7 @@ class Agent:
                     f.write(lines)
                 os.replace(tmp, path)
             self._first("spool-file", None)
-        except OSError as exc:
+        except (OSError, TypeError, ValueError) as exc:  # a disk, or a value JSON refuses
             if self._first("spool-file", str(exc)):
                 log.error("cannot keep the spool in %s: %s (it stays in memory)", path, exc)
 
@@ -878,7 +909,7 @@ class Agent:
                         ticks.append(_tick_from_json(json.loads(line)))
                     except (ValueError, TypeError, KeyError):
                         bad += 1  # a line cut short by a crash
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.error("%s: unreadable (%s): its samples are lost", path, exc)
             return
         ticks.sort(key=lambda t: t.ts)
@@ -886,6 +917,9 @@ class Agent:
         self.state.spool_dropped_ticks += len(ticks) - len(self._spool)
         self.state.spooled_ticks = len(self._spool)
         self._spool_on_disk = True
+        # Written back whole: a line a crash cut short would otherwise take the next
+        # append with it, and the count bounds the file from here.
+        self._spool_write(self._spool, append=False)
         log.warning(
             "%d tick(s) of samples spooled on disk by an earlier run: writing them first%s",
             len(self._spool),
@@ -910,6 +944,8 @@ class Agent:
         self._write_originals()
 
     def _write_originals(self) -> None:
+        """Atomically (a temporary file renamed over it) and fsynced: a crash leaves the
+        old file or the new one, never half of one."""
         path = self.originals_path
         if path is None:
             return
@@ -949,9 +985,15 @@ class Agent:
         """
         if self._drain_pool is not None:
             self._drain_pool.shutdown(wait=False, cancel_futures=True)
-        if self._spool:
+        if self._io_job is not None and self._io_job[1].done():
+            self._collect(now)
+        pending = list(self._spool)
+        if self._io_job is not None:
+            # A round trip still hangs: its ticks are not in the spool, nor in the store.
+            pending = sorted([*self._io_job[0].ticks, *pending], key=lambda t: t.ts)
+        if pending:
             # On disk first: whatever the store does below, the next start has them.
-            self._spool_write(self._spool, append=False)
+            self._spool_write(pending, append=False)
         if not self.restore_on_exit:
             return
         restored: dict[str, float | None] = {}
@@ -961,10 +1003,12 @@ class Agent:
             try:
                 if original is not None:
                     self.backend.restore(uuid)  # also undoes clock locks this run made
-                    restored[uuid] = original.power_limit_w
+                    if persisted is None:
+                        restored[uuid] = original.power_limit_w
                 if persisted is not None:
                     # What the GPU had before the first run that capped it, which may
-                    # have crashed: this run's "original" would be that run's cap.
+                    # have crashed: this run's "original" would be that run's cap. Only
+                    # once it is set does the record of it go.
                     lim = info.power_limits
                     self.backend.set_power_limit(uuid, min(max(persisted, lim.min_w), lim.max_w))
                     restored[uuid] = persisted
@@ -974,7 +1018,7 @@ class Agent:
             self._audit("gpu.restore", uuid, {"power_limit_w": watts}, now)
         self._forget_originals(restored)
         last = self._sample_gpus().values() if restored and self.gpu_ids else ()
-        unwritten = self._spool[-REPLAY_TICKS:]
+        unwritten = pending[-REPLAY_TICKS:]
 
         def record() -> None:
             self.store.clear_original_power_limits(
@@ -986,7 +1030,7 @@ class Agent:
             ticks = [*unwritten, *([NodeTick(now, tuple(last))] if last else [])]
             if ticks and self.gpu_ids:
                 self.store.write_ticks(self.node, self.gpu_ids, ticks, agent_id=self.agent_id)
-                self._spool_write(self._spool[: -len(unwritten) or None], append=False)
+                self._spool_write(pending[: -len(unwritten) or None], append=False)
             if self.gpu_ids:
                 self.store.release_node(self.node, self.agent_id)
 

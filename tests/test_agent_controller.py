@@ -272,3 +272,21 @@ def test_a_spool_file_cut_short_by_a_crash_is_read_up_to_its_last_whole_line(rt,
     step(rt, 1)
     assert 5_000.0 in _stored_ticks(rt)
     assert not path.exists() and agent.state.spooled_ticks == 0
+
+
+def test_a_node_removed_from_the_store_registers_again_and_follows_its_targets(rt):
+    """`node remove` on a live node (or a store restored from an old backup): the
+    agent's reads say the node is gone; it registers again at its next round trip and
+    the controller's targets reach its GPUs again, batching or not."""
+    agent = rt.agents[0]
+    agent.write_interval_s = 5.0
+    rt.store.set_budget(3000.0, "test", rt.clock.now())
+    step(rt, 11)
+    assert all(lim < 700 for lim in limits(rt))
+    rt.store.remove_nodes([agent.node], "test", rt.clock.now())
+    step(rt, 1, controller=False)
+    assert not agent.state.store_ok and agent.gpu_ids == {}
+    step(rt, 12)
+    assert agent.node in rt.store.node_claims() and agent.state.store_ok
+    targets, _ = rt.store.orders_for_node(agent.node)
+    assert len(targets) == 4 and all(lim < 700 for lim in limits(rt))

@@ -290,3 +290,38 @@ def test_an_agent_restarted_during_an_outage_loses_none_of_its_spool(pg, tmp_pat
     assert rows == 2 * kept  # two GPUs, each tick once
     assert not spool.exists()
     reborn.shutdown()
+
+
+def test_a_stop_while_a_round_trip_hangs_keeps_its_ticks_on_disk(pg, tmp_path):
+    """SIGSTOP on the database while a write is in flight, then a clean stop: the
+    ticks of the hung round trip are neither in the store nor in the spool in memory;
+    they must be in the spool file, with every later tick, for the next start."""
+    import json
+
+    url = pg.create_database("hungstop")
+    upgrade(make_engine(url))
+    cfg = load_config(None, environ={})
+    rt = build_simulated(cfg, open_store(cfg, url), FacilitySpec(1, 2), SimClock(90_000.0))
+    spool = tmp_path / "spool-sim-node-0.jsonl"
+    rt.agents[0].spool_path = spool
+    _threaded(rt, timeout_s=2.0)
+    t = 90_000.0
+    for _ in range(3):
+        t += 1
+        _step(rt, t)
+    first_hung = t + 1
+    pg.freeze()
+    try:
+
+        def hung() -> None:
+            nonlocal t
+            for _ in range(5):
+                t += 1
+                _step(rt, t)
+            rt.shutdown()  # restores the GPUs; the store does not answer
+
+        _run_bounded(hung)
+        kept = sorted(json.loads(line)["ts"] for line in spool.read_text().splitlines())
+        assert kept == [first_hung + k for k in range(5)]
+    finally:
+        pg.thaw()

@@ -72,6 +72,11 @@ class NodeClaimedError(StoreError):
     """Another live agent holds this node's name."""
 
 
+class NodeGoneError(StoreError):
+    """The node is not in the store (never registered, or removed since): its agent
+    registers it again."""
+
+
 class NotLeaderError(StoreError):
     """This controller no longer holds the leader lease: another one took over."""
 
@@ -592,13 +597,14 @@ class Store:
     ) -> None:
         """Any number of a node's ticks in one transaction: all land or none. With
         ``agent_id``, refused (``NodeClaimedError``) when another agent holds the node's
-        name now.
+        name now; ``NodeGoneError`` when the node is not in the store.
 
         The cost of ingest is per transaction, not per row (PostgreSQL: about 1 ms for an
         8-row tick from one connection, most of it round trips), so an agent that writes
         every few seconds, or replays an outage's backlog, pays it once for all of its
-        ticks. The node's row is claimed and touched by one ``UPDATE ... WHERE`` that also
-        checks the holder; the reason is looked up only when it matches nothing. Core bulk
+        ticks. The node's row is touched by one ``UPDATE ... WHERE`` that also checks the
+        holder; the reason is looked up only when it matches nothing. Samples of a GPU not
+        in ``gpu_ids`` are left out. Core bulk
         inserts, not ORM objects: this is the hot path of every agent.
         """
         if not ticks:
@@ -619,6 +625,9 @@ class Store:
             }
             for tick in ticks
             for g in tick.samples
+            # A GPU the node no longer has (replaced during an outage whose backlog this
+            # is): its samples have nowhere to go, and must not block the rest.
+            if g.uuid in gpu_ids
         ]
         newest = max(t.ts for t in ticks)
         held_here = Node.name == node_name
@@ -626,18 +635,22 @@ class Store:
             held_here = and_(held_here, or_(Node.agent_id.is_(None), Node.agent_id == agent_id))
         with self.engine.begin() as conn:
             # An outage's backlog arrives after newer ticks: last seen never goes back.
-            node_id = conn.execute(
+            touch = (
                 update(Node)
                 .where(held_here)
                 .values(
                     last_seen_at=case((Node.last_seen_at < newest, newest), else_=Node.last_seen_at)
                 )
-                .returning(Node.id)
-            ).scalar()
+            )
+            if conn.dialect.update_returning:
+                node_id = conn.execute(touch.returning(Node.id)).scalar()
+            else:  # SQLite before 3.35: one statement more
+                done = conn.execute(touch).rowcount
+                node_id = conn.execute(select(Node.id).where(held_here)).scalar() if done else None
             if node_id is None:
                 holder = conn.execute(select(Node.agent_id).where(Node.name == node_name)).first()
                 if holder is None:
-                    raise StoreError(f"node {node_name!r} is not registered")
+                    raise NodeGoneError(f"node {node_name!r} is not registered")
                 raise NodeClaimedError(
                     f"node {node_name!r} was taken over by another agent ({holder[0]}):"
                     " this one stops writing under its name"
@@ -874,13 +887,18 @@ class Store:
                 conn.execute(insert(AuditEntry), audit)
         return len(audit)
 
-    def orders_for_node(self, node_name: str) -> tuple[dict[str, LeasedTarget], bool]:
+    def orders_for_node(
+        self, node_name: str, agent_id: str | None = None
+    ) -> tuple[dict[str, LeasedTarget], bool]:
         """What an agent reads every tick: its GPUs' targets and whether its node is
-        drained, in one statement (the agent's other round trip per tick, after its
-        write; at a thousand nodes these reads are a thousand queries a second)."""
+        drained, in one statement (at a thousand nodes these reads are a thousand
+        queries a second). Refused when the node is gone (``NodeGoneError``) or, with
+        ``agent_id``, held by another agent (``NodeClaimedError``): another agent's
+        targets and drain mark are not this one's to apply."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(
+                    Node.agent_id,
                     Node.drained,
                     Gpu.uuid,
                     Target.power_limit_w,
@@ -894,12 +912,20 @@ class Store:
                 .outerjoin(Target, Target.gpu_id == Gpu.id)
                 .where(Node.name == node_name)
             ).all()
+        if not rows:
+            raise NodeGoneError(f"node {node_name!r} is not registered")
+        holder = rows[0][0]
+        if agent_id is not None and holder is not None and holder != agent_id:
+            raise NodeClaimedError(
+                f"node {node_name!r} was taken over by another agent ({holder}):"
+                " this one stops reading its targets"
+            )
         targets = {
             uuid: LeasedTarget(limit, lease, reason, epoch, issued)
-            for _, uuid, limit, lease, reason, epoch, issued in rows
+            for _, _, uuid, limit, lease, reason, epoch, issued in rows
             if uuid is not None and lease is not None
         }
-        return targets, bool(rows and rows[0][0])
+        return targets, bool(rows[0][1])
 
     def targets_for_node(self, node_name: str) -> dict[str, Target]:
         with self.session() as s:

@@ -188,14 +188,18 @@ class Controller:
 
     def resign(self, now: float) -> None:
         if self.leadership is not None and self.state.epoch is not None:
-            self._remember(now)  # the newest, for whoever leads next
+            self._remember(now, self.state.epoch)  # the newest, for whoever leads next
             self.store.resign(self.leadership.holder, now)
             self.state.epoch = None
 
     # -- memory: what was learned outlives this process --------------------------------
-    def _remember(self, now: float) -> None:
-        """Keep what was learned in the store, fenced by this leader's epoch. Best
+    def _remember(self, now: float, epoch: int | None) -> None:
+        """Keep what was learned in the store, fenced by the epoch the caller led in.
+        Never by a controller that has not read back its predecessor's (it would
+        overwrite that with less), nor without an epoch where there is a lease. Best
         effort: a store that fails here costs a warm start, never a plan."""
+        if self._recalled != (epoch,) or (self.leadership is not None and epoch is None):
+            return
         self._remembered_at = now
         data = {
             "ceilings": self.ceilings.to_memory() if self.ceilings is not None else {},
@@ -203,7 +207,7 @@ class Controller:
             "coupling": self.state.coupling,
         }
         try:
-            self.store.remember(MEMORY_KEY, data, now, epoch=self.state.epoch)
+            self.store.remember(MEMORY_KEY, data, now, epoch=epoch)
         except NotLeaderError:
             raise
         except StoreError as exc:
@@ -213,8 +217,9 @@ class Controller:
         """On taking the lease (or starting alone): take back what the last leader
         kept, in place of anything this process learned before (a standby's own is
         older than what its successor-turned-predecessor wrote)."""
-        self._recalled = (self.state.epoch,)
-        kept = self.store.recall(MEMORY_KEY)
+        epoch = self.state.epoch
+        kept = self.store.recall(MEMORY_KEY)  # a StoreError leaves it to the next period
+        self._recalled = (epoch,)
         if kept is None:
             return
         data, when = kept
@@ -249,13 +254,14 @@ class Controller:
         started = time.perf_counter()
         if not self._lead(now):
             return None
+        epoch = self.state.epoch
         try:
-            if self._recalled != (self.state.epoch,):
+            if self._recalled != (epoch,):
                 self._recall(now)
             snap = self._with_schedules(self._snapshot(now), now)
             result = self._plan(now, snap, self._domain_limits(now), periodic=True)
             if now - self._remembered_at >= MEMORY_EVERY_S:
-                self._remember(now)
+                self._remember(now, epoch)
             return result
         except NotLeaderError as exc:
             log.warning("%s", exc)

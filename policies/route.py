@@ -24,6 +24,7 @@ Pure: the controller feeds it what the store says and publishes what it returns.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_WEIGHT = 256
@@ -103,9 +104,9 @@ class Routes:
         """What was learned per node, as plain JSON."""
         return {
             name: {
-                "efficiency": st.efficiency,
-                "latency_share": st.latency_share,
-                "inflight": st.inflight,
+                "efficiency": _finite(st.efficiency),
+                "latency_share": _finite(st.latency_share),
+                "inflight": _finite(st.inflight),
             }
             for name, st in self.nodes.items()
         }
@@ -121,7 +122,7 @@ class Routes:
                 eff, inflight = kept.get("efficiency"), kept.get("inflight")
                 st = _NodeRoute(
                     efficiency=None if eff is None else float(eff),
-                    latency_share=float(kept.get("latency_share", 1.0)),
+                    latency_share=float(kept.get("latency_share") or 1.0),
                     inflight=None if inflight is None else float(inflight),
                 )
             except (TypeError, ValueError):
@@ -195,3 +196,8 @@ class Routes:
             if per_server is not None and st.inflight > s.lift_ratio * max(per_server, 1.0):
                 st.inflight = None
         return None if st.inflight is None else max(1, round(st.inflight))
+
+
+def _finite(x: float | None) -> float | None:
+    """JSON's numbers (PostgreSQL's json type refuses NaN and infinities)."""
+    return x if x is None or math.isfinite(x) else None

@@ -221,10 +221,11 @@ class Ceilings:
             del self.nodes[name]
 
     def to_memory(self) -> dict[str, dict]:
-        """Every node's ceiling as plain JSON (no infinities: None stands for "never")."""
+        """Every node's ceiling as plain JSON: no infinities (None stands for "never")
+        and no NaN, which PostgreSQL's json type refuses."""
         return {
             name: {
-                k: (None if isinstance(v, float) and math.isinf(v) else v)
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                 for k, v in asdict(st).items()
             }
             for name, st in self.nodes.items()

@@ -72,9 +72,21 @@ def test_a_restarted_controller_takes_back_what_its_predecessor_learned(sqlite_u
         rt.advance(10_000.0 + k)
     old = rt.controller
     assert old.ceilings is not None and old.ceilings.nodes
-    rt.controller.resign(rt.clock.now())  # alone on its store: keeps its memory all the same
-    old._remember(rt.clock.now())
-    learned = old.ceilings.to_memory()
+    kept = store.recall(MEMORY_KEY)
+    assert kept is not None  # kept every 30 s by the periods themselves
+    memory, kept_at = kept
+    assert rt.clock.now() - kept_at <= 30.0
+    learned = memory["ceilings"]
+
+    # A controller that never read the memory back does not write over it.
+    idle = make_controller(cfg, store)
+    idle._remember(rt.clock.now(), None)
+    assert store.recall(MEMORY_KEY) == kept
+    # Stepping down, the leader keeps its newest; then the lease is free.
+    old.resign(rt.clock.now())
+    memory, kept_at = store.recall(MEMORY_KEY)
+    assert kept_at == rt.clock.now()
+    learned = memory["ceilings"]
 
     fresh = make_controller(cfg, store)
     fresh.tick(rt.clock.now())
@@ -85,10 +97,12 @@ def test_a_restarted_controller_takes_back_what_its_predecessor_learned(sqlite_u
         assert now.floor == kept["floor"] and now.batch_limit == kept["batch_limit"]
         assert now.unqueued_ttft_s == pytest.approx(kept["unqueued_ttft_s"], rel=0.02)
     assert fresh.routes.nodes.keys() == old.routes.nodes.keys()
-    assert old.state.coupling is not None  # learned over minutes of power moves
-    assert fresh.state.coupling == old.state.coupling
+    assert memory["coupling"] is not None  # learned over minutes of power moves
+    assert fresh.state.coupling == memory["coupling"]
+    fresh.resign(rt.clock.now())
     cold = make_controller(load_config(None, environ=SLO_ENV), Store(make_engine(sqlite_url)))
     store.remember(MEMORY_KEY, old_memory(old), rt.clock.now() - 7200)  # two hours old
     cold.tick(rt.clock.now())
+    assert cold.leading
     assert cold.state.coupling is None  # not taken back: the fleet has moved on
     rt.shutdown()

@@ -55,7 +55,8 @@ DRAIN_RETRY_S = 30.0
 SHUTDOWN_STORE_S = 5.0
 """How long a stopping agent waits for the store to take its last records."""
 REPLAY_TICKS = 300
-"""Backlog ticks written per store round trip after an outage, behind the newest one."""
+"""Ticks written per store round trip after an outage: the newest and the 299 oldest of
+the backlog, in one transaction."""
 SPOOL_TICKS = 3600
 """Ticks of samples kept while the store is away (an hour at 1 s); beyond this the
 oldest are dropped and counted."""

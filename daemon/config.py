@@ -134,12 +134,13 @@ class AgentConfig(_Section):
     spool_ticks: int = Field(default=3600, ge=1, le=1_000_000)
     """Ticks of samples kept while the store is away (an hour at 1 s); older are dropped
     and counted in wattkeeper_agent_spool_dropped_ticks_total."""
-    write_interval_s: Annotated[DurationS, Field(le=60)] | None = None
+    write_interval_s: Annotated[DurationS, Field(le=10)] | None = None
     """Samples go to the store this often, all that waits in one transaction (unset:
-    every tick). A store's ingest is bounded by commits, not rows, so 5 s
-    lets one PostgreSQL take about five times the nodes; the price is that the
-    controller sees each node up to this much later, and reacts to a breach that much
-    later. Targets are still read every tick."""
+    every tick). A store's ingest is bounded by commits, not rows: 5 s cuts the
+    database's work per sample by two to three times (bench/README.md). The price is
+    that the controller sees each node up to this much later, and reacts to a breach
+    that much later; and at most 10 s, since a node's claim on its name lives on its
+    writes (30 s). Targets are still read every tick."""
     endpoints: list[EndpointConfig] = Field(default_factory=list)
     host: HostPowerConfig = HostPowerConfig()
 

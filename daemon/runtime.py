@@ -103,7 +103,11 @@ class Runtime:
             self.facility.advance_to(t)
         due = t >= self._next_period - 1e-9
         if due:
-            self._next_period = t + self.cfg.controller.interval_s
+            # On the period's own grid (an agent interval that does not divide it must
+            # not stretch it), from the first call or after a gap.
+            c = self.cfg.controller.interval_s
+            nxt = self._next_period + c
+            self._next_period = nxt if t < nxt <= t + c else t + c
         self.step(due)
 
     def tick_controller(self) -> None:

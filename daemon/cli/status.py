@@ -332,7 +332,7 @@ def _explain(
             parts.append(
                 f"non-GPU power rises {learned['non_gpu_w_per_gpu_w']:.2f} W per GPU W (facility)"
             )
-        age = time.time() - learned["kept_at"]
+        age = now - learned["kept_at"]
         typer.echo(
             f"learned (kept {age:.0f} s ago): {'; '.join(parts) or 'nothing for this node yet'}"
         )

@@ -290,3 +290,27 @@ def test_a_node_removed_from_the_store_registers_again_and_follows_its_targets(r
     assert agent.node in rt.store.node_claims() and agent.state.store_ok
     targets, _ = rt.store.orders_for_node(agent.node)
     assert len(targets) == 4 and all(lim < 700 for lim in limits(rt))
+
+
+@pytest.mark.postgres
+def test_a_tick_the_store_refuses_is_dropped_and_counted_not_retried_forever(pg_url):
+    """PostgreSQL refuses a tick (a model name longer than its column): the ticks with
+    it in one transaction go one by one, the refused one is dropped and counted, the
+    rest land, and the node keeps reading its targets."""
+    from wattkeeper.store.repository import NodeTick, TokenRow
+
+    upgrade(make_engine(pg_url))
+    cfg = load_config(None, environ={})
+    rt = build_simulated(cfg, open_store(cfg, pg_url), FacilitySpec(1, 2), SimClock(30_000.0))
+    agent = rt.agents[0]
+    step(rt, 2)
+    sample = next(iter(agent.state.samples.values()))
+    bad = TokenRow(endpoint="http://x/metrics", model="m" * 300, up=True)
+    agent._spool_tick(NodeTick(29_000.0, (replace(sample, timestamp=29_000.0),), None, (bad,)))
+    agent._spool_tick(NodeTick(29_001.0, (replace(sample, timestamp=29_001.0),)))
+    step(rt, 1)
+    stored = _stored_ticks(rt)
+    assert 29_001.0 in stored and 29_000.0 not in stored
+    assert agent.state.spool_dropped_ticks == 1 and agent.state.spooled_ticks == 0
+    assert agent.state.store_ok
+    rt.store.engine.dispose()

@@ -218,6 +218,20 @@ def test_run_on_a_real_node_starts_on_the_safe_cap_while_postgres_is_down(
     assert fake.nvmlDeviceSetPowerManagementLimit.call_args_list == []
 
 
+def _spooling(pg, name: str, cfg, tmp_path, start: float) -> tuple[Runtime, object]:
+    """One node of two GPUs on a database of its own, its spool file under ``tmp_path``,
+    store calls on their own thread, after three ticks with the store up."""
+    url = pg.create_database(name)
+    upgrade(make_engine(url))
+    rt = build_simulated(cfg, open_store(cfg, url), FacilitySpec(1, 2), SimClock(start))
+    spool = tmp_path / "spool-sim-node-0.jsonl"
+    rt.agents[0].spool_path = spool
+    _threaded(rt, timeout_s=2.0)
+    for k in range(1, 4):
+        _step(rt, start + k)
+    return rt, spool
+
+
 def test_an_agent_restarted_during_an_outage_loses_none_of_its_spool(pg, tmp_path):
     """The database is stopped; the agent spools, now on disk too; its process dies
     (nothing shut down, the object dropped) and a new one starts on the same node and
@@ -226,17 +240,9 @@ def test_an_agent_restarted_during_an_outage_loses_none_of_its_spool(pg, tmp_pat
     is gone."""
     from dataclasses import replace
 
-    url = pg.create_database("respool")
-    upgrade(make_engine(url))
     cfg = load_config(None, environ={})
-    rt = build_simulated(cfg, open_store(cfg, url), FacilitySpec(1, 2), SimClock(70_000.0))
-    spool = tmp_path / "spool-sim-node-0.jsonl"
-    rt.agents[0].spool_path = spool
-    _threaded(rt, timeout_s=2.0)
-    t = 70_000.0
-    for _ in range(3):
-        t += 1
-        _step(rt, t)
+    rt, spool = _spooling(pg, "respool", cfg, tmp_path, 70_000.0)
+    t = 70_003.0
     assert not spool.exists()  # the store answers: nothing goes to disk
     down_from = t + 1
     pg.halt()
@@ -298,17 +304,8 @@ def test_a_stop_while_a_round_trip_hangs_keeps_its_ticks_on_disk(pg, tmp_path):
     they must be in the spool file, with every later tick, for the next start."""
     import json
 
-    url = pg.create_database("hungstop")
-    upgrade(make_engine(url))
-    cfg = load_config(None, environ={})
-    rt = build_simulated(cfg, open_store(cfg, url), FacilitySpec(1, 2), SimClock(90_000.0))
-    spool = tmp_path / "spool-sim-node-0.jsonl"
-    rt.agents[0].spool_path = spool
-    _threaded(rt, timeout_s=2.0)
-    t = 90_000.0
-    for _ in range(3):
-        t += 1
-        _step(rt, t)
+    rt, spool = _spooling(pg, "hungstop", load_config(None, environ={}), tmp_path, 90_000.0)
+    t = 90_003.0
     first_hung = t + 1
     pg.freeze()
     try:

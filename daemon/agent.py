@@ -38,6 +38,7 @@ from wattkeeper.collectors.tokens import (
 )
 from wattkeeper.store.db import StoreError
 from wattkeeper.store.repository import (
+    CLAIM_LIVE_S,
     LIMIT_TOLERANCE_W,
     NodeClaimedError,
     NodeGoneError,
@@ -127,6 +128,9 @@ class _StoreResult:
     """How many of the round trip's ticks are done with, from the first."""
     ticks_refused: int = 0
     """Of those, how many the store refused and were dropped."""
+    read_at: float | None = None
+    """The monotonic time the targets were read: their leases run from then, not from
+    when the agent took the result (a slow write after the read must not stretch them)."""
     originals_written: bool = False
     standby_written: bool = False
     audited: int = 0
@@ -264,6 +268,7 @@ class Agent:
         tick). Targets are read at every tick regardless, so a longer interval delays what
         the controller sees, never what the agent applies."""
         self._write_due = float("-inf")
+        self._reclaim_at = float("inf")
         self._outbox_originals: dict[str, float | None] = {}
         self._outbox_standby: bool | None = None
         self._targets_read = False
@@ -356,8 +361,13 @@ class Agent:
         if self._spool_on_disk:
             # Appended; rewritten from the spool once the file holds twice what the
             # spool keeps, so a long outage does not grow it without bound.
-            full = self._spool_file_ticks >= 2 * self._spool_max
-            self._spool_write(self._spool[-self._spool_max :] if full else [tick], append=not full)
+            if self._spool_file_ticks < 2 * self._spool_max:
+                self._spool_write([tick], append=True)
+            else:
+                waiting = list(self._spool)
+                if self._io_job is not None:  # a round trip in flight may yet fail
+                    waiting = sorted([*self._io_job[0].ticks, *waiting], key=lambda t: t.ts)
+                self._spool_write(waiting[-self._spool_max :], append=False)
         over = len(self._spool) - self._spool_max
         if over > 0:
             del self._spool[:over]
@@ -394,8 +404,11 @@ class Agent:
             else:
                 ticks = [*self._spool[: REPLAY_TICKS - 1], self._spool[-1]]
                 self._spool = self._spool[REPLAY_TICKS - 1 : -1]
+        reclaim = self._mono(now) >= self._reclaim_at
+        if reclaim:
+            self._reclaim_at = float("inf")
         work = _StoreWork(
-            register=not self.gpu_ids,
+            register=not self.gpu_ids or reclaim,
             gpu_ids=dict(self.gpu_ids),
             ticks=ticks,
             originals=self._outbox_originals,
@@ -461,6 +474,8 @@ class Agent:
                 for uuid, t in targets.items()
             }
             out.drained = drained
+            if self._monotonic is not None:
+                out.read_at = self._monotonic()
             if work.ticks:
                 self._write(store, gpu_ids, work.ticks, out)
         except StoreError as exc:
@@ -473,9 +488,10 @@ class Agent:
     def _write(
         self, store: Store, gpu_ids: dict[str, int], ticks: list[NodeTick], out: _StoreResult
     ) -> None:
-        """All ticks in one transaction. Refused for a reason other than an outage, they
-        go one by one, and a tick the store will never take (it refuses it, it is not
-        away) is dropped and counted rather than retried for the spool's whole life."""
+        """All ticks in one transaction. When the store refuses the data itself (a
+        constraint, a value too long for its column), they go one by one, and a tick it
+        refuses is dropped and counted rather than retried for the spool's whole life.
+        Any other failure (away, locked, timed out, a full disk) keeps them all."""
         try:
             store.write_ticks(self.node, gpu_ids, ticks, agent_id=self.agent_id)
             out.ticks_written = len(ticks)
@@ -483,7 +499,7 @@ class Agent:
         except (NodeGoneError, NodeClaimedError):
             raise
         except StoreError as exc:
-            if exc.outage or len(ticks) == 1:
+            if not exc.refused:
                 raise
         for tick in ticks:
             try:
@@ -491,7 +507,7 @@ class Agent:
             except (NodeGoneError, NodeClaimedError):
                 raise
             except StoreError as exc:
-                if exc.outage:
+                if not exc.refused:
                     raise
                 out.ticks_refused += 1
                 log.error("the store refused the samples of %.0f: dropped (%s)", tick.ts, exc)
@@ -528,6 +544,14 @@ class Agent:
         self.state.spool_dropped_ticks += res.ticks_refused
         if isinstance(res.error, NodeGoneError):
             self.gpu_ids = {}  # removed from the store: the next round trip registers it
+        elif (
+            isinstance(res.error, NodeClaimedError)
+            and self.gpu_ids
+            and math.isinf(self._reclaim_at)
+        ):
+            # Taken over while this agent was away: it asks for its name again once the
+            # other holder can have gone quiet (registration refuses a live one).
+            self._reclaim_at = self._mono(now) + CLAIM_LIVE_S
         if res.error is not None:
             self._store_ok(False, res.error)
             if res.targets is None:
@@ -543,7 +567,7 @@ class Agent:
                 self._spool_write(self._spool, append=False)
         assert res.targets is not None
         self._targets = self._fenced(res.targets)
-        self._time_leases(now)
+        self._time_leases(now, res.read_at)
         self._targets_read = True
         self._drained_mark = res.drained
         return True
@@ -551,7 +575,7 @@ class Agent:
     def _mono(self, now: float) -> float:
         return now if self._monotonic is None else self._monotonic()
 
-    def _time_leases(self, now: float) -> None:
+    def _time_leases(self, now: float, read_at: float | None = None) -> None:
         """Start each renewed lease on the monotonic clock.
 
         A target whose issue time changed was renewed: its lease runs its full length
@@ -560,8 +584,10 @@ class Agent:
         started), or renewed after the lease held here had run out, is trusted to the
         wall clock, but never for longer than its lease: a clock set back cannot keep a
         dead controller's targets alive, and one set forward only brings the safe cap
-        early. The same issue time keeps its end."""
+        early. The same issue time keeps its end. ``read_at``: when, on the monotonic
+        clock, the targets were read (None: now)."""
         mono = self._mono(now)
+        start = mono if read_at is None else min(read_at, mono)
         ends = {}
         for uuid, t in self._targets.items():
             seen = self._lease_ends.get(uuid)
@@ -578,7 +604,7 @@ class Agent:
                 left = min(t.lease_expires_at - now, length)
             else:
                 left = length
-            ends[uuid] = (t.issued_at, mono + left)
+            ends[uuid] = (t.issued_at, start + left)
         self._lease_ends = ends
 
     def _fenced(self, targets: dict[str, CachedTarget]) -> dict[str, CachedTarget]:

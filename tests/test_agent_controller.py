@@ -314,3 +314,52 @@ def test_a_tick_the_store_refuses_is_dropped_and_counted_not_retried_forever(pg_
     assert agent.state.spool_dropped_ticks == 1 and agent.state.spooled_ticks == 0
     assert agent.state.store_ok
     rt.store.engine.dispose()
+
+
+def test_a_locked_store_keeps_the_batch_for_later_instead_of_dropping_it(rt, sqlite_url):
+    """Another writer holds SQLite's lock past the busy timeout: the batch fails, but
+    the store did not refuse the data, so every tick stays in the spool and lands once
+    the lock is gone; nothing is counted as dropped."""
+    import sqlite3
+
+    agent = rt.agents[0]
+    agent.write_interval_s = 3.0
+    step(rt, 1, controller=False)
+    locked_from = rt.clock.now() + 1
+    holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), timeout=1)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        step(rt, 3, controller=False)  # the write falls due and waits out the lock
+        assert not agent.state.store_ok and agent.state.spooled_ticks >= 3
+    finally:
+        holder.rollback()
+        holder.close()
+    step(rt, 4, controller=False)
+    stored = _stored_ticks(rt)
+    assert all(locked_from + k in stored for k in range(3))  # the locked-out batch landed
+    assert len(stored) + agent.state.spooled_ticks == 8  # and nothing went missing
+    assert agent.state.spool_dropped_ticks == 0 and agent.state.store_ok
+
+
+def test_an_agent_whose_name_was_taken_asks_for_it_again_once_the_taker_is_quiet(rt):
+    """A cloned host took the node's name while this agent was away, then went quiet:
+    this agent's reads and writes are refused (another's targets are not its own), its
+    leases run down, and once the taker has been silent for a claim's life it takes
+    its name back and follows its targets again."""
+    from wattkeeper.store.repository import CLAIM_LIVE_S
+
+    agent = rt.agents[0]
+    step(rt, 3)
+    with rt.store.engine.begin() as conn:
+        conn.execute(
+            update(Node)
+            .where(Node.name == agent.node)
+            .values(agent_id="clone m9 1 zz", last_seen_at=rt.clock.now())
+        )
+    step(rt, 1, controller=False)
+    assert not agent.state.store_ok
+    assert rt.store.node_claims()[agent.node][0] == "clone m9 1 zz"
+    step(rt, int(CLAIM_LIVE_S) + 3, controller=False)
+    assert rt.store.node_claims()[agent.node][0] == agent.agent_id
+    step(rt, 6)
+    assert agent.state.store_ok

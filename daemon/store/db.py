@@ -37,6 +37,10 @@ class StoreError(Exception):
     outage: bool = False
     """The database server did not answer or refused the connection as a server does
     while down (SQLSTATE class 08, 57P0x): an outage to ride out, not a mistake."""
+    refused: bool = False
+    """The database answered and refused the data itself (a constraint, a value out of
+    its column: SQLSTATE classes 22 and 23): sending it again will not help, unlike a
+    lock, a timeout, a lost connection or a full disk."""
 
 
 def is_outage(exc: BaseException) -> bool:

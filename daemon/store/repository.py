@@ -32,7 +32,7 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from wattkeeper.collectors.gpu import GpuInfo, GpuSample
@@ -275,7 +275,9 @@ class Store:
         return self._session()
 
     def _guard(self, exc: SQLAlchemyError) -> StoreError:
-        return StoreError(f"database {engine_name(self.engine)}: {error_line(exc, self.engine)}")
+        error = StoreError(f"database {engine_name(self.engine)}: {error_line(exc, self.engine)}")
+        error.refused = isinstance(exc, (IntegrityError, DataError))
+        return error
 
     # -- nodes and GPUs ---------------------------------------------------------------
     def register_node(

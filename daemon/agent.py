@@ -36,6 +36,7 @@ from wattkeeper.collectors.tokens import (
     TokenSourceError,
     parse_page,
 )
+from wattkeeper.paths import replace_file
 from wattkeeper.store.db import StoreError
 from wattkeeper.store.repository import (
     CLAIM_LIVE_S,
@@ -364,10 +365,7 @@ class Agent:
             if self._spool_file_ticks < 2 * self._spool_max:
                 self._spool_write([tick], append=True)
             else:
-                waiting = list(self._spool)
-                if self._io_job is not None:  # a round trip in flight may yet fail
-                    waiting = sorted([*self._io_job[0].ticks, *waiting], key=lambda t: t.ts)
-                self._spool_write(waiting[-self._spool_max :], append=False)
+                self._spool_write(self._unwritten()[-self._spool_max :], append=False)
         over = len(self._spool) - self._spool_max
         if over > 0:
             del self._spool[:over]
@@ -396,15 +394,16 @@ class Agent:
         # outage, the newest tick and the oldest of the backlog, a bounded batch per
         # round trip, so the controller sees the node as it is now and the backlog
         # drains in order.
+        mono = self._mono(now)
         ticks: list[NodeTick] = []
-        if self._spool and (not self.gpu_ids or self._mono(now) >= self._write_due):
-            self._write_due = self._mono(now) + self.write_interval_s - 1e-6
+        if self._spool and (not self.gpu_ids or mono >= self._write_due):
+            self._write_due = mono + self.write_interval_s - 1e-6
             if len(self._spool) <= REPLAY_TICKS:
                 ticks, self._spool = self._spool, []
             else:
                 ticks = [*self._spool[: REPLAY_TICKS - 1], self._spool[-1]]
                 self._spool = self._spool[REPLAY_TICKS - 1 : -1]
-        reclaim = self._mono(now) >= self._reclaim_at
+        reclaim = mono >= self._reclaim_at
         if reclaim:
             self._reclaim_at = float("inf")
         work = _StoreWork(
@@ -423,7 +422,7 @@ class Agent:
             future.set_result(self._store_job(work))
         else:
             future = spawn(lambda: self._store_job(work), f"store-{self.node}")
-        self._io_job = (work, future, self._mono(now))
+        self._io_job = (work, future, mono)
         if self.store_timeout_s is not None:
             wait([future], timeout=min(self.store_timeout_s, self._wait_s))
         return self._collect(now) or fresh
@@ -694,11 +693,8 @@ class Agent:
         if not ok and not self._spool_on_disk and self.spool_path is not None:
             # From now on every tick also goes to disk, the ones waiting already and
             # those of a round trip still in flight (hung) included.
-            waiting = list(self._spool)
-            if self._io_job is not None:
-                waiting = sorted([*self._io_job[0].ticks, *waiting], key=lambda t: t.ts)
             self._spool_on_disk = True
-            self._spool_write(waiting, append=False)
+            self._spool_write(self._unwritten(), append=False)
         if ok and not self.state.store_ok:
             log.warning("store reachable again")
         elif not ok and self.state.store_ok:
@@ -891,6 +887,13 @@ class Agent:
         return out
 
     # -- the spool on disk --------------------------------------------------------------
+    def _unwritten(self) -> list[NodeTick]:
+        """Every tick not known to be in the store, in order: the spool, and the ticks of
+        a round trip still in flight (it may hang, or fail, and hand them back)."""
+        if self._io_job is None:
+            return list(self._spool)
+        return sorted([*self._io_job[0].ticks, *self._spool], key=lambda t: t.ts)
+
     def _spool_write(self, ticks: Sequence[NodeTick], *, append: bool) -> None:
         """Append ticks to the spool file, or replace it with ``ticks`` (removed when
         there are none). A disk that fails costs the copy on disk, never the tick."""
@@ -902,20 +905,16 @@ class Agent:
                 path.unlink(missing_ok=True)
                 self._spool_on_disk = False
                 return
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             lines = "".join(json.dumps(_tick_json(t), separators=(",", ":")) + "\n" for t in ticks)
             if append:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 with os.fdopen(fd, "a") as f:
                     f.write(lines)
                 self._spool_file_ticks += len(ticks)
             else:
                 self._spool_file_ticks = len(ticks)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(lines)
-                os.replace(tmp, path)
+                replace_file(path, lines, mode=0o600, dir_mode=0o700)
             self._first("spool-file", None)
         except (OSError, TypeError, ValueError) as exc:  # a disk, or a value JSON refuses
             if self._first("spool-file", str(exc)):
@@ -971,8 +970,8 @@ class Agent:
         self._write_originals()
 
     def _write_originals(self) -> None:
-        """Atomically (a temporary file renamed over it) and fsynced: a crash leaves the
-        old file or the new one, never half of one."""
+        """Replaced whole (``replace_file``): a crash leaves the old file or the new one,
+        never half of one."""
         path = self.originals_path
         if path is None:
             return
@@ -981,14 +980,8 @@ class Agent:
             if not known:
                 path.unlink(missing_ok=True)
                 return
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"node": self.node, "power_limit_w": known}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            text = json.dumps({"node": self.node, "power_limit_w": known})
+            replace_file(path, text, mode=0o600, dir_mode=0o700)
             self._first("originals-file", None)
         except OSError as exc:
             # The cap still goes on: the budget matters more than the restore.
@@ -1014,10 +1007,7 @@ class Agent:
             self._drain_pool.shutdown(wait=False, cancel_futures=True)
         if self._io_job is not None and self._io_job[1].done():
             self._collect(now)
-        pending = list(self._spool)
-        if self._io_job is not None:
-            # A round trip still hangs: its ticks are not in the spool, nor in the store.
-            pending = sorted([*self._io_job[0].ticks, *pending], key=lambda t: t.ts)
+        pending = self._unwritten()
         if pending:
             # On disk first: whatever the store does below, the next start has them.
             self._spool_write(pending, append=False)

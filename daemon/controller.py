@@ -81,12 +81,10 @@ class PeriodTimes:
     counts: list[int] = field(default_factory=lambda: [0] * len(PERIOD_BUCKETS_S))
     total: int = 0
     sum_s: float = 0.0
-    last_s: float | None = None
 
     def observe(self, seconds: float) -> None:
         self.total += 1
         self.sum_s += seconds
-        self.last_s = seconds
         for k, le in enumerate(PERIOD_BUCKETS_S):
             if seconds <= le:
                 self.counts[k] += 1

@@ -13,16 +13,14 @@ GPUs' limits, not the router, are what keep the budget.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import socket
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from wattkeeper.paths import replace_file
 from wattkeeper.store.repository import RouteRow
 
 log = logging.getLogger(__name__)
@@ -65,22 +63,9 @@ class FileRouter:
         doc = publication(routes, self.servers, now)
         if doc["routes"] == self._last:
             return
-        tmp: str | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(doc, out, indent=1)
-                out.write("\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)
-            tmp = None
+            replace_file(self.path, json.dumps(doc, indent=1) + "\n", mode=0o644)
         except OSError as exc:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
             if not self._failed:
                 log.warning("cannot write routes to %s: %s", self.path, exc)
             self._failed = True

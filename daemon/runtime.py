@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from wattkeeper.agent import SHUTDOWN_STORE_S, Agent, TokenEndpoint, holder_gone
@@ -23,7 +22,7 @@ from wattkeeper.clock import SimClock, WallClock
 from wattkeeper.collectors.drain import CommandDrain, DrainActuator
 from wattkeeper.config import Config
 from wattkeeper.controller import Controller, Leadership, RouteActuator
-from wattkeeper.paths import state_dir
+from wattkeeper.paths import node_state_file
 from wattkeeper.policies.drain import DrainSettings
 from wattkeeper.policies.plan import Domain, PlanSettings
 from wattkeeper.policies.route import Routes, RouteSettings
@@ -335,18 +334,6 @@ def build_on_facility(
     return Runtime(cfg, store, clock, agents, controller, facility=facility)
 
 
-def state_file(kind: str, node: str) -> Path:
-    """A node's agent's own file in the state directory (one per node name, so several
-    agents on one host never share one)."""
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in node)
-    return state_dir() / f"{kind}-{safe}.json{'l' if kind == 'spool' else ''}"
-
-
-def originals_file(node: str) -> Path:
-    """Where a node's agent records GPU limits before changing them."""
-    return state_file("originals", node)
-
-
 def make_agent(
     cfg: Config,
     store: Store,
@@ -375,8 +362,8 @@ def make_agent(
         spool_ticks=cfg.agent.spool_ticks,
         write_interval_s=cfg.agent.write_interval_s or 0.0,
         monotonic=time.monotonic if wall_clock else None,
-        originals_path=None if simulated else originals_file(node),
-        spool_path=None if simulated else state_file("spool", node),
+        originals_path=None if simulated else node_state_file("originals", node, ".json"),
+        spool_path=None if simulated else node_state_file("spool", node, ".jsonl"),
     )
 
 

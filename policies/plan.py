@@ -216,18 +216,13 @@ def plan(
     # Demand first (a GPU drawing less than its share keeps headroom above its draw),
     # then what demand left over, up to each GPU's ceiling.
     first = allocate_tree(tree, leaf, mins, demand)
-    lifted = np.zeros(len(fresh_gpus), dtype=bool)
-    if s.oversubscribe:
-        # A light GPU that got all it is predicted to draw counts at that in every
-        # budget: what demand left over goes to the GPUs held back, and the light ones'
-        # limits rise to their tops outside the budgets.
-        lifted = (demand < tops - 1e-6) & (first.limits_w >= demand - 1e-6)
-        budget_tops = np.where(lifted, first.limits_w, tops)
-        second = allocate_tree(tree, leaf, first.limits_w, budget_tops) if fresh_gpus else first
-        limits = np.where(lifted, tops, second.limits_w)
-    else:
-        second = allocate_tree(tree, leaf, first.limits_w, tops) if fresh_gpus else first
-        limits = second.limits_w
+    # Oversubscribed, a light GPU that got all it is predicted to draw counts at that in
+    # every budget: what demand left over goes to the GPUs held back, and the light ones'
+    # limits rise to their tops outside the budgets.
+    lifted = (demand < tops - 1e-6) & (first.limits_w >= demand - 1e-6) & s.oversubscribe
+    budget_tops = np.where(lifted, first.limits_w, tops)
+    second = allocate_tree(tree, leaf, first.limits_w, budget_tops) if fresh_gpus else first
+    limits = np.where(lifted, tops, second.limits_w)
     # Whole watts, rounded down, but never below a fractional hardware floor.
     whole = np.maximum(mins, np.floor(limits)).tolist()
     reasons = _reasons(fresh_gpus, second, tree, tops, maxs, demand)

@@ -96,6 +96,9 @@ class PolicySpec:
     """Static power limit as a share of each GPU's maximum limit."""
     lock_ratio: float | None = None
     """Static clock lock as a share of each GPU's maximum SM clock."""
+    settings: tuple[tuple[str, str], ...] = ()
+    """Configuration for the ``wattkeeper`` policy beyond the scenario's, as (``section.key``,
+    value) pairs, e.g. ``(("controller.oversubscribe", "true"),)``."""
 
     def label(self) -> str:
         if self.limit_ratio is not None:
@@ -256,7 +259,12 @@ class Proportional(Periodic):
 class Wattkeeper:
     """The production code path: agents, store, controller, on the simulated clock."""
 
-    def __init__(self, f: SimFacility, store_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        f: SimFacility,
+        store_dir: Path | None = None,
+        settings: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         from wattkeeper.clock import SimClock
         from wattkeeper.config import load_config
         from wattkeeper.runtime import build_on_facility, open_store
@@ -279,6 +287,9 @@ class Wattkeeper:
                 "WATTKEEPER_SLO__TPOT_S": str(slo.tpot_s),
                 "WATTKEEPER_CONTROLLER__DRAIN_NODES": "true",
                 "WATTKEEPER_CONTROLLER__DRAINED_NODE_W": str(f.scenario.standby_w),
+                **{
+                    f"WATTKEEPER_{key.replace('.', '__').upper()}": value for key, value in settings
+                },
             },
         )
         self.clock = SimClock(f.now)
@@ -309,7 +320,7 @@ def make_policy(spec: PolicySpec, f: SimFacility) -> Policy:
     if name == "proportional":
         return Proportional()
     if name == "wattkeeper":
-        return Wattkeeper(f)
+        return Wattkeeper(f, settings=spec.settings)
     if name in ("oracle", "oracle-limits"):
         from wattkeeper.simulator.oracle_policy import OraclePolicy
 

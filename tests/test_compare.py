@@ -357,3 +357,30 @@ def test_cost_per_million_good_tokens_follows_the_hourly_price():
         )
     plain = run_policy(small(rate=40.0), "nocap", duration_s=60)
     assert plain.energy_cost is None and plain.cost_per_million_good_tokens is None
+
+
+def test_a_policy_spec_passes_configuration_to_the_production_policy():
+    """``PolicySpec.settings`` reach the controller's configuration on top of the
+    scenario's own (its SLO stays), and a wrong key is refused like a wrong config file."""
+    from wattkeeper.config import ConfigError
+    from wattkeeper.simulator.compare import START_TS, make_policy
+    from wattkeeper.simulator.facility import SimFacility
+
+    sc = load_scenario("mixed")
+    spec = PolicySpec("wattkeeper", settings=(("controller.oversubscribe", "true"),))
+    pol = make_policy(spec, SimFacility(sc, start_ts=START_TS))
+    try:
+        assert pol.rt.cfg.controller.oversubscribe is True
+        assert pol.rt.cfg.slo.tpot_s == sc.slo.tpot_s
+    finally:
+        pol.close()
+    plain = make_policy(PolicySpec("wattkeeper"), SimFacility(sc, start_ts=START_TS))
+    try:
+        assert plain.rt.cfg.controller.oversubscribe is False
+    finally:
+        plain.close()
+    with pytest.raises(ConfigError, match="oversubscrib"):
+        make_policy(
+            PolicySpec("wattkeeper", settings=(("controller.oversubscribe", "maybe"),)),
+            SimFacility(sc, start_ts=START_TS),
+        )

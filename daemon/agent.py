@@ -872,6 +872,14 @@ class Agent:
             self._first(f"limit:{uuid}", None)
             if uuid in out:
                 out[uuid] = replace(out[uuid], power_limit_requested_w=want)
+            if first_touch and before is None:
+                # This tick's sample of the GPU failed, so the limit it had was not known
+                # before the change; the backend read it on its way in, and a crash from
+                # here on must still be able to put it back.
+                kept = self.backend.original_settings(uuid)
+                before = kept.power_limit_w if kept is not None else None
+                if before is not None and uuid not in self._persisted_originals:
+                    self._keep_original(uuid, before)
             if first_touch and uuid not in self._outbox_originals and before is not None:
                 # To the store as well, where `explain` and a new host can see it.
                 self._persisted_originals.setdefault(uuid, before)
@@ -1034,7 +1042,14 @@ class Agent:
         for uuid, watts in restored.items():
             self._audit("gpu.restore", uuid, {"power_limit_w": watts}, now)
         self._forget_originals(restored)
-        last = self._sample_gpus().values() if restored and self.gpu_ids else ()
+        last = list(self._sample_gpus().values()) if restored and self.gpu_ids else []
+        # Stamped after the tick's own sample even where the clock has not moved (a
+        # simulated stop): the store keeps one sample per GPU and time, the first.
+        before = {u: s.timestamp for u, s in self.state.samples.items()}
+        last = [
+            replace(g, timestamp=max(g.timestamp, before.get(g.uuid, -math.inf) + 1e-3))
+            for g in last
+        ]
         unwritten = pending[-REPLAY_TICKS:]
 
         def record() -> None:

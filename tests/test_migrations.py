@@ -102,3 +102,44 @@ def test_stepping_down_and_up_keeps_the_fleet(db_url):
     if engine.dialect.name == "sqlite":
         with engine.connect() as c:  # and foreign keys are on again afterwards
             assert c.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+
+
+def test_samples_stored_twice_before_they_were_unique_are_kept_once(db_url):
+    """Duplicates a replay left before 0010 are removed by it (the first row written
+    stays), so its unique indexes can be built on a store that has them."""
+    from wattkeeper.collectors.gpu import GpuInfo, PowerLimitConstraints
+    from wattkeeper.store.repository import Store
+
+    engine = make_engine(db_url)
+    upgrade(engine, "0009")
+    limits = PowerLimitConstraints(200.0, 700.0, 700.0)
+    infos = [GpuInfo(f"GPU-{i}", i, "H100", f"0:{i}", 1, limits, 1) for i in (1, 2)]
+    ids = Store(engine).register_node("n1", "sim", infos, 1.0)
+    g1, g2 = ids["GPU-1"], ids["GPU-2"]
+    rows = [(g1, 10.0, 100.0), (g1, 10.0, 999.0), (g1, 11.0, 101.0), (g2, 10.0, 200.0)]
+    with engine.begin() as c:
+        node = c.exec_driver_sql("SELECT id FROM nodes").scalar_one()
+        for gpu, ts, watts in rows:
+            c.exec_driver_sql(
+                "INSERT INTO gpu_samples (gpu_id, ts, power_w, throttle_reasons)"
+                f" VALUES ({gpu}, {ts}, {watts}, '')"
+            )
+        for _ in range(2):
+            c.exec_driver_sql(
+                "INSERT INTO host_samples (node_id, ts, power_source)"
+                f" VALUES ({node}, 10.0, 'model')"
+            )
+            c.exec_driver_sql(
+                "INSERT INTO token_samples (node_id, ts, endpoint, model, up)"
+                f" VALUES ({node}, 10.0, 'http://a/metrics', 'm', true)"
+            )
+    upgrade(engine)
+    with engine.connect() as c:
+        kept = c.exec_driver_sql(
+            "SELECT gpu_id, ts, power_w FROM gpu_samples ORDER BY gpu_id, ts"
+        ).all()
+        assert [tuple(r) for r in kept] == [(g1, 10.0, 100.0), (g1, 11.0, 101.0), (g2, 10.0, 200.0)]
+        assert c.exec_driver_sql("SELECT count(*) FROM host_samples").scalar_one() == 1
+        assert c.exec_driver_sql("SELECT count(*) FROM token_samples").scalar_one() == 1
+    downgrade(engine, "0009")  # and back: the plain indexes again
+    assert current_revision(engine) == "0009"

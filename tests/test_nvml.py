@@ -481,3 +481,44 @@ def test_use_after_close_is_a_gpu_error(fake, state):
     backend.close()
     with pytest.raises(GpuError, match="closed"):
         backend.sample(uuid_of(state))
+
+
+def test_an_agent_records_the_original_limit_when_that_ticks_sample_failed(
+    nvml_backend, state, tmp_path, sqlite_url
+):
+    """The first cap lands on a tick whose sample of the GPU failed, so the agent did
+    not see the limit it replaces. The backend read it on the way in; the agent must
+    still put it in its originals file before anything else can go wrong, or a crash
+    leaves the next run taking the cap for the original."""
+    import json
+
+    from wattkeeper.agent import Agent
+    from wattkeeper.store.db import make_engine, upgrade
+    from wattkeeper.store.repository import Store, TargetSpec
+
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    store = Store(engine)
+    originals = tmp_path / "originals.json"
+    agent = Agent("n1", nvml_backend, store, originals_path=originals)
+    agent.tick(1000.0)
+    uuid = uuid_of(state, 0)
+    store.write_targets([TargetSpec(uuid, 450.0, reason="test")], 1000.0, 60.0)
+    state.gpus[0].fail("nvmlDeviceGetTemperature", pynvml.NVML_ERROR_UNKNOWN)
+    agent.tick(1001.0)
+    assert uuid not in agent.state.samples  # the sample did fail
+    assert state.gpus[0].limit_mw == 450_000
+    assert json.loads(originals.read_text())["power_limit_w"] == {uuid: 700.0}
+    # The agent dies here. The next run finds the GPU at 450 W, and puts back 700 W.
+    state.gpus[0].heal("nvmlDeviceGetTemperature")
+    again = Agent(
+        "n1",
+        NvmlBackend(clock=lambda: 1000.0),
+        store,
+        originals_path=originals,
+        agent_id=agent.agent_id,
+    )
+    again.tick(1002.0)
+    again.shutdown(1003.0)
+    assert state.gpus[0].limit_mw == 700_000
+    assert not originals.exists()

@@ -142,6 +142,10 @@ def test_an_agent_writes_its_own_node_and_reads_its_own_targets(fleet):
         [TargetSpec("GPU-a", 400.0), TargetSpec("GPU-b", 450.0)], NOW + 2, 30.0
     )
     assert {u: t.power_limit_w for u, t in a.targets_for_node("node-a").items()} == {"GPU-a": 400.0}
+    # A replayed tick is skipped without the role needing to read the samples it repeats.
+    a.write_samples("node-a", ids["a"], [_sample("GPU-a")], NOW + 1, agent_id="a")
+    with stores["ctl"].engine.connect() as conn:
+        assert conn.scalar(text("SELECT count(*) FROM gpu_samples")) == 1
     assert a.targets_for_node("node-b") == {}
     # The other node's rows are not there for it, nor its samples.
     with a.engine.connect() as conn:

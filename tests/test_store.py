@@ -293,6 +293,32 @@ def test_write_ticks_lands_whole_or_not_at_all(store: Store) -> None:
     assert len(_rows(store, "n1")[0]) == 2 and _rows(store, "n1")[3] == T + 1
 
 
+def test_a_replayed_backlog_lands_once(store: Store) -> None:
+    """An agent that crashed after the store took a batch but before it trimmed its
+    spool sends the batch again: every row is kept once, and the new ticks sent with
+    the replay land beside it."""
+    ids = store.register_node("n1", "sim", _infos("n1", 2), T)
+
+    def tick(ts: float) -> NodeTick:
+        return NodeTick(
+            ts,
+            tuple(_sample(u, ts, 100.0 + ts - T) for u in ids),
+            (0.1, 900.0, "model"),
+            (_tok("e1", True, 1.0, 2.0), _tok("e2", True, 1.0, 2.0)),
+        )
+
+    store.write_ticks("n1", ids, [tick(T + k) for k in range(3)])
+    once = _rows(store, "n1")
+    assert (len(once[0]), len(once[1]), len(once[2])) == (6, 3, 6)
+    store.write_ticks("n1", ids, [tick(T + k) for k in range(3)])
+    assert _rows(store, "n1") == once
+    # The same second twice in one batch, and a batch of old and new ticks.
+    store.write_ticks("n1", ids, [tick(T + 1), tick(T + 3), tick(T + 3), tick(T + 4)])
+    gpu, host, tokens, seen = _rows(store, "n1")
+    assert (len(gpu), len(host), len(tokens), seen) == (10, 5, 10, T + 4)
+    assert gpu[:6] == once[0]
+
+
 def test_snapshot_includes_targets_and_budget(store: Store) -> None:
     store.register_node("b-node", "sim", _infos("b-node", 2), T)
     store.register_node("a-node", "sim", _infos("a-node", 2), T)

@@ -22,7 +22,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError as AlembicError
 from sqlalchemy import Engine, create_engine, event, inspect
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
@@ -74,6 +75,16 @@ _TRANSIENT_FATAL = (
 
 class SchemaOutdatedError(StoreError):
     """The database schema is older (or newer) than this version of wattkeeper expects."""
+
+
+def insert_new(dialect: Dialect, table: Any) -> Any:
+    """An INSERT that skips the rows whose unique key is already stored. Samples are
+    keyed by where and when they were taken, so the same sample sent twice (a backlog
+    replayed after a crash) lands once, and the batch around it lands all the same. No
+    conflict target: an agent's role may insert samples but not read them, and a
+    target would need it to."""
+    module = postgresql if dialect.name == "postgresql" else sqlite
+    return module.insert(table).on_conflict_do_nothing()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

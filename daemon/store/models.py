@@ -71,7 +71,9 @@ class Gpu(Base):
 
 class GpuSampleRow(Base):
     __tablename__ = "gpu_samples"
-    __table_args__ = (Index("ix_gpu_samples_gpu_ts", "gpu_id", "ts"),)
+    # Unique: a tick the agent replays after a crash (stored, but not yet trimmed from
+    # its spool) must not count twice in energy, rollups and rates.
+    __table_args__ = (Index("uq_gpu_samples_gpu_ts", "gpu_id", "ts", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     gpu_id: Mapped[int] = mapped_column(ForeignKey("gpus.id", ondelete="CASCADE"))
@@ -89,7 +91,7 @@ class GpuSampleRow(Base):
 
 class HostSampleRow(Base):
     __tablename__ = "host_samples"
-    __table_args__ = (Index("ix_host_samples_node_ts", "node_id", "ts"),)
+    __table_args__ = (Index("uq_host_samples_node_ts", "node_id", "ts", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
@@ -101,7 +103,9 @@ class HostSampleRow(Base):
 
 class TokenSampleRow(Base):
     __tablename__ = "token_samples"
-    __table_args__ = (Index("ix_token_samples_node_ts", "node_id", "ts"),)
+    __table_args__ = (
+        Index("uq_token_samples_node_ts", "node_id", "ts", "endpoint", "model", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from wattkeeper.collectors.gpu import GpuInfo, GpuSample
 from wattkeeper.policies.route import RouteTarget
 from wattkeeper.policies.schedule import Schedule
-from wattkeeper.store.db import StoreError, engine_name, error_line
+from wattkeeper.store.db import StoreError, engine_name, error_line, insert_new
 from wattkeeper.store.models import (
     AuditEntry,
     Budget,
@@ -606,8 +606,9 @@ class Store:
         every few seconds, or replays an outage's backlog, pays it once for all of its
         ticks. The node's row is touched by one ``UPDATE ... WHERE`` that also checks the
         holder; the reason is looked up only when it matches nothing. Samples of a GPU not
-        in ``gpu_ids`` are left out. Core bulk
-        inserts, not ORM objects: this is the hot path of every agent.
+        in ``gpu_ids`` are left out, and a sample already stored (the same GPU, or node
+        and endpoint, at the same time: a backlog replayed after a crash) is skipped.
+        Core bulk inserts, not ORM objects: this is the hot path of every agent.
         """
         if not ticks:
             return
@@ -658,7 +659,7 @@ class Store:
                     " this one stops writing under its name"
                 )
             if gpu_rows:
-                conn.execute(insert(GpuSampleRow), gpu_rows)
+                conn.execute(insert_new(conn.dialect, GpuSampleRow), gpu_rows)
             host_rows = [
                 {
                     "node_id": node_id,
@@ -671,12 +672,12 @@ class Store:
                 if t.host is not None
             ]
             if host_rows:
-                conn.execute(insert(HostSampleRow), host_rows)
+                conn.execute(insert_new(conn.dialect, HostSampleRow), host_rows)
             token_rows = [
                 {"node_id": node_id, "ts": t.ts, **row.__dict__} for t in ticks for row in t.tokens
             ]
             if token_rows:
-                conn.execute(insert(TokenSampleRow), token_rows)
+                conn.execute(insert_new(conn.dialect, TokenSampleRow), token_rows)
 
     def retain(self, now: float, raw_s: float, rollup_s: float) -> Retained:
         """Roll raw samples older than ``raw_s`` up into minutes, drop minutes older than

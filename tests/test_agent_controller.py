@@ -116,42 +116,6 @@ def test_fast_run_is_deterministic(sqlite_url, tmp_path):
     assert a == b
 
 
-def _store_down(rt, monkeypatch):
-    from wattkeeper.store.db import StoreError
-
-    def down(*_a, **_k):
-        raise StoreError("database sqlite:///x: disk I/O error")
-
-    for name in (
-        "write_samples",
-        "write_ticks",
-        "orders_for_node",
-        "targets_for_node",
-        "audit",
-        "register_node",
-        "set_original_power_limit",
-        "clear_original_power_limits",
-    ):
-        monkeypatch.setattr(rt.store, name, down)
-
-
-def test_store_outage_still_falls_back_to_the_safe_cap(rt, monkeypatch):
-    rt.store.set_budget(100_000.0, "test", rt.clock.now())
-    step(rt, 6)
-    assert all(lim == 700 for lim in limits(rt))
-    with monkeypatch.context() as m:
-        _store_down(rt, m)
-        step(rt, 10, controller=False)
-        assert all(lim == 700 for lim in limits(rt)), "lease still valid: nothing changes"
-        assert rt.agents[0].state.store_ok is False
-        step(rt, 30, controller=False)
-        assert all(lim == pytest.approx(420) for lim in limits(rt))
-    step(rt, 1, controller=False)  # store back: the queued audit entries land
-    reasons = [a.detail.get("reason", "") for a in rt.store.audit_log(50)]
-    assert any("lease expired" in r for r in reasons)
-    assert rt.agents[0].state.store_ok is True
-
-
 def test_restart_after_a_crash_restores_the_original_limits(rt, sqlite_url):
     rt.store.set_budget(3000.0, "test", rt.clock.now())
     step(rt, 11)
@@ -170,14 +134,6 @@ def test_restart_after_a_crash_restores_the_original_limits(rt, sqlite_url):
     step(rt2, 6)
     assert all(lim < 700 for lim in rt2.facility.limit_requested[:4])
     rt2.shutdown()
-    assert list(rt.facility.limit_requested[:4]) == [700.0] * 4
-
-
-def test_shutdown_restores_every_gpu_even_when_the_store_fails(rt, monkeypatch):
-    rt.store.set_budget(3000.0, "test", rt.clock.now())
-    step(rt, 11)
-    _store_down(rt, monkeypatch)
-    rt.shutdown()
     assert list(rt.facility.limit_requested[:4]) == [700.0] * 4
 
 

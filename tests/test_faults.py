@@ -1,6 +1,8 @@
 """Store faults the agent must ride out, on a real PostgreSQL that the tests stop for real:
-hung (SIGSTOP: connections open, nothing answers), down at the agent's first tick, and
-back again (the samples taken meanwhile reach it in order, none lost).
+hung (SIGSTOP: connections open, nothing answers), down at the agent's first tick, down
+while caps hold (they last their lease, then the safe cap), down or hung at a clean stop
+(the GPUs are restored all the same), and back again (the samples and audit entries
+taken meanwhile reach it, none lost).
 
 The agents run on a simulated clock (leases, the spool and the timeouts are judged on
 it) with their store calls on a thread of their own, as on the wall clock. No timing is
@@ -177,6 +179,116 @@ def test_an_agent_that_starts_while_the_database_is_down_caps_at_once_then_joins
     _step(rt, 60_301.0)
     assert list(rt.facility.limit_requested[:2]) == [pytest.approx(700.0)] * 2
     rt.shutdown()
+
+
+def _capped(pg, name: str, budget_w: float, start: float) -> tuple[Runtime, float]:
+    """One node of four 700 W GPUs on a database of its own, run as ``run --fast`` drives
+    it (store calls inline, so which targets the agent last read is certain) until the
+    controller's caps hold; the last targets written were read by the agent."""
+    url = pg.create_database(name)
+    upgrade(make_engine(url))
+    cfg = load_config(None, environ={})
+    rt = build_simulated(cfg, open_store(cfg, url), FacilitySpec(1, 4), SimClock(start))
+    rt.store.set_budget(budget_w, "test", start)
+    t = start
+    for k in range(1, 13):  # the controller plans at k = 5 and 10; the agent reads at 11
+        t += 1
+        _step(rt, t, controller=k % 5 == 0)
+    assert rt.agents[0].state.store_ok
+    return rt, t
+
+
+def test_a_stopped_database_keeps_each_cap_for_its_lease_then_the_safe_cap_on_every_gpu(pg):
+    """The database stops while the controller's caps hold (so nothing renews them): the
+    GPUs keep their caps for the rest of the lease, then all of them go to the safe cap
+    (0.6 x the 700 W default) at the same tick and stay there. The changes are audited
+    while the store is away; once it is back those entries land, dated when the changes
+    were made, and the agent says the store is up again."""
+    rt, t = _capped(pg, "outage_lease", 4500.0, 80_000.0)
+    agent = rt.agents[0]
+    caps = list(rt.facility.limit_requested[:4])
+    fallback = 0.6 * 700.0
+    # Neither the GPUs' own limit nor the safe cap: a change either way shows.
+    assert all(fallback + 50 < cap < 650 for cap in caps), caps
+    targets = rt.store.targets_for_node(agent.node)
+    expires = max(x.lease_expires_at for x in targets.values())
+    assert expires > t
+    _threaded(rt)
+    seen: dict[float, list[float]] = {}
+    pg.halt()
+    try:
+
+        def outage() -> None:
+            nonlocal t
+            while t < expires + 10:
+                t += 1
+                _step(rt, t)
+                seen[t] = list(rt.facility.limit_requested[:4])
+
+        _run_bounded(outage)
+        assert not agent.state.store_ok
+    finally:
+        pg.start_again()
+    changed = [ts for ts, limits in seen.items() if limits != caps]
+    assert changed, "the caps outlived their lease"
+    fell_at = changed[0]
+    # Kept while the lease the controller wrote is valid; the agent read it a tick after
+    # it was written, and may hold it that much longer, no more.
+    assert expires < fell_at <= expires + 2 * rt.cfg.agent.interval_s
+    assert seen[fell_at] == [pytest.approx(fallback)] * 4  # every GPU, the same tick
+    assert all(seen[ts] == seen[fell_at] for ts in changed)  # and it stays
+
+    def back() -> list:
+        nonlocal t
+        for _ in range(200):
+            t += 1
+            _step(rt, t)
+            entries = [
+                e
+                for e in rt.store.audit_log(200, action="power_limit.set")
+                if "lease expired" in e.detail.get("reason", "")
+            ]
+            if agent.state.store_ok and entries:
+                return entries
+            threading.Event().wait(0.05)
+        pytest.fail(f"the outage's audit entries never landed (store_ok={agent.state.store_ok})")
+
+    landed: list = []
+    _run_bounded(lambda: landed.extend(back()))
+    assert agent.state.store_ok
+    assert sorted(e.subject for e in landed) == sorted(targets)  # each GPU once
+    for e in landed:
+        assert e.ts == fell_at and e.actor == f"agent:{agent.node}"
+        assert e.detail["power_limit_w"] == pytest.approx(fallback)
+    rt.shutdown()
+
+
+@pytest.mark.parametrize("fault", ["stopped", "hung"])
+def test_a_clean_stop_restores_every_gpu_while_the_database_is_stopped_or_hung(pg, fault):
+    """The database is stopped (or hung with SIGSTOP) while the GPUs are capped, and the
+    agent is stopped: every GPU gets back the limit it had before wattkeeper (700 W)
+    all the same; only the record of it is lost."""
+    rt, t = _capped(pg, f"stop_{fault}", 3000.0, 100_000.0)
+    agent = rt.agents[0]
+    assert all(lim < 700.0 for lim in rt.facility.limit_requested[:4])
+    _threaded(rt)
+    fail, mend = (pg.halt, pg.start_again) if fault == "stopped" else (pg.freeze, pg.thaw)
+    fail()
+    try:
+
+        def stop() -> None:
+            nonlocal t
+            # Until the agent sees the fault: a hung round trip counts after 3 s.
+            for _ in range(5):
+                t += 1
+                _step(rt, t)
+            assert not agent.state.store_ok
+            rt.shutdown()
+
+        _run_bounded(stop)
+        assert list(rt.facility.limit_requested[:4]) == [700.0] * 4
+    finally:
+        mend()
 
 
 def test_run_on_a_real_node_starts_on_the_safe_cap_while_postgres_is_down(

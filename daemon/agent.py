@@ -104,6 +104,8 @@ class CachedTarget:
     """The leader epoch that wrote it."""
     issued_at: float = math.nan
     """When the controller wrote it (its clock): a new value is a renewal."""
+    sm_clock_max_mhz: int | None = None
+    """Lock the SM clock at or below this (None: no lock)."""
 
 
 @dataclass
@@ -211,6 +213,20 @@ def _tick_from_json(d: dict[str, Any]) -> NodeTick:
     )
 
 
+def clock_at_or_below(info: GpuInfo, mhz: int | None) -> int | None:
+    """The highest clock the GPU supports at or below ``mhz`` (its lowest, when ``mhz``
+    is below them all): a lock NVML accepts, never above what was asked."""
+    if mhz is None:
+        return None
+    supported = info.supported_sm_clocks_mhz
+    if supported:
+        below = [c for c in supported if c <= mhz]
+        return max(below) if below else min(supported)
+    if info.max_sm_clock_mhz is not None:
+        return max(1, min(int(mhz), info.max_sm_clock_mhz))
+    return int(mhz)
+
+
 class Agent:
     def __init__(
         self,
@@ -296,6 +312,10 @@ class Agent:
         self.tokens_interval_s = tokens_interval_s
         self._tokens_due = float("-inf")
         self._targets: dict[str, CachedTarget] = {}
+        self._restored = 0
+        """How many GPUs the clean stop restored."""
+        self._locks: dict[str, int] = {}
+        """The SM clock lock (its top, MHz) this run set on each GPU."""
         self._pending_audit: list[tuple[str, str, dict, float]] = []
         self._persisted_originals: dict[str, float | None] = dict(self._read_originals())
         self._load_spool()
@@ -468,7 +488,12 @@ class Agent:
             targets, drained = store.orders_for_node(self.node, self.agent_id)
             out.targets = {
                 uuid: CachedTarget(
-                    t.power_limit_w, t.lease_expires_at, t.reason or "target", t.epoch, t.issued_at
+                    t.power_limit_w,
+                    t.lease_expires_at,
+                    t.reason or "target",
+                    t.epoch,
+                    t.issued_at,
+                    t.sm_clock_max_mhz,
                 )
                 for uuid, t in targets.items()
             }
@@ -856,9 +881,7 @@ class Agent:
         out = dict(samples)
         for uuid, want, why in sorted(moves, key=rise):
             before = samples[uuid].power_limit_requested_w if uuid in samples else None
-            first_touch = self.backend.original_settings(uuid) is None
-            if first_touch and uuid not in self._persisted_originals and before is not None:
-                self._keep_original(uuid, before)
+            first_touch = self._before_first_change(uuid, before)
             try:
                 self.backend.set_power_limit(uuid, want)
             except GpuError as exc:
@@ -872,18 +895,8 @@ class Agent:
             self._first(f"limit:{uuid}", None)
             if uuid in out:
                 out[uuid] = replace(out[uuid], power_limit_requested_w=want)
-            if first_touch and before is None:
-                # This tick's sample of the GPU failed, so the limit it had was not known
-                # before the change; the backend read it on its way in, and a crash from
-                # here on must still be able to put it back.
-                kept = self.backend.original_settings(uuid)
-                before = kept.power_limit_w if kept is not None else None
-                if before is not None and uuid not in self._persisted_originals:
-                    self._keep_original(uuid, before)
-            if first_touch and uuid not in self._outbox_originals and before is not None:
-                # To the store as well, where `explain` and a new host can see it.
-                self._persisted_originals.setdefault(uuid, before)
-                self._outbox_originals[uuid] = self._persisted_originals[uuid]
+            if first_touch:
+                self._after_first_change(uuid, before)
             self.state.actuations += 1
             self._audit(
                 "power_limit.set",
@@ -891,8 +904,88 @@ class Agent:
                 {"power_limit_w": want, "previous_w": before, "reason": why},
                 now,
             )
+        self._reconcile_clocks(now, targets, samples, mono)
         self.state.samples = out
         return out
+
+    def _reconcile_clocks(
+        self,
+        now: float,
+        targets: dict[str, CachedTarget],
+        samples: dict[str, GpuSample],
+        mono: float,
+    ) -> None:
+        """Clock locks follow the targets whose lease is live; a target without one, or a
+        lease that ran out, releases the lock this run made (the safe cap is a power
+        limit, and it holds whatever the clock). NVML cannot read a lock back, so what
+        this run applied is what is compared: a lock is set once, not every tick."""
+        for uuid, info in self.infos.items():
+            target = targets.get(uuid)
+            end = self._lease_ends.get(uuid)
+            want = None
+            if target is not None and end is not None and end[1] >= mono:
+                want = clock_at_or_below(info, target.sm_clock_max_mhz)
+            if want == self._locks.get(uuid):
+                continue
+            before = samples[uuid].power_limit_requested_w if uuid in samples else None
+            first_touch = self._before_first_change(uuid, before)
+            supported = info.supported_sm_clocks_mhz
+            try:
+                if want is None:
+                    self.backend.reset_sm_clocks(uuid)
+                else:
+                    # The floor of the range is the lowest clock, so an idle GPU still
+                    # clocks down: only the top is the policy's.
+                    self.backend.lock_sm_clocks(uuid, min(supported) if supported else want, want)
+            except GpuError as exc:
+                self.state.errors += 1
+                if self._first(f"clock:{uuid}", f"{want}: {exc}"):
+                    what = "reset" if want is None else f"lock at {want} MHz"
+                    log.error("cannot %s the SM clock of %s: %s", what, uuid, exc)
+                    self._audit("sm_clock.failed", uuid, {"max_mhz": want, "error": str(exc)}, now)
+                continue
+            self._first(f"clock:{uuid}", None)
+            if first_touch:
+                self._after_first_change(uuid, before)
+            previous = self._locks.pop(uuid, None)
+            if want is not None:
+                self._locks[uuid] = want
+            self.state.actuations += 1
+            if want is not None and target is not None:
+                reason = target.reason
+            elif target is not None and target.sm_clock_max_mhz is not None:
+                reason = "lease expired: clock lock released"
+            else:
+                reason = "the target holds no clock lock"
+            self._audit(
+                "sm_clock.lock" if want is not None else "sm_clock.reset",
+                uuid,
+                {"max_mhz": want, "previous_mhz": previous, "reason": reason},
+                now,
+            )
+
+    def _before_first_change(self, uuid: str, before: float | None) -> bool:
+        """Whether the change about to be made is this run's first to the GPU; if so, its
+        limit goes to the originals file first (a crash after the change must still be
+        able to put it back)."""
+        first = self.backend.original_settings(uuid) is None
+        if first and uuid not in self._persisted_originals and before is not None:
+            self._keep_original(uuid, before)
+        return first
+
+    def _after_first_change(self, uuid: str, before: float | None) -> None:
+        """The first change went through: the original limit goes to the store as well,
+        where `explain` and a new host can see it. Where this tick's sample of the GPU
+        failed, the limit was not known before the change; the backend read it on its way
+        in, and it is recorded now."""
+        if before is None:
+            kept = self.backend.original_settings(uuid)
+            before = kept.power_limit_w if kept is not None else None
+            if before is not None and uuid not in self._persisted_originals:
+                self._keep_original(uuid, before)
+        if before is not None and uuid not in self._outbox_originals:
+            self._persisted_originals.setdefault(uuid, before)
+            self._outbox_originals[uuid] = self._persisted_originals[uuid]
 
     # -- the spool on disk --------------------------------------------------------------
     def _unwritten(self) -> list[NodeTick]:
@@ -1011,6 +1104,28 @@ class Agent:
         the audit entries: never a GPU left capped. What a crashed earlier run changed is
         restored from the original limits it persisted.
         """
+        self.record_stop(self.restore_gpus(now), SHUTDOWN_STORE_S)
+
+    def record_stop(self, record: Callable[[], None] | None, within_s: float) -> None:
+        """Tell the store what ``restore_gpus`` did, waiting at most ``within_s``: the
+        GPUs are restored, and a store that does not answer must not hold the exit."""
+        if record is None:
+            return
+        try:
+            call_within(record, within_s, f"shutdown-{self.node}")
+        except (StoreError, Hung) as exc:
+            log.error(
+                "restored %d GPU(s) of %s but could not record it: %s",
+                self._restored,
+                self.node,
+                exc,
+            )
+
+    def restore_gpus(self, now: float) -> Callable[[], None] | None:
+        """The first half of ``shutdown``, with no store call: the GPUs restored and the
+        unwritten ticks on disk. Returns the second half, the store records, so a
+        process with several agents restores all of their GPUs before it waits on a
+        store for any of them."""
         if self._drain_pool is not None:
             self._drain_pool.shutdown(wait=False, cancel_futures=True)
         if self._io_job is not None and self._io_job[1].done():
@@ -1020,7 +1135,7 @@ class Agent:
             # On disk first: whatever the store does below, the next start has them.
             self._spool_write(pending, append=False)
         if not self.restore_on_exit:
-            return
+            return None
         restored: dict[str, float | None] = {}
         for uuid, info in self.infos.items():
             original = self.backend.original_settings(uuid)
@@ -1039,9 +1154,11 @@ class Agent:
                     restored[uuid] = persisted
             except GpuError as exc:
                 (log.debug if self._asleep else log.error)("cannot restore %s: %s", uuid, exc)
+        self._locks.clear()
         for uuid, watts in restored.items():
             self._audit("gpu.restore", uuid, {"power_limit_w": watts}, now)
         self._forget_originals(restored)
+        self._restored = len(restored)
         last = list(self._sample_gpus().values()) if restored and self.gpu_ids else []
         # Stamped after the tick's own sample even where the clock has not moved (a
         # simulated stop): the store keeps one sample per GPU and time, the first.
@@ -1066,8 +1183,4 @@ class Agent:
             if self.gpu_ids:
                 self.store.release_node(self.node, self.agent_id)
 
-        try:
-            # The GPUs are restored; a store that does not answer must not hold the exit.
-            call_within(record, SHUTDOWN_STORE_S, f"shutdown-{self.node}")
-        except (StoreError, Hung) as exc:
-            log.error("restored %d GPU(s) but could not record it: %s", len(restored), exc)
+        return record

@@ -171,6 +171,11 @@ class ControllerConfig(_Section):
     more GPUs run at full speed under a budget, and the emergency check (every agent
     interval) is the backstop for a surge, so a budget may be passed for about two
     seconds. Off: limits count in full and nothing passes a budget."""
+    clock_locks: bool = True
+    """Where a node's latency SLO is known, lock each GPU's SM clock at the clock its
+    binding cap held at peak load, so the lulls between peaks do not boost the clock
+    (docs/policy.md). The power limit stays and keeps the budget. Needs root or
+    CAP_SYS_ADMIN on the agent, as power limits do."""
     drain_nodes: bool = False
     """Let the controller drain nodes a budget cannot serve (docs/policy.md); each
     node's agent needs agent.drain_command for a drain to take work off it."""

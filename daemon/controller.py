@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from wattkeeper.policies.clocks import ClockInput, ClockLocks
 from wattkeeper.policies.drain import DrainNode, DrainSettings, decide
 from wattkeeper.policies.plan import (
     Domain,
@@ -136,6 +137,7 @@ class Controller:
         routes: Routes | None = None,
         routers: Sequence[RouteActuator] = (),
         leadership: Leadership | None = None,
+        clocks: ClockLocks | None = None,
     ) -> None:
         self.store = store
         self.forget_after_s = forget_after_s
@@ -156,6 +158,9 @@ class Controller:
         """Routing weights and in-flight limits; None: the controller publishes none
         (they need the latency SLO)."""
         self.routers = list(routers)
+        self.clocks = clocks
+        """Clock locks that follow the binding caps; None: power limits only (they need
+        the latency ceilings)."""
         self.leadership = leadership
         """With it, the controller plans only while it holds the leader lease (several
         may run on one store); without it, it always plans (one process on a store)."""
@@ -294,7 +299,7 @@ class Controller:
             settings = replace(settings, non_gpu_w_per_gpu_w=self.state.coupling)
         result = plan(nodes, gpus, snap.budget_w, settings, domains)
         self.state.last_plan = result
-        specs = [TargetSpec(t.uuid, t.power_limit_w, reason=t.reason) for t in result.targets]
+        specs = self._with_clocks(snap, gpus, result, periodic)
         self.state.targets_changed += self.store.write_targets(
             specs, now, self.lease_s, epoch=self.state.epoch
         )
@@ -514,6 +519,49 @@ class Controller:
                 for g in members
             )
         return out
+
+    def _with_clocks(
+        self, snap: Snapshot, gpus: list[PlanGpu], result: Plan, periodic: bool
+    ) -> list[TargetSpec]:
+        """The plan's targets with their clock locks, moved one step each period (the
+        emergency re-plan keeps them: a lower cap binds, and the next period follows)."""
+        if self.clocks is None:
+            return [TargetSpec(t.uuid, t.power_limit_w, reason=t.reason) for t in result.targets]
+        why: dict[str, str] = {}
+        if periodic:
+            views = {g.uuid: g for g in snap.gpus}
+            planned = {g.uuid: g for g in gpus}
+            inputs = []
+            for t in result.targets:
+                g, v = planned.get(t.uuid), views.get(t.uuid)
+                if g is None or v is None:
+                    continue
+                inputs.append(
+                    ClockInput(
+                        t.uuid,
+                        g.min_w,
+                        g.max_w,
+                        t.power_limit_w,
+                        g.limit_w,
+                        v.sm_clock_mhz,
+                        g.power_capped,
+                        self.settings.is_fresh(g.sample_age_s),
+                        g.ceiling_w is not None,
+                        g.ceiling_w is not None and t.power_limit_w >= g.ceiling_w - 1.0,
+                    )
+                )
+            why = self.clocks.update(inputs)
+        locks = self.clocks.current()
+        specs = []
+        for t in result.targets:
+            lock = locks.get(t.uuid)
+            reason = t.reason
+            if t.uuid in why:
+                reason = f"{reason}; {why[t.uuid]}"
+            elif lock is not None:
+                reason = f"{reason}; SM clock locked at {lock} MHz"
+            specs.append(TargetSpec(t.uuid, t.power_limit_w, sm_clock_max_mhz=lock, reason=reason))
+        return specs
 
     def _route(self, snap: Snapshot, gpus: list[PlanGpu], result: Plan, now: float) -> None:
         """New weights and in-flight limits from this period's latency and plan, stored

@@ -23,6 +23,7 @@ from wattkeeper.collectors.drain import CommandDrain, DrainActuator
 from wattkeeper.config import Config
 from wattkeeper.controller import Controller, Leadership, RouteActuator
 from wattkeeper.paths import node_state_file
+from wattkeeper.policies.clocks import ClockLocks
 from wattkeeper.policies.drain import DrainSettings
 from wattkeeper.policies.plan import Domain, PlanSettings
 from wattkeeper.policies.route import Routes, RouteSettings
@@ -147,13 +148,22 @@ class Runtime:
         restore or the exit."""
         with self.lock:
             now = self.clock.now()
+            records = []
             for agent in self.agents:
                 try:
-                    agent.shutdown(now)
+                    records.append((agent, agent.restore_gpus(now)))
                 except Exception:
                     log.exception("agent %s: shutdown failed", agent.node)
                 finally:
                     agent.backend.close()
+            # One wait for all of them: a frozen store must not hold a process of many
+            # agents past systemd's stop timeout (what is not recorded is on disk).
+            deadline = time.monotonic() + SHUTDOWN_STORE_S
+            for agent, record in records:
+                try:
+                    agent.record_stop(record, max(0.1, deadline - time.monotonic()))
+                except Exception:
+                    log.exception("agent %s: recording its stop failed", agent.node)
         controller = self.controller
         if controller is not None:
             calls = self.controller_calls
@@ -417,6 +427,7 @@ def make_controller(
         reaction_s=cfg.controller.interval_s + cfg.agent.interval_s,
         domains=config_domains(cfg),
         routes=None if ceilings is None else Routes(route_settings(cfg)),
+        clocks=ClockLocks() if ceilings is not None and cfg.controller.clock_locks else None,
         routers=[*routers, *(config_routers(cfg) if configured_routers else [])],
         leadership=Leadership(
             cfg.controller.name,

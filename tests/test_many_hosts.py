@@ -201,7 +201,7 @@ def test_daemons_stop_and_restore_while_the_database_is_frozen(
                 pytest.fail(f"{p.args[3]} did not exit while the database was frozen")
         log = (tmp_path / "agent.log").read_text()
         assert agent.returncode == 0 and ctl.returncode == 0, log
-        assert "restored 2 GPU(s) but could not record it" in log, log
+        assert "restored 2 GPU(s) of frozen-a but could not record it" in log, log
     finally:
         pg_server.thaw()
 

@@ -287,6 +287,10 @@ def _explain(
                 "power_limit_w": g.power_limit_w,
                 "range_w": [g.power_min_w, g.power_max_w],
                 "target_power_limit_w": g.target_power_limit_w,
+                "sm_clock_mhz": g.sm_clock_mhz,
+                "target_sm_clock_max_mhz": targets[g.uuid].sm_clock_max_mhz
+                if g.uuid in targets
+                else None,
                 "reason": targets[g.uuid].reason if g.uuid in targets else None,
             }
             for g in gpus
@@ -337,10 +341,13 @@ def _explain(
             f"learned (kept {age:.0f} s ago): {'; '.join(parts) or 'nothing for this node yet'}"
         )
     for g in data["gpus"]:
+        clock = "" if g["sm_clock_mhz"] is None else f", SM clock {g['sm_clock_mhz']:.0f} MHz"
+        if g["target_sm_clock_max_mhz"] is not None:
+            clock += f" (locked at or below {g['target_sm_clock_max_mhz']} MHz)"
         typer.echo(
             f"  GPU {g['index']} {g['uuid']}: draws {format_power(g['power_w'])}, limit "
             f"{format_power(g['power_limit_w'])}, target {format_power(g['target_power_limit_w'])}"
-            f" - {g['reason'] or 'no target'}"
+            f"{clock} - {g['reason'] or 'no target'}"
         )
     for e in data["audit"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"]))

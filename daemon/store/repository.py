@@ -147,6 +147,8 @@ class LeasedTarget:
     reason: str | None
     epoch: int | None
     issued_at: float
+    sm_clock_max_mhz: int | None = None
+    """The highest SM clock the GPU may run at (None: no clock lock)."""
 
 
 @dataclass(frozen=True)
@@ -909,6 +911,7 @@ class Store:
                     Target.reason,
                     Target.epoch,
                     Target.issued_at,
+                    Target.sm_clock_max_mhz,
                 )
                 .select_from(Node)
                 .outerjoin(Gpu, Gpu.node_id == Node.id)
@@ -924,8 +927,8 @@ class Store:
                 " this one stops reading its targets"
             )
         targets = {
-            uuid: LeasedTarget(limit, lease, reason, epoch, issued)
-            for _, _, uuid, limit, lease, reason, epoch, issued in rows
+            uuid: LeasedTarget(limit, lease, reason, epoch, issued, clock)
+            for _, _, uuid, limit, lease, reason, epoch, issued, clock in rows
             if uuid is not None and lease is not None
         }
         return targets, bool(rows[0][1])

@@ -1,0 +1,128 @@
+"""Clock locks that follow the caps: the clock a binding power cap holds at peak load,
+kept through the lulls.
+
+A power cap lowers the SM clock only while the GPU would draw more than the cap, that
+is at peak load. In the lulls of a bursty load the cap does not bind, the clock boosts
+back to its maximum and the joules per token rise with it, though decode, bound by
+memory, hardly runs faster for it. Locking the clock at the one the cap chose at peak
+draws the same power at peak and less in between (``nvidia-smi -lgc``, the lever the
+published decode studies use).
+
+Per GPU, at each control period:
+
+- where the planned cap is the latency ceiling and binds (the GPU reports a power-cap
+  throttle and the limit in force is the planned one), lock at the clock it runs at,
+  when that is 2% or more below the lock held: the lock only ever follows the cap down.
+  A cap set
+  by a budget's share locks nothing: shares move every period with the other GPUs'
+  draw, and a lock found under one would hold the GPU below the next, larger one;
+- where the planned cap rose above the one the lock was found under (the latency
+  ceiling stepped up, or the budget gave the GPU more), release the lock: its servers,
+  or its share, want more than the lock gives, and the cap alone decides until it binds
+  again;
+- a GPU without a latency ceiling (no SLO, or no token source on its node) gets no
+  lock: nothing would tell the policy what a lock costs in latency.
+
+The power limit stays in place under the lock: it, not the clock, keeps the budget. It
+is a feedback rule with no model of the GPU, so a prior that is off changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ClockInput:
+    """One GPU at this period: its plan and its newest sample."""
+
+    uuid: str
+    min_w: float
+    max_w: float
+    target_w: float
+    """The limit planned for it this period."""
+    limit_w: float | None
+    """The limit in force when it was sampled."""
+    sm_clock_mhz: float | None
+    power_capped: bool
+    fresh: bool
+    has_ceiling: bool
+    ceiling_binds: bool = True
+    """The planned limit is the GPU's latency ceiling, not a budget's share."""
+
+
+@dataclass(frozen=True)
+class ClockSettings:
+    release_ratio: float = 0.02
+    """A planned cap this share of the GPU's power range above the one the lock was
+    found under releases the lock (smaller moves are the plan's noise)."""
+    in_force_w: float = 1.0
+    """The limit in force is the planned one when within this."""
+    lower_ratio: float = 0.02
+    """A lock moves down only to a clock this share below it: a cap that binds holds
+    the clock where it must in any case, and a lock that chased every few megahertz of
+    it would be a new target, an actuation and an audit row every period."""
+
+
+@dataclass
+class Lock:
+    mhz: int
+    found_under_w: float
+    """The planned cap that held the GPU at ``mhz``."""
+
+
+@dataclass
+class ClockLocks:
+    settings: ClockSettings = field(default_factory=ClockSettings)
+    locks: dict[str, Lock] = field(default_factory=dict)
+
+    def update(self, gpus: list[ClockInput]) -> dict[str, str]:
+        """Move the locks one period; returns, per GPU whose lock changed, why."""
+        why: dict[str, str] = {}
+        seen = set()
+        for g in gpus:
+            seen.add(g.uuid)
+            held = self.locks.get(g.uuid)
+            if not g.has_ceiling:
+                if held is not None:
+                    del self.locks[g.uuid]
+                    why[g.uuid] = "no latency reading: clock lock released"
+                continue
+            rise = self.settings.release_ratio * (g.max_w - g.min_w)
+            if held is not None and g.target_w > held.found_under_w + rise:
+                del self.locks[g.uuid]
+                why[g.uuid] = (
+                    f"cap raised to {g.target_w:.0f} W from the {held.found_under_w:.0f} W "
+                    f"the {held.mhz} MHz lock was found under: lock released"
+                )
+                continue
+            if not self._binding(g):
+                continue
+            assert g.sm_clock_mhz is not None
+            mhz = math.floor(g.sm_clock_mhz)
+            if held is None or mhz < held.mhz * (1 - self.settings.lower_ratio):
+                self.locks[g.uuid] = Lock(mhz, g.target_w)
+                why[g.uuid] = (
+                    f"its {g.target_w:.0f} W cap holds it at {mhz} MHz at peak load: "
+                    "clock locked there so the lulls do not boost"
+                )
+            elif g.target_w < held.found_under_w:
+                held.found_under_w = g.target_w
+        for gone in set(self.locks) - seen:
+            del self.locks[gone]
+        return why
+
+    def _binding(self, g: ClockInput) -> bool:
+        return (
+            g.fresh
+            and g.ceiling_binds
+            and g.power_capped
+            and g.sm_clock_mhz is not None
+            and g.sm_clock_mhz > 0
+            and g.limit_w is not None
+            and abs(g.limit_w - g.target_w) <= self.settings.in_force_w
+        )
+
+    def current(self) -> dict[str, int]:
+        return {uuid: lock.mhz for uuid, lock in self.locks.items()}

@@ -1,0 +1,242 @@
+"""Clock locks that follow the binding caps (policies/clocks.py), and the agent that
+applies them to the GPUs."""
+
+from __future__ import annotations
+
+import pytest
+
+from wattkeeper.policies.clocks import ClockInput, ClockLocks
+
+
+def gpu(
+    target: float = 400.0,
+    clock: float | None = 1400.0,
+    capped: bool = True,
+    limit: float | None = None,
+    fresh: bool = True,
+    ceiling: bool = True,
+    uuid: str = "GPU-0",
+    binds: bool = True,
+) -> ClockInput:
+    in_force = target if limit is None else limit
+    return ClockInput(
+        uuid, 200.0, 700.0, target, in_force, clock, capped, fresh, ceiling, ceiling and binds
+    )
+
+
+def test_a_binding_cap_locks_the_clock_it_holds_and_the_lock_only_follows_it_down():
+    locks = ClockLocks()
+    assert "locked there" in locks.update([gpu(clock=1412.6)])["GPU-0"]
+    assert locks.current() == {"GPU-0": 1412}
+    # A lull: the cap no longer binds and the clock would boost; the lock holds.
+    assert locks.update([gpu(clock=1412.0, capped=False)]) == {}
+    assert locks.current() == {"GPU-0": 1412}
+    # A larger burst under the same cap needs a lower clock: the lock follows, though
+    # not by a few megahertz (the cap holds those anyway).
+    assert locks.update([gpu(clock=1400.0)]) == {}
+    assert locks.current() == {"GPU-0": 1412}
+    locks.update([gpu(clock=1300.0)])
+    assert locks.current() == {"GPU-0": 1300}
+    # Capped again at a higher clock than the lock (less load): nothing moves up.
+    locks.update([gpu(clock=1350.0)])
+    assert locks.current() == {"GPU-0": 1300}
+
+
+def test_a_cap_raised_past_the_one_the_lock_was_found_under_releases_it():
+    locks = ClockLocks()
+    locks.update([gpu(target=400.0, clock=1400.0)])
+    # Noise in the plan (under 2% of the 500 W range) keeps the lock...
+    locks.update([gpu(target=409.0, clock=1400.0, capped=False)])
+    assert locks.current() == {"GPU-0": 1400}
+    # ...a step up of the latency ceiling, or more budget, releases it.
+    why = locks.update([gpu(target=460.0, clock=1400.0, capped=False)])
+    assert "released" in why["GPU-0"] and locks.current() == {}
+    # and the cap, binding again at its new level, finds the next one.
+    locks.update([gpu(target=460.0, clock=1500.0)])
+    assert locks.current() == {"GPU-0": 1500}
+
+
+def test_a_lock_is_found_under_the_lowest_cap_that_bound_at_its_clock():
+    locks = ClockLocks()
+    locks.update([gpu(target=400.0, clock=1400.0)])
+    # The budget tightens to 350 W without the cap binding: back at 395 W, the lock is
+    # still within what it was found under.
+    locks.update([gpu(target=350.0, clock=1400.0, capped=False)])
+    locks.update([gpu(target=395.0, clock=1400.0, capped=False)])
+    assert locks.current() == {"GPU-0": 1400}
+    # At 350 W the cap binds right at the locked clock: found under 350 W from then on,
+    # and 395 W gives the GPU more than the lock lets it use.
+    locks.update([gpu(target=350.0, clock=1400.0)])
+    assert locks.current() == {"GPU-0": 1400}
+    assert "released" in locks.update([gpu(target=395.0, capped=False)])["GPU-0"]
+
+
+@pytest.mark.parametrize(
+    "reading",
+    [
+        {"capped": False},
+        {"fresh": False},
+        {"clock": None},
+        {"clock": 0.0},
+        {"limit": 500.0},  # the limit in force is not (yet) the planned one
+        {"ceiling": False},  # no latency reading to judge a lock by
+        {"binds": False},  # the cap is a budget's share, which moves every period
+    ],
+)
+def test_no_lock_without_a_cap_that_binds_now_and_a_latency_to_judge_it(reading):
+    locks = ClockLocks()
+    assert locks.update([gpu(**reading)]) == {}
+    assert locks.current() == {}
+
+
+def test_a_node_that_loses_its_latency_reading_or_its_gpus_loses_its_locks():
+    locks = ClockLocks()
+    locks.update([gpu(uuid="GPU-0"), gpu(uuid="GPU-1")])
+    assert set(locks.current()) == {"GPU-0", "GPU-1"}
+    why = locks.update([gpu(uuid="GPU-0", ceiling=False)])
+    assert "released" in why["GPU-0"] and locks.current() == {}
+
+
+@pytest.fixture
+def rt(sqlite_url):
+    from wattkeeper.clock import SimClock
+    from wattkeeper.config import load_config
+    from wattkeeper.runtime import build_simulated, open_store
+    from wattkeeper.simulator.facility import FacilitySpec
+    from wattkeeper.store.db import make_engine, upgrade
+
+    upgrade(make_engine(sqlite_url))
+    cfg = load_config(None, environ={})
+    runtime = build_simulated(cfg, open_store(cfg, sqlite_url), FacilitySpec(1, 2), SimClock(1e4))
+    yield runtime
+    runtime.store.engine.dispose()
+
+
+def _agents_only(rt, seconds: int) -> None:
+    for _ in range(seconds):
+        rt.clock.set(rt.clock.now() + 1)
+        rt.facility.advance_to(rt.clock.now())
+        rt.tick_agents()
+
+
+def _audited(rt, action: str) -> list:
+    return [a for a in rt.store.audit_log(200) if a.action == action]
+
+
+def test_the_agent_applies_a_clock_lock_once_and_releases_it_with_its_lease(rt):
+    """A target's clock goes on as a lock from the lowest supported clock to the highest
+    supported one at or below it (an idle GPU still clocks down); it is set once, not
+    every tick; an expired lease releases it along with the fallback cap, and a clean
+    stop puts the GPUs back as they were."""
+    from wattkeeper.store.repository import TargetSpec
+
+    f = rt.facility
+    _agents_only(rt, 1)
+    uuids = list(rt.agents[0].infos)
+    now = rt.clock.now()
+    rt.store.write_targets(
+        [TargetSpec(uuids[0], 500.0, sm_clock_max_mhz=1207, reason="test lock")], now, 30.0
+    )
+    _agents_only(rt, 3)
+    assert (f.clock_lock_min[0], f.clock_lock[0]) == (345, 1200)  # H100: 1980 - 52 x 15
+    assert f.limit_requested[0] == 500.0 and f.clock_mhz[0] <= 1200
+    assert [a.detail["max_mhz"] for a in _audited(rt, "sm_clock.lock")] == [1200]
+    assert str(f.clock_lock[1]) == "nan", "no clock in its target: no lock"
+    # The controller is gone: the lease runs out, the lock goes with it.
+    _agents_only(rt, 30)
+    assert str(f.clock_lock[0]) == "nan" and f.limit_requested[0] == pytest.approx(420.0)
+    released = _audited(rt, "sm_clock.reset")
+    assert [(a.detail["max_mhz"], a.detail["previous_mhz"]) for a in released] == [(None, 1200)]
+    assert "lease expired" in released[0].detail["reason"]
+    # A new lock, then a clean stop: everything as it was before the first change.
+    now = rt.clock.now()
+    rt.store.write_targets([TargetSpec(uuids[0], 600.0, sm_clock_max_mhz=1500)], now, 30.0)
+    _agents_only(rt, 1)
+    assert f.clock_lock[0] == 1500
+    rt.shutdown()
+    assert str(f.clock_lock[0]) == "nan" and f.limit_requested[0] == 700.0
+
+
+def test_a_lock_the_gpu_refuses_is_said_once_and_the_cap_still_holds(
+    sqlite_url, monkeypatch, caplog
+):
+    """Locking clocks needs root or CAP_SYS_ADMIN: without it the power limit, which
+    keeps the budget, still goes on, and the refusal is logged and audited once."""
+    import pynvml
+    from nvml_fake import install_fake_pynvml
+
+    from wattkeeper.agent import Agent
+    from wattkeeper.collectors.nvml import NvmlBackend
+    from wattkeeper.store.db import make_engine, upgrade
+    from wattkeeper.store.repository import Store, TargetSpec
+
+    _fake, state = install_fake_pynvml(monkeypatch, n_gpus=1)
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    store = Store(engine)
+    agent = Agent("n1", NvmlBackend(clock=lambda: 1000.0), store)
+    agent.tick(1000.0)
+    uuid = state.gpus[0].uuid
+    store.write_targets([TargetSpec(uuid, 450.0, sm_clock_max_mhz=1400)], 1000.0, 60.0)
+    state.gpus[0].fail("nvmlDeviceSetGpuLockedClocks", pynvml.NVML_ERROR_NO_PERMISSION)
+    for t in range(1001, 1005):
+        agent.tick(float(t))
+    assert state.gpus[0].limit_mw == 450_000 and state.gpus[0].locked_clocks_mhz is None
+    assert sum("cannot lock at 1395 MHz" in r.message for r in caplog.records) == 1
+    failed = [a for a in store.audit_log(50) if a.action == "sm_clock.failed"]
+    assert len(failed) == 1 and "CAP_SYS_ADMIN" in failed[0].detail["error"]
+    state.gpus[0].heal("nvmlDeviceSetGpuLockedClocks")  # given the capability: it goes on
+    agent.tick(1005.0)
+    assert state.gpus[0].locked_clocks_mhz == (345, 1395)
+    agent.shutdown(1006.0)
+    assert state.gpus[0].locked_clocks_mhz is None and state.gpus[0].limit_mw == 700_000
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_run_with_an_slo_locks_the_clocks_its_caps_hold(sqlite_url, enabled):
+    """The whole loop on the simulated clock: the latency ceilings walk the caps down
+    until they bind, the controller writes the clock those caps hold as a lock with
+    its reason, and the agents put it on the GPUs. controller.clock_locks = false keeps
+    to power limits."""
+    from sqlalchemy import select
+
+    from wattkeeper.clock import SimClock
+    from wattkeeper.config import load_config
+    from wattkeeper.runtime import build_simulated, open_store, run_fast
+    from wattkeeper.simulator.facility import FacilitySpec
+    from wattkeeper.store.db import make_engine, upgrade
+    from wattkeeper.store.models import Gpu, Target
+
+    env = {
+        "WATTKEEPER_SLO__TTFT_S": "2",
+        "WATTKEEPER_SLO__TPOT_S": "0.06",
+        "WATTKEEPER_CONTROLLER__CLOCK_LOCKS": str(enabled).lower(),
+    }
+    cfg = load_config(None, environ=env)
+    upgrade(make_engine(sqlite_url))
+    rt = build_simulated(cfg, open_store(cfg, sqlite_url), FacilitySpec(1, 2), SimClock(5e5))
+    run_fast(rt, 300.0)
+    with rt.store.engine.connect() as conn:
+        stored = dict(conn.execute(select(Gpu.index, Target.sm_clock_max_mhz).join(Target)).all())
+    f = rt.facility
+    applied = {i: f.clock_lock[i] for i in range(2) if str(f.clock_lock[i]) != "nan"}
+    if not enabled:
+        assert stored == {0: None, 1: None} and applied == {}
+        return
+    assert set(applied) == {0, 1}, stored
+    for i, mhz in applied.items():
+        assert stored[i] - 15 < mhz <= stored[i] and f.limit_requested[i] < 700.0
+    reasons = [a.detail.get("reason", "") for a in _audited(rt, "target.set")]
+    assert any("clock locked there" in r for r in reasons)
+    # and `explain` shows them beside the clock the GPU runs at
+    import json
+
+    from typer.testing import CliRunner
+
+    from wattkeeper.cli import app
+
+    cli = ["explain", "node", rt.agents[0].node, "--db", sqlite_url]
+    shown = json.loads(CliRunner().invoke(app, [*cli, "-o", "json"]).stdout)["gpus"]
+    assert {g["index"]: g["target_sm_clock_max_mhz"] for g in shown} == stored
+    assert all(g["sm_clock_mhz"] <= g["target_sm_clock_max_mhz"] for g in shown)
+    assert f"locked at or below {stored[0]} MHz" in CliRunner().invoke(app, cli).stdout

@@ -317,7 +317,14 @@ class Agent:
         self._locks: dict[str, int] = {}
         """The SM clock lock (its top, MHz) this run set on each GPU."""
         self._pending_audit: list[tuple[str, str, dict, float]] = []
-        self._persisted_originals: dict[str, float | None] = dict(self._read_originals())
+        originals, left_locked = self._read_originals()
+        self._persisted_originals: dict[str, float | None] = dict(originals)
+        self._locked_on_disk: set[str] = left_locked
+        """GPUs whose clocks a run of this agent locked, on disk before the lock: NVML
+        cannot read a lock back, so after a crash this is how the next run knows."""
+        # A lock an earlier run left, of unknown height (0): the first reconcile resets
+        # it or sets the one the target asks for.
+        self._locks.update(dict.fromkeys(left_locked, 0))
         self._load_spool()
 
     def _usable(self, info: GpuInfo) -> GpuInfo:
@@ -929,6 +936,9 @@ class Agent:
                 continue
             before = samples[uuid].power_limit_requested_w if uuid in samples else None
             first_touch = self._before_first_change(uuid, before)
+            if want is not None and uuid not in self._locked_on_disk:
+                self._locked_on_disk.add(uuid)
+                self._write_originals()
             supported = info.supported_sm_clocks_mhz
             try:
                 if want is None:
@@ -950,6 +960,9 @@ class Agent:
             previous = self._locks.pop(uuid, None)
             if want is not None:
                 self._locks[uuid] = want
+            elif uuid in self._locked_on_disk:
+                self._locked_on_disk.discard(uuid)
+                self._write_originals()
             self.state.actuations += 1
             if want is not None and target is not None:
                 reason = target.reason
@@ -1053,17 +1066,19 @@ class Agent:
             f" ({bad} unreadable line(s) skipped)" if bad else "",
         )
 
-    def _read_originals(self) -> dict[str, float]:
-        """What an earlier run of this agent recorded before changing each GPU."""
+    def _read_originals(self) -> tuple[dict[str, float], set[str]]:
+        """What an earlier run of this agent recorded before changing each GPU: its
+        limit, and whether it locked its clocks."""
         path = self.originals_path
         if path is None or not path.exists():
-            return {}
+            return {}, set()
         try:
             data = json.loads(path.read_text())
-            return {str(u): float(w) for u, w in data["power_limit_w"].items()}
+            limits = {str(u): float(w) for u, w in data["power_limit_w"].items()}
+            return limits, {str(u) for u in data.get("sm_clock_locked", [])}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.error("%s: unreadable (%s): original limits from the store only", path, exc)
-            return {}
+            return {}, set()
 
     def _keep_original(self, uuid: str, watts: float) -> None:
         """Record a GPU's limit before its first change, on disk before the change."""
@@ -1078,10 +1093,16 @@ class Agent:
             return
         known = {u: w for u, w in self._persisted_originals.items() if w is not None}
         try:
-            if not known:
+            if not known and not self._locked_on_disk:
                 path.unlink(missing_ok=True)
                 return
-            text = json.dumps({"node": self.node, "power_limit_w": known})
+            text = json.dumps(
+                {
+                    "node": self.node,
+                    "power_limit_w": known,
+                    "sm_clock_locked": sorted(self._locked_on_disk),
+                }
+            )
             replace_file(path, text, mode=0o600, dir_mode=0o700)
             self._first("originals-file", None)
         except OSError as exc:
@@ -1089,13 +1110,6 @@ class Agent:
             if self._first("originals-file", str(exc)):
                 log.error("cannot record original limits in %s: %s", path, exc)
 
-    def _forget_originals(self, restored: dict[str, float | None]) -> None:
-        """Restored GPUs have nothing left to put back."""
-        if not restored:
-            return
-        for uuid in restored:
-            self._persisted_originals.pop(uuid, None)
-        self._write_originals()
 
     def shutdown(self, now: float) -> None:
         """On a clean stop, put back what each GPU had before wattkeeper touched it.
@@ -1145,6 +1159,9 @@ class Agent:
                     self.backend.restore(uuid)  # also undoes clock locks this run made
                     if persisted is None:
                         restored[uuid] = original.power_limit_w
+                elif uuid in self._locked_on_disk:
+                    self.backend.reset_sm_clocks(uuid)  # an earlier run's, never reconciled
+                self._locked_on_disk.discard(uuid)
                 if persisted is not None:
                     # What the GPU had before the first run that capped it, which may
                     # have crashed: this run's "original" would be that run's cap. Only
@@ -1157,7 +1174,9 @@ class Agent:
         self._locks.clear()
         for uuid, watts in restored.items():
             self._audit("gpu.restore", uuid, {"power_limit_w": watts}, now)
-        self._forget_originals(restored)
+        for uuid in restored:  # nothing left to put back
+            self._persisted_originals.pop(uuid, None)
+        self._write_originals()
         self._restored = len(restored)
         last = list(self._sample_gpus().values()) if restored and self.gpu_ids else []
         # Stamped after the tick's own sample even where the clock has not moved (a

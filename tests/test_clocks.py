@@ -240,3 +240,39 @@ def test_a_run_with_an_slo_locks_the_clocks_its_caps_hold(sqlite_url, enabled):
     assert {g["index"]: g["target_sm_clock_max_mhz"] for g in shown} == stored
     assert all(g["sm_clock_mhz"] <= g["target_sm_clock_max_mhz"] for g in shown)
     assert f"locked at or below {stored[0]} MHz" in CliRunner().invoke(app, cli).stdout
+
+
+def test_a_lock_left_by_a_crashed_agent_is_undone_by_the_next_run(rt, tmp_path):
+    """NVML cannot read a clock lock back, so the agent notes a lock in its originals
+    file before setting it. A run killed with GPUs locked leaves the note; the next run
+    resets the lock where its target holds none, and a clean stop leaves no note."""
+    import json
+
+    from wattkeeper.agent import Agent
+    from wattkeeper.collectors.sim_gpu import SimGpuBackend
+    from wattkeeper.store.repository import TargetSpec
+
+    f = rt.facility
+    first = rt.agents[0]
+    first.originals_path = tmp_path / "originals.json"
+    _agents_only(rt, 1)
+    uuid = next(iter(first.infos))
+    rt.store.write_targets([TargetSpec(uuid, 500.0, sm_clock_max_mhz=1300)], rt.clock.now(), 60)
+    _agents_only(rt, 1)
+    assert f.clock_lock[0] == 1290
+    assert json.loads(first.originals_path.read_text())["sm_clock_locked"] == [uuid]
+    # Killed: no shutdown. The controller drops the lock; a new process starts.
+    rt.store.write_targets([TargetSpec(uuid, 500.0)], rt.clock.now(), 60)
+    again = Agent(
+        first.node,
+        SimGpuBackend(f, 0, rt.clock.now),
+        rt.store,
+        originals_path=first.originals_path,
+        agent_id=first.agent_id,
+    )
+    rt.clock.set(rt.clock.now() + 1)
+    again.tick(rt.clock.now())
+    assert str(f.clock_lock[0]) == "nan"
+    assert json.loads(first.originals_path.read_text())["sm_clock_locked"] == []
+    again.shutdown(rt.clock.now())
+    assert f.limit_requested[0] == 700.0 and not first.originals_path.exists()

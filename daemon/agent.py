@@ -327,6 +327,11 @@ class Agent:
         self._locks.update(dict.fromkeys(left_locked, 0))
         self._load_spool()
 
+    @property
+    def clock_locks(self) -> dict[str, int]:
+        """The top of each SM clock lock this run set (MHz), for the exporter."""
+        return {uuid: mhz for uuid, mhz in self._locks.items() if mhz > 0}
+
     def _usable(self, info: GpuInfo) -> GpuInfo:
         """A GPU whose limit constraints cannot be read is pinned to its current limit:
         it still counts in the budget at that value, and nothing ever tries to change it."""
@@ -1109,7 +1114,6 @@ class Agent:
             # The cap still goes on: the budget matters more than the restore.
             if self._first("originals-file", str(exc)):
                 log.error("cannot record original limits in %s: %s", path, exc)
-
 
     def shutdown(self, now: float) -> None:
         """On a clean stop, put back what each GPU had before wattkeeper touched it.

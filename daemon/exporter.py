@@ -92,6 +92,7 @@ class _AgentView:
     errors: int
     spooled_ticks: int
     spool_dropped_ticks: int
+    clock_locks: dict[str, int]
 
 
 def _view(agent: Agent) -> _AgentView:
@@ -111,6 +112,7 @@ def _view(agent: Agent) -> _AgentView:
         errors=st.errors,
         spooled_ticks=st.spooled_ticks,
         spool_dropped_ticks=st.spool_dropped_ticks,
+        clock_locks=agent.clock_locks,
     )
 
 
@@ -212,6 +214,11 @@ class WattkeeperCollector(Collector):
                 GPU_LABELS,
             ),
             "sm": _gauge("wattkeeper_gpu_sm_clock_hertz", "SM clock.", GPU_LABELS),
+            "lock": _gauge(
+                "wattkeeper_gpu_sm_clock_lock_hertz",
+                "Top of the SM clock lock the agent set; no series while unlocked.",
+                GPU_LABELS,
+            ),
             "mem": _gauge("wattkeeper_gpu_memory_clock_hertz", "Memory clock.", GPU_LABELS),
             "util": _gauge(
                 "wattkeeper_gpu_utilization_ratio",
@@ -272,6 +279,8 @@ class WattkeeperCollector(Collector):
                 lmin.add_metric(labels, lim.min_w)
                 lmax.add_metric(labels, lim.max_w)
                 ldef.add_metric(labels, lim.default_w)
+                if uuid in v.clock_locks:
+                    fam["lock"].add_metric(labels, v.clock_locks[uuid] * MHZ)
                 s = v.samples.get(uuid)
                 last = self._remember((v.node, uuid), s.timestamp if s else None)
                 if last is not None:

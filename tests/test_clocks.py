@@ -220,6 +220,14 @@ def test_a_run_with_an_slo_locks_the_clocks_its_caps_hold(sqlite_url, enabled):
         stored = dict(conn.execute(select(Gpu.index, Target.sm_clock_max_mhz).join(Target)).all())
     f = rt.facility
     applied = {i: f.clock_lock[i] for i in range(2) if str(f.clock_lock[i]) != "nan"}
+    from wattkeeper.exporter import WattkeeperCollector
+
+    exported = {m.name: m for m in WattkeeperCollector(rt).collect()}
+    series = {
+        int(s.labels["gpu"]): s.value
+        for s in exported["wattkeeper_gpu_sm_clock_lock_hertz"].samples
+    }
+    assert series == {i: mhz * 1e6 for i, mhz in applied.items()}
     if not enabled:
         assert stored == {0: None, 1: None} and applied == {}
         return

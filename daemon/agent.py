@@ -215,16 +215,15 @@ def _tick_from_json(d: dict[str, Any]) -> NodeTick:
 
 def clock_at_or_below(info: GpuInfo, mhz: int | None) -> int | None:
     """The highest clock the GPU supports at or below ``mhz`` (its lowest, when ``mhz``
-    is below them all): a lock NVML accepts, never above what was asked."""
-    if mhz is None:
-        return None
+    is below them all): a lock NVML accepts, never above what was asked. None: no lock
+    (none asked, or a GPU that does not list its clocks)."""
     supported = info.supported_sm_clocks_mhz
-    if supported:
-        below = [c for c in supported if c <= mhz]
-        return max(below) if below else min(supported)
-    if info.max_sm_clock_mhz is not None:
-        return max(1, min(int(mhz), info.max_sm_clock_mhz))
-    return int(mhz)
+    if mhz is None or mhz <= 0 or not supported:
+        # Without the list there is no floor to lock from: a lock would pin the clock
+        # and an idle GPU could not clock down. Power limits alone, then.
+        return None
+    below = [c for c in supported if c <= mhz]
+    return max(below) if below else min(supported)
 
 
 class Agent:
@@ -825,6 +824,7 @@ class Agent:
                         requests_waiting=series.requests_waiting,
                         kv_cache_usage_ratio=series.kv_cache_usage_ratio,
                         **asdict(latency),
+                        series=",".join(f"{k}={v}" for k, v in key[2])[:255],
                     )
                 )
         return rows
@@ -935,6 +935,9 @@ class Agent:
             target = targets.get(uuid)
             end = self._lease_ends.get(uuid)
             want = None
+            lim = info.power_limits
+            if lim.min_w >= lim.max_w:
+                continue  # pinned (_usable): nothing ever changes it
             if target is not None and end is not None and end[1] >= mono:
                 want = clock_at_or_below(info, target.sm_clock_max_mhz)
             if want == self._locks.get(uuid):
@@ -1163,9 +1166,10 @@ class Agent:
                     self.backend.restore(uuid)  # also undoes clock locks this run made
                     if persisted is None:
                         restored[uuid] = original.power_limit_w
-                elif uuid in self._locked_on_disk:
-                    self.backend.reset_sm_clocks(uuid)  # an earlier run's, never reconciled
-                self._locked_on_disk.discard(uuid)
+                if uuid in self._locked_on_disk:
+                    # An earlier run's lock this run could not reset (or never touched).
+                    self.backend.reset_sm_clocks(uuid)
+                    self._locked_on_disk.discard(uuid)
                 if persisted is not None:
                     # What the GPU had before the first run that capped it, which may
                     # have crashed: this run's "original" would be that run's cap. Only

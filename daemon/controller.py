@@ -37,6 +37,12 @@ from wattkeeper.store.repository import (
 log = logging.getLogger(__name__)
 
 
+OTHER_SLOWDOWNS = frozenset(
+    ("hw_slowdown", "sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown")
+)
+"""Throttle reasons that lower the clock for something other than the power cap."""
+
+
 class RouteActuator(Protocol):
     """Something that makes the router obey the published routes: HAProxy's runtime API,
     a JSON file for other routers, the simulated facility's router."""
@@ -223,6 +229,10 @@ class Controller:
         epoch = self.state.epoch
         kept = self.store.recall(MEMORY_KEY)  # a StoreError leaves it to the next period
         self._recalled = (epoch,)
+        if self.clocks is not None:
+            # Locks are not kept: this epoch's targets start from its own plan, never from
+            # locks this process held when it last led, hours ago perhaps.
+            self.clocks.clear()
         if kept is None:
             return
         data, when = kept
@@ -548,6 +558,7 @@ class Controller:
                         self.settings.is_fresh(g.sample_age_s),
                         g.ceiling_w is not None,
                         g.ceiling_w is not None and t.power_limit_w >= g.ceiling_w - 1.0,
+                        bool(OTHER_SLOWDOWNS.intersection(v.throttle_reasons)),
                     )
                 )
             why = self.clocks.update(inputs)

@@ -11,8 +11,10 @@ published decode studies use).
 Per GPU, at each control period:
 
 - where the planned cap is the latency ceiling and binds (the GPU reports a power-cap
-  throttle and the limit in force is the planned one), lock at the clock it runs at,
-  when that is 2% or more below the lock held: the lock only ever follows the cap down.
+  throttle and no other slowdown, and the limit in force is the planned one) two
+  periods in a row, lock at the higher of the two clocks it ran at, when that is 2% or
+  more below the lock held: the lock only ever follows the cap down. A cap at the top
+  of the GPU's range locks nothing, since no rise could release it.
   A cap set
   by a budget's share locks nothing: shares move every period with the other GPUs'
   draw, and a lock found under one would hold the GPU below the next, larger one;
@@ -50,6 +52,9 @@ class ClockInput:
     has_ceiling: bool
     ceiling_binds: bool = True
     """The planned limit is the GPU's latency ceiling, not a budget's share."""
+    other_slowdown: bool = False
+    """A thermal, hardware or power-brake slowdown was active too: the clock it read
+    says nothing about the cap."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,10 @@ class Lock:
 class ClockLocks:
     settings: ClockSettings = field(default_factory=ClockSettings)
     locks: dict[str, Lock] = field(default_factory=dict)
+    seen_at: dict[str, int] = field(default_factory=dict)
+    """The clock a binding cap held a GPU at last period, below its lock (or with none):
+    a lock moves only on two periods in a row, to the higher of their clocks, so one
+    reading at the bottom of a burst's noise does not set it."""
 
     def update(self, gpus: list[ClockInput]) -> dict[str, str]:
         """Move the locks one period; returns, per GPU whose lock changed, why."""
@@ -97,27 +106,45 @@ class ClockLocks:
                     f"the {held.mhz} MHz lock was found under: lock released"
                 )
                 continue
-            if not self._binding(g):
+            if not self._binding(g) or g.target_w >= g.max_w - rise:
+                # At its top the cap cannot rise, so nothing could release a lock set
+                # there (and a GPU whose range is a point is not managed at all).
+                self.seen_at.pop(g.uuid, None)
                 continue
             assert g.sm_clock_mhz is not None
             mhz = math.floor(g.sm_clock_mhz)
-            if held is None or mhz < held.mhz * (1 - self.settings.lower_ratio):
+            if held is not None and mhz >= held.mhz * (1 - self.settings.lower_ratio):
+                self.seen_at.pop(g.uuid, None)
+                if g.target_w < held.found_under_w:
+                    held.found_under_w = g.target_w
+                continue
+            last = self.seen_at.pop(g.uuid, None)
+            if last is None:
+                self.seen_at[g.uuid] = mhz
+                continue
+            mhz = max(mhz, last)
+            if held is None or mhz < held.mhz:
                 self.locks[g.uuid] = Lock(mhz, g.target_w)
                 why[g.uuid] = (
                     f"its {g.target_w:.0f} W cap holds it at {mhz} MHz at peak load: "
                     "clock locked there so the lulls do not boost"
                 )
-            elif g.target_w < held.found_under_w:
-                held.found_under_w = g.target_w
         for gone in set(self.locks) - seen:
             del self.locks[gone]
+        for gone in set(self.seen_at) - seen:
+            del self.seen_at[gone]
         return why
+
+    def clear(self) -> None:
+        self.locks.clear()
+        self.seen_at.clear()
 
     def _binding(self, g: ClockInput) -> bool:
         return (
             g.fresh
             and g.ceiling_binds
             and g.power_capped
+            and not g.other_slowdown
             and g.sm_clock_mhz is not None
             and g.sm_clock_mhz > 0
             and g.limit_w is not None

@@ -17,34 +17,52 @@ def gpu(
     ceiling: bool = True,
     uuid: str = "GPU-0",
     binds: bool = True,
+    slowdown: bool = False,
 ) -> ClockInput:
     in_force = target if limit is None else limit
     return ClockInput(
-        uuid, 200.0, 700.0, target, in_force, clock, capped, fresh, ceiling, ceiling and binds
+        uuid,
+        200.0,
+        700.0,
+        target,
+        in_force,
+        clock,
+        capped,
+        fresh,
+        ceiling,
+        ceiling and binds,
+        slowdown,
     )
 
 
 def test_a_binding_cap_locks_the_clock_it_holds_and_the_lock_only_follows_it_down():
     locks = ClockLocks()
+    # Two periods in a row, at the higher of the two clocks: one reading is not enough.
+    assert locks.update([gpu(clock=1405.2)]) == {}
     assert "locked there" in locks.update([gpu(clock=1412.6)])["GPU-0"]
     assert locks.current() == {"GPU-0": 1412}
     # A lull: the cap no longer binds and the clock would boost; the lock holds.
     assert locks.update([gpu(clock=1412.0, capped=False)]) == {}
     assert locks.current() == {"GPU-0": 1412}
-    # A larger burst under the same cap needs a lower clock: the lock follows, though
-    # not by a few megahertz (the cap holds those anyway).
-    assert locks.update([gpu(clock=1400.0)]) == {}
+    # Within 2% of the lock: the cap holds those few megahertz anyway.
+    assert locks.update([gpu(clock=1400.0)]) == {} and locks.update([gpu(clock=1400.0)]) == {}
+    # One reading at the bottom of a burst does not move it; two in a row do.
+    locks.update([gpu(clock=1250.0)])
+    locks.update([gpu(clock=1400.0)])
     assert locks.current() == {"GPU-0": 1412}
+    locks.update([gpu(clock=1250.0)])
     locks.update([gpu(clock=1300.0)])
     assert locks.current() == {"GPU-0": 1300}
-    # Capped again at a higher clock than the lock (less load): nothing moves up.
-    locks.update([gpu(clock=1350.0)])
-    assert locks.current() == {"GPU-0": 1300}
+
+
+def lock(locks: ClockLocks, **reading) -> None:
+    locks.update([gpu(**reading)])
+    locks.update([gpu(**reading)])
 
 
 def test_a_cap_raised_past_the_one_the_lock_was_found_under_releases_it():
     locks = ClockLocks()
-    locks.update([gpu(target=400.0, clock=1400.0)])
+    lock(locks, target=400.0, clock=1400.0)
     # Noise in the plan (under 2% of the 500 W range) keeps the lock...
     locks.update([gpu(target=409.0, clock=1400.0, capped=False)])
     assert locks.current() == {"GPU-0": 1400}
@@ -52,13 +70,26 @@ def test_a_cap_raised_past_the_one_the_lock_was_found_under_releases_it():
     why = locks.update([gpu(target=460.0, clock=1400.0, capped=False)])
     assert "released" in why["GPU-0"] and locks.current() == {}
     # and the cap, binding again at its new level, finds the next one.
-    locks.update([gpu(target=460.0, clock=1500.0)])
+    lock(locks, target=460.0, clock=1500.0)
     assert locks.current() == {"GPU-0": 1500}
+
+
+def test_a_cap_at_the_top_of_the_range_locks_nothing():
+    """No rise could release a lock found there: a TDP-bound burst under a ceiling at
+    its top, or a GPU whose range is a point, stays on power limits alone."""
+    locks = ClockLocks()
+    lock(locks, target=700.0, clock=1500.0)
+    lock(locks, target=695.0, clock=1500.0)
+    assert locks.current() == {}
+    pinned = ClockLocks()
+    for _ in range(2):
+        pinned.update([ClockInput("GPU-p", 500.0, 500.0, 500.0, 500.0, 1500.0, True, True, True)])
+    assert pinned.current() == {}
 
 
 def test_a_lock_is_found_under_the_lowest_cap_that_bound_at_its_clock():
     locks = ClockLocks()
-    locks.update([gpu(target=400.0, clock=1400.0)])
+    lock(locks, target=400.0, clock=1400.0)
     # The budget tightens to 350 W without the cap binding: back at 395 W, the lock is
     # still within what it was found under.
     locks.update([gpu(target=350.0, clock=1400.0, capped=False)])
@@ -81,17 +112,20 @@ def test_a_lock_is_found_under_the_lowest_cap_that_bound_at_its_clock():
         {"limit": 500.0},  # the limit in force is not (yet) the planned one
         {"ceiling": False},  # no latency reading to judge a lock by
         {"binds": False},  # the cap is a budget's share, which moves every period
+        {"slowdown": True},  # a thermal or power-brake slowdown read the clock
     ],
 )
 def test_no_lock_without_a_cap_that_binds_now_and_a_latency_to_judge_it(reading):
     locks = ClockLocks()
-    assert locks.update([gpu(**reading)]) == {}
+    locks.update([gpu()])  # bound once...
+    assert locks.update([gpu(**reading)]) == {}  # ...but not the second period
     assert locks.current() == {}
 
 
 def test_a_node_that_loses_its_latency_reading_or_its_gpus_loses_its_locks():
     locks = ClockLocks()
-    locks.update([gpu(uuid="GPU-0"), gpu(uuid="GPU-1")])
+    for _ in range(2):
+        locks.update([gpu(uuid="GPU-0"), gpu(uuid="GPU-1")])
     assert set(locks.current()) == {"GPU-0", "GPU-1"}
     why = locks.update([gpu(uuid="GPU-0", ceiling=False)])
     assert "released" in why["GPU-0"] and locks.current() == {}
@@ -284,3 +318,18 @@ def test_a_lock_left_by_a_crashed_agent_is_undone_by_the_next_run(rt, tmp_path):
     assert json.loads(first.originals_path.read_text())["sm_clock_locked"] == []
     again.shutdown(rt.clock.now())
     assert f.limit_requested[0] == 700.0 and not first.originals_path.exists()
+
+
+def test_a_lock_is_a_supported_clock_never_above_the_target_and_none_without_a_list():
+    from wattkeeper.agent import clock_at_or_below
+    from wattkeeper.collectors.gpu import GpuInfo, PowerLimitConstraints
+
+    limits = PowerLimitConstraints(200.0, 700.0, 700.0)
+    listed = GpuInfo("GPU-a", 0, "H100", "0:0", 1, limits, (1980, 1965, 1950, 345), 1980)
+    assert clock_at_or_below(listed, 1960) == 1950
+    assert clock_at_or_below(listed, 100) == 345  # below them all: the lowest
+    assert clock_at_or_below(listed, 5000) == 1980
+    assert clock_at_or_below(listed, None) is None and clock_at_or_below(listed, 0) is None
+    # No list: no floor to lock from, so no lock (it would pin an idle GPU's clock).
+    unlisted = GpuInfo("GPU-b", 1, "H100", "0:1", 1, limits, (), 1980)
+    assert clock_at_or_below(unlisted, 1500) is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 from sqlalchemy import insert, select
@@ -308,14 +309,17 @@ def test_a_replayed_backlog_lands_once(store: Store) -> None:
         )
 
     store.write_ticks("n1", ids, [tick(T + k) for k in range(3)])
+    # Two data-parallel engines of one model on one endpoint are two rows, not a replay.
+    engines = [replace(_tok("e1", True, 5.0, 6.0), series=f'engine="{e}"') for e in (0, 1)]
+    store.write_ticks("n1", ids, [NodeTick(T + 1, (), None, tuple(engines))])
     once = _rows(store, "n1")
-    assert (len(once[0]), len(once[1]), len(once[2])) == (6, 3, 6)
+    assert (len(once[0]), len(once[1]), len(once[2])) == (6, 3, 8)
     store.write_ticks("n1", ids, [tick(T + k) for k in range(3)])
     assert _rows(store, "n1") == once
     # The same second twice in one batch, and a batch of old and new ticks.
     store.write_ticks("n1", ids, [tick(T + 1), tick(T + 3), tick(T + 3), tick(T + 4)])
     gpu, host, tokens, seen = _rows(store, "n1")
-    assert (len(gpu), len(host), len(tokens), seen) == (10, 5, 10, T + 4)
+    assert (len(gpu), len(host), len(tokens), seen) == (10, 5, 12, T + 4)
     assert gpu[:6] == once[0]
 
 

@@ -104,7 +104,9 @@ class HostSampleRow(Base):
 class TokenSampleRow(Base):
     __tablename__ = "token_samples"
     __table_args__ = (
-        Index("uq_token_samples_node_ts", "node_id", "ts", "endpoint", "model", unique=True),
+        Index(
+            "uq_token_samples_node_ts", "node_id", "ts", "endpoint", "model", "series", unique=True
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -135,6 +137,9 @@ class TokenSampleRow(Base):
     latency_requests: Mapped[float | None] = mapped_column(Float, nullable=True)
     """How many observations the TPOT (else TTFT) quantile rests on."""
     error: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    series: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    """The labels that tell apart series of one model on one endpoint (``engine="0"``
+    for a data-parallel vLLM engine, ``version="2"`` for a Triton model version)."""
 
 
 class Budget(Base):

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from wattkeeper.collectors.gpu import GpuInfo, GpuSample
 from wattkeeper.policies.route import RouteTarget
 from wattkeeper.policies.schedule import Schedule
-from wattkeeper.store.db import StoreError, engine_name, error_line, insert_new
+from wattkeeper.store.db import StoreError, engine_name, error_line, insert_rows
 from wattkeeper.store.models import (
     AuditEntry,
     Budget,
@@ -124,6 +124,9 @@ class TokenRow:
     tpot_p90_floor_s: float | None = None
     latency_requests: float | None = None
     error: str | None = None
+    series: str = ""
+    """The labels that tell apart series of one model on one endpoint (a vLLM engine, a
+    Triton version), so each is a row of its own."""
 
 
 @dataclass(frozen=True)
@@ -661,7 +664,7 @@ class Store:
                     " this one stops writing under its name"
                 )
             if gpu_rows:
-                conn.execute(insert_new(conn.dialect, GpuSampleRow), gpu_rows)
+                insert_rows(conn, GpuSampleRow, gpu_rows)
             host_rows = [
                 {
                     "node_id": node_id,
@@ -674,12 +677,12 @@ class Store:
                 if t.host is not None
             ]
             if host_rows:
-                conn.execute(insert_new(conn.dialect, HostSampleRow), host_rows)
+                insert_rows(conn, HostSampleRow, host_rows)
             token_rows = [
                 {"node_id": node_id, "ts": t.ts, **row.__dict__} for t in ticks for row in t.tokens
             ]
             if token_rows:
-                conn.execute(insert_new(conn.dialect, TokenSampleRow), token_rows)
+                insert_rows(conn, TokenSampleRow, token_rows)
 
     def retain(self, now: float, raw_s: float, rollup_s: float) -> Retained:
         """Roll raw samples older than ``raw_s`` up into minutes, drop minutes older than

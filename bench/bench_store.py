@@ -14,8 +14,9 @@ trips, not disk flushes). The schema comes from the Alembic migrations, as in pr
 - ``ticksK``: the same with K ticks of a node per transaction (``--ticks-per-write``,
   default 5): an agent with ``agent.write_interval_s`` of K seconds, or replaying a
   backlog.
-- ``batch``: the same Core insert as ``write_ticks`` (skipping stored rows) with
-  ``--batch`` rows (1000) per transaction: what a batching ingester could reach.
+- ``batch``: the same insert as ``write_ticks`` (``insert_rows``: one ``INSERT ... SELECT
+  FROM unnest`` on PostgreSQL, skipping stored rows) with ``--batch`` rows (1000) per
+  transaction: what a batching ingester could reach.
 - ``copy`` (PostgreSQL only): ``COPY gpu_samples FROM STDIN`` through psycopg, the
   upper bound for a bulk path.
 - ``snapshot``: ``Store.snapshot(now, 60)`` at 1250 nodes x 8 GPUs with ``--history-s``
@@ -58,7 +59,7 @@ from sqlalchemy import Engine, Select, event, insert, select, text, true
 from sqlalchemy.engine import make_url
 
 from wattkeeper.collectors.gpu import GpuSample
-from wattkeeper.store.db import insert_new, make_engine, upgrade
+from wattkeeper.store.db import insert_rows, make_engine, upgrade
 from wattkeeper.store.models import Budget, Gpu, GpuSampleRow, Node, Target
 from wattkeeper.store.repository import GpuView, NodeTick, Store, TargetSpec
 
@@ -418,7 +419,7 @@ def bench_batches(backend: str, batch: int, seconds: float) -> dict:
         gpu_ids = [i for ids in fleet.values() for i in ids.values()][:batch]
         template = [dict(zip(SAMPLE_COLUMNS, _row(g, T0), strict=True)) for g in gpu_ids]
         with engine.begin() as conn:
-            conn.execute(insert_new(engine.dialect, GpuSampleRow), template)
+            insert_rows(conn, GpuSampleRow, template)
         done = 0
         seen: dict[int, float] = {}
         pg = backend == "postgresql"
@@ -430,7 +431,7 @@ def bench_batches(backend: str, batch: int, seconds: float) -> dict:
             for r in template:
                 r["ts"] = now
             with engine.begin() as conn:
-                conn.execute(insert_new(engine.dialect, GpuSampleRow), template)
+                insert_rows(conn, GpuSampleRow, template)
             done += len(template)
         elapsed = time.perf_counter() - started
         server_s = server_cpu_s(_port(url), seen) - cpu0 if pg else None

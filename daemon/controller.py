@@ -542,10 +542,12 @@ class Controller:
             views = {g.uuid: g for g in snap.gpus}
             planned = {g.uuid: g for g in gpus}
             inputs = []
+            assert self.ceilings is not None  # clocks are built only with them
             for t in result.targets:
                 g, v = planned.get(t.uuid), views.get(t.uuid)
                 if g is None or v is None:
                     continue
+                node = self.ceilings.nodes.get(g.node)
                 inputs.append(
                     ClockInput(
                         t.uuid,
@@ -559,6 +561,8 @@ class Controller:
                         g.ceiling_w is not None,
                         g.ceiling_w is not None and t.power_limit_w >= g.ceiling_w - 1.0,
                         bool(OTHER_SLOWDOWNS.intersection(v.throttle_reasons)),
+                        node is not None and node.slack,
+                        node is not None and node.pressed,
                     )
                 )
             why = self.clocks.update(inputs)

@@ -23,7 +23,10 @@ Per GPU, at each control period:
   or its share, want more than the lock gives, and the cap alone decides until it binds
   again;
 - a GPU without a latency ceiling (no SLO, or no token source on its node) gets no
-  lock: nothing would tell the policy what a lock costs in latency.
+  lock: nothing would tell the policy what a lock costs in latency. Locks are set and
+  lowered only while the node's latency has slack, and released at once when its
+  ceiling rises (latency near the SLO, or requests queueing): in the lulls after a
+  burst, the boost a lock forbids is what drains the queue.
 
 The power limit stays in place under the lock: it, not the clock, keeps the budget. It
 is a feedback rule with no model of the GPU, so a prior that is off changes nothing.
@@ -55,6 +58,12 @@ class ClockInput:
     other_slowdown: bool = False
     """A thermal, hardware or power-brake slowdown was active too: the clock it read
     says nothing about the cap."""
+    slack: bool = True
+    """Its node's latency has slack this period (policies/slo.py): it can give up the
+    boost between peaks."""
+    pressed: bool = False
+    """Its node's latency ceiling rose this period (near the SLO, or a queue): the lulls'
+    boost is what drains a backlog, so a lock goes at once."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,10 @@ class ClockLocks:
                     why[g.uuid] = "no latency reading: clock lock released"
                 continue
             rise = self.settings.release_ratio * (g.max_w - g.min_w)
+            if held is not None and g.pressed:
+                del self.locks[g.uuid]
+                why[g.uuid] = "latency near the SLO or a queue: clock lock released"
+                continue
             if held is not None and g.target_w > held.found_under_w + rise:
                 del self.locks[g.uuid]
                 why[g.uuid] = (
@@ -144,6 +157,8 @@ class ClockLocks:
             g.fresh
             and g.ceiling_binds
             and g.power_capped
+            and g.slack
+            and not g.pressed
             and not g.other_slowdown
             and g.sm_clock_mhz is not None
             and g.sm_clock_mhz > 0

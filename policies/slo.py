@@ -95,6 +95,12 @@ class CeilingState:
     floor_ts: float = float("-inf")
     batch_limit: float | None = None
     """Requests running when the node last queued: its servers' in-flight limit, learned."""
+    slack: bool = False
+    """This period the mean latency was under the target share, with no queue and no
+    batch near the in-flight limit: the node can give up speed."""
+    pressed: bool = False
+    """This period the ceiling rose (latency near or over the SLO, or a queue): the node
+    needs all the speed its cap allows."""
 
 
 @dataclass
@@ -155,6 +161,7 @@ class Ceilings:
         state = self.current(n.name, in_force_ratio, now)
         pressure = self.pressure(n)
         state.pressure = None if pressure is None else max(pressure)
+        state.slack = state.pressed = False
         if pressure is None:
             if now - state.last_seen_ts > s.blind_after_s and state.ratio < 1.0:
                 state.ratio = min(1.0, state.ratio + s.min_down_step)
@@ -175,10 +182,12 @@ class Ceilings:
                     state.batch_limit = max(state.batch_limit or 0.0, n.requests_running)
                 state.ratio = min(1.0, max(state.ratio, in_force_ratio) + s.up_step)
             state.reason = f"requests queueing (mean TTFT {n.ttft_mean_s:.2f} s): ceiling raised"
+            state.pressed = True
         elif tail > 1.0 or steer > s.high_ratio:
             step = s.up_step * (2.0 if proven >= 1.0 or steer > 1.0 else 1.0)
             state.ratio = min(1.0, max(state.ratio, in_force_ratio) + step)
             state.reason = f"{said}: ceiling raised"
+            state.pressed = True
         elif self._batch_full(state, n.requests_running):
             state.reason = (
                 f"{said}, batch {n.requests_running:.0f} near the in-flight limit "
@@ -193,8 +202,10 @@ class Ceilings:
             state.ratio = max(state.floor, min(state.ratio, in_force_ratio) - step)
             state.last_down_ts = now
             state.reason = f"{said}: ceiling lowered"
+            state.slack = True
         else:
             state.reason = f"{said}: ceiling held"
+            state.slack = steer < s.target_ratio
         return state
 
     def _queueing(self, state: CeilingState, ttft_mean_s: float | None) -> bool:

@@ -18,6 +18,8 @@ def gpu(
     uuid: str = "GPU-0",
     binds: bool = True,
     slowdown: bool = False,
+    slack: bool = True,
+    pressed: bool = False,
 ) -> ClockInput:
     in_force = target if limit is None else limit
     return ClockInput(
@@ -32,6 +34,8 @@ def gpu(
         ceiling,
         ceiling and binds,
         slowdown,
+        slack,
+        pressed,
     )
 
 
@@ -74,6 +78,14 @@ def test_a_cap_raised_past_the_one_the_lock_was_found_under_releases_it():
     assert locks.current() == {"GPU-0": 1500}
 
 
+def test_a_ceiling_that_rises_releases_the_lock_at_once_whatever_the_cap():
+    """A queue or latency near the SLO: the boost between peaks is what drains it."""
+    locks = ClockLocks()
+    lock(locks, clock=1400.0)
+    why = locks.update([gpu(clock=1400.0, capped=False, slack=False, pressed=True)])
+    assert "released" in why["GPU-0"] and locks.current() == {}
+
+
 def test_a_cap_at_the_top_of_the_range_locks_nothing():
     """No rise could release a lock found there: a TDP-bound burst under a ceiling at
     its top, or a GPU whose range is a point, stays on power limits alone."""
@@ -113,6 +125,8 @@ def test_a_lock_is_found_under_the_lowest_cap_that_bound_at_its_clock():
         {"ceiling": False},  # no latency reading to judge a lock by
         {"binds": False},  # the cap is a budget's share, which moves every period
         {"slowdown": True},  # a thermal or power-brake slowdown read the clock
+        {"slack": False},  # latency has no room to give
+        {"pressed": True},  # the ceiling is rising
     ],
 )
 def test_no_lock_without_a_cap_that_binds_now_and_a_latency_to_judge_it(reading):

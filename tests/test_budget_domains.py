@@ -152,6 +152,20 @@ def test_a_rack_budget_is_held_on_the_simulated_facility_and_shown_as_a_tree(
     assert explained["from"] == "configuration" and explained["nodes"] == ["sim-node-0"]
     assert len(explained["gpus_held"]) == 8  # the rack holds every GPU of its node
     assert all(u.startswith("GPU-") for u in explained["gpus_held"])
+    # What 100 W more or less on the rack would give: the planner run again on the
+    # store's snapshot. Its GPUs take most of the watts (the rest is the host power they
+    # bring and the margin), and the tokens follow at the node's measured tokens per J.
+    more, less = explained["what_if"]
+    assert more["budget_change_w"] == 100.0 and 60.0 <= more["gpu_limits_w"] <= 100.0
+    assert -100.0 <= less["gpu_limits_w"] <= -60.0
+    assert more["tokens_per_s"] > 0 > less["tokens_per_s"]
+    facility = json.loads(runner.invoke(app, ["explain", "budget", "-o", "json", *base]).stdout)
+    if facility_w is None:
+        assert facility["what_if"] is None  # no budget to move
+    else:  # 40 kW holds nothing: a watt more or less changes no limit
+        assert [c["gpu_limits_w"] for c in facility["what_if"]] == [0.0, 0.0]
+    text = runner.invoke(app, ["explain", "budget", "rack-a", *base]).stdout
+    assert "+100 W: GPU limits +" in text and "tokens/s" in text
     r = runner.invoke(app, ["budget", "set", "rack-a", "5kW", *base])
     assert r.exit_code == 0 and "rack-a budget: 5.00 kW (was 6.00 kW)" in r.output
     assert store.budgets()["rack-a"] == 5000.0

@@ -6,8 +6,9 @@ describe the same snapshot at the same moment, the one ``run``'s live table show
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -26,6 +27,10 @@ from wattkeeper.cli.common import (
     _store,
     fail,
 )
+
+if TYPE_CHECKING:
+    from wattkeeper.config import Config
+    from wattkeeper.store.repository import Snapshot
 
 
 def status(
@@ -173,6 +178,7 @@ def explain_budget(
         g.power_w or 0.0 for g in snap.gpus if g.node in nodes
     )
     held = sorted(u for u, why in reasons.items() if f"budget {domain} " in why)
+    what_if = _what_if(cfg, snap, domain, in_force, set(held), stored)
     data = {
         "format_version": 1,
         "domain": domain,
@@ -191,6 +197,7 @@ def explain_budget(
         "headroom_w": None if in_force is None else round(in_force - power, 1),
         "gpus_held": held,
         "schedules": [s.id for s in schedules],
+        "what_if": what_if,
     }
     if output is Output.json:
         _emit_json(data)
@@ -202,8 +209,88 @@ def explain_budget(
         + ("" if in_force is None else f", headroom {format_power(in_force - power)}")
     )
     typer.echo(f"holds {len(held)} GPU target(s) below what they would get otherwise")
+    for change in what_if or []:
+        typer.echo(
+            f"{change['budget_change_w']:+.0f} W: GPU limits {change['gpu_limits_w']:+.0f} W"
+            + (
+                ""
+                if change["tokens_per_s"] is None
+                else f", about {change['tokens_per_s']:+.0f} tokens/s at the nodes' "
+                "measured tokens per joule (the last watts give less than the average)"
+            )
+        )
     if schedules:
         typer.echo(f"schedules: {', '.join(str(s.id) for s in schedules)}")
+
+
+WHAT_IF_W = 100.0
+
+
+def _what_if(
+    cfg: Config,
+    snap: Snapshot,
+    domain: str,
+    in_force: float | None,
+    held: set[str],
+    stored: dict[str, float],
+) -> list[dict] | None:
+    """What 100 W more or less on this budget would change: the snapshot planned again
+    with the budget moved, each GPU the budget does not hold kept at its target (the
+    latency ceiling or its top holds it there), and the change in limits turned into
+    tokens at each node's measured tokens per joule. An estimate an operator can act on,
+    not a promise: the watts at the margin give fewer tokens than the average does."""
+    from wattkeeper.controller import planning_inputs
+    from wattkeeper.policies.plan import FACILITY, plan
+    from wattkeeper.runtime import config_domains, plan_settings
+
+    if in_force is None:
+        return None
+    nodes, gpus = planning_inputs(snap, cfg.controller.forget_after_s)
+    gpus = [
+        replace(g, ceiling_w=None if g.uuid in held or g.target_w is None else g.target_w)
+        for g in gpus
+    ]
+    domains = [replace(d, limit_w=stored.get(d.name, d.limit_w)) for d in config_domains(cfg)]
+    settings = plan_settings(cfg)
+
+    def limits(delta: float) -> dict[str, float]:
+        if domain == FACILITY:
+            result = plan(nodes, gpus, in_force + delta, settings, domains)
+        else:
+            moved = [
+                replace(d, limit_w=in_force + delta) if d.name == domain else d for d in domains
+            ]
+            result = plan(nodes, gpus, snap.budget_w, settings, moved)
+        return {t.uuid: t.power_limit_w for t in result.targets}
+
+    per_joule: dict[str, float] = {}
+    for n in snap.nodes:
+        drawn = sum(g.power_w or 0.0 for g in snap.gpus if g.node == n.name)
+        if n.generation_tokens_per_s is not None and drawn > 0:
+            per_joule[n.name] = n.generation_tokens_per_s / drawn
+    node_of = {g.uuid: g.node for g in gpus}
+    base = limits(0.0)
+    out = []
+    for delta in (WHAT_IF_W, -WHAT_IF_W):
+        moved = limits(delta)
+        by_node: dict[str, float] = {}
+        for uuid, watts in moved.items():
+            step = watts - base.get(uuid, watts)
+            by_node[node_of[uuid]] = by_node.get(node_of[uuid], 0.0) + step
+        known = [n for n, w in by_node.items() if abs(w) >= 0.5]
+        tokens = (
+            sum(by_node[n] * per_joule[n] for n in known)
+            if all(n in per_joule for n in known)
+            else None
+        )
+        out.append(
+            {
+                "budget_change_w": delta,
+                "gpu_limits_w": round(sum(by_node.values()), 1),
+                "tokens_per_s": None if tokens is None else round(tokens, 1),
+            }
+        )
+    return out
 
 
 @explain_app.command("gpu")

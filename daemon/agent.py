@@ -120,6 +120,9 @@ class _StoreWork:
     standby: bool | None
     audit: list[tuple[str, str, dict, float]]
     now: float = 0.0
+    cleared: tuple[str, ...] = ()
+    """GPUs an earlier run restored at a stop the store did not hear of: their original
+    limits in the store are stale (an administrator may have set another since)."""
 
 
 @dataclass
@@ -135,6 +138,7 @@ class _StoreResult:
     """The monotonic time the targets were read: their leases run from then, not from
     when the agent took the result (a slow write after the read must not stretch them)."""
     originals_written: bool = False
+    cleared_written: bool = False
     standby_written: bool = False
     audited: int = 0
     targets: dict[str, CachedTarget] | None = None
@@ -316,7 +320,9 @@ class Agent:
         self._locks: dict[str, int] = {}
         """The SM clock lock (its top, MHz) this run set on each GPU."""
         self._pending_audit: list[tuple[str, str, dict, float]] = []
-        originals, left_locked = self._read_originals()
+        originals, left_locked, cleared = self._read_originals()
+        self._cleared: set[str] = cleared
+        """GPUs restored at a stop whose record did not reach the store (``_StoreWork``)."""
         self._persisted_originals: dict[str, float | None] = dict(originals)
         self._locked_on_disk: set[str] = left_locked
         """GPUs whose clocks a run of this agent locked, on disk before the lock: NVML
@@ -437,14 +443,16 @@ class Agent:
         reclaim = mono >= self._reclaim_at
         if reclaim:
             self._reclaim_at = float("inf")
+        register = not self.gpu_ids or reclaim
         work = _StoreWork(
-            register=not self.gpu_ids or reclaim,
+            register=register,
             gpu_ids=dict(self.gpu_ids),
             ticks=ticks,
             originals=self._outbox_originals,
             standby=self._outbox_standby,
             audit=self._pending_audit,
             now=now,
+            cleared=tuple(sorted(self._cleared)) if register else (),
         )
         self._outbox_originals, self._outbox_standby = {}, None
         self._pending_audit = []
@@ -481,6 +489,12 @@ class Agent:
                     holder_gone=holder_gone,
                 )
                 persisted = store.original_power_limits(self.node)
+                if work.cleared:
+                    store.clear_original_power_limits(
+                        [gpu_ids[u] for u in work.cleared if u in gpu_ids]
+                    )
+                    persisted = {u: w for u, w in persisted.items() if u not in work.cleared}
+                out.cleared_written = True
                 out.registered = (gpu_ids, persisted)
             for uuid, before in work.originals.items():
                 # A limit a crashed earlier run persisted is the true original: what this
@@ -564,6 +578,9 @@ class Agent:
         if res.registered is not None:
             self.gpu_ids = res.registered[0]
             self._persisted_originals = {**self._persisted_originals, **res.registered[1]}
+        if res.cleared_written and work.cleared:
+            self._cleared.difference_update(work.cleared)
+            self._write_originals()
         unwritten = work.ticks[res.ticks_written :]
         if unwritten:
             self._spool = sorted([*unwritten, *self._spool], key=lambda t: t.ts)
@@ -1074,19 +1091,21 @@ class Agent:
             f" ({bad} unreadable line(s) skipped)" if bad else "",
         )
 
-    def _read_originals(self) -> tuple[dict[str, float], set[str]]:
+    def _read_originals(self) -> tuple[dict[str, float], set[str], set[str]]:
         """What an earlier run of this agent recorded before changing each GPU: its
-        limit, and whether it locked its clocks."""
+        limit, whether it locked its clocks, and the GPUs it restored at a stop that the
+        store did not hear of."""
         path = self.originals_path
         if path is None or not path.exists():
-            return {}, set()
+            return {}, set(), set()
         try:
             data = json.loads(path.read_text())
             limits = {str(u): float(w) for u, w in data["power_limit_w"].items()}
-            return limits, {str(u) for u in data.get("sm_clock_locked", [])}
+            locked = {str(u) for u in data.get("sm_clock_locked", [])}
+            return limits, locked, {str(u) for u in data.get("cleared", [])}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.error("%s: unreadable (%s): original limits from the store only", path, exc)
-            return {}, set()
+            return {}, set(), set()
 
     def _keep_original(self, uuid: str, watts: float) -> None:
         """Record a GPU's limit before its first change, on disk before the change."""
@@ -1101,7 +1120,7 @@ class Agent:
             return
         known = {u: w for u, w in self._persisted_originals.items() if w is not None}
         try:
-            if not known and not self._locked_on_disk:
+            if not known and not self._locked_on_disk and not self._cleared:
                 path.unlink(missing_ok=True)
                 return
             text = json.dumps(
@@ -1109,6 +1128,7 @@ class Agent:
                     "node": self.node,
                     "power_limit_w": known,
                     "sm_clock_locked": sorted(self._locked_on_disk),
+                    "cleared": sorted(self._cleared),
                 }
             )
             replace_file(path, text, mode=0o600, dir_mode=0o700)
@@ -1184,6 +1204,8 @@ class Agent:
             self._audit("gpu.restore", uuid, {"power_limit_w": watts}, now)
         for uuid in restored:  # nothing left to put back
             self._persisted_originals.pop(uuid, None)
+        # Until the store hears of it, the next run must not take its stale originals.
+        self._cleared.update(u for u in restored if u in self.gpu_ids)
         self._write_originals()
         self._restored = len(restored)
         last = list(self._sample_gpus().values()) if restored and self.gpu_ids else []
@@ -1200,6 +1222,8 @@ class Agent:
             self.store.clear_original_power_limits(
                 [self.gpu_ids[u] for u in restored if u in self.gpu_ids]
             )
+            self._cleared.difference_update(restored)
+            self._write_originals()
             self._flush_audit()
             # What is spooled, and a last sample so the controller budgets these GPUs at
             # their restored limits rather than at the targets they no longer follow.

@@ -196,7 +196,7 @@ def test_original_limits_reach_a_local_file_before_the_first_change(rt, tmp_path
     assert not agent.originals_path.exists()
 
     agent.originals_path.write_text("{not json")
-    assert agent._read_originals() == ({}, set())
+    assert agent._read_originals() == ({}, set(), set())
     assert "unreadable" in caplog.text
 
 

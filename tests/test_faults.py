@@ -291,6 +291,74 @@ def test_a_clean_stop_restores_every_gpu_while_the_database_is_stopped_or_hung(p
         mend()
 
 
+def test_a_stop_the_store_did_not_hear_of_leaves_no_stale_original_behind(pg, tmp_path):
+    """The GPUs are restored at a stop while the database is down, so the store keeps
+    their original limits. An administrator then sets another limit by hand. The next
+    run must not take the store's stale originals for the truth: its own clean stop puts
+    back what the administrator set, not what the GPUs had before the first run."""
+    from wattkeeper.runtime import build_on_facility
+
+    rt, t = _capped(pg, "stale_originals", 3000.0, 110_000.0)
+    rt.agents[0].originals_path = tmp_path / "originals.json"
+    agent = rt.agents[0]
+    f = rt.facility
+    _step(rt, t + 1, controller=True)  # a change after the file was named: it has them
+    t += 1
+    _threaded(rt)
+    pg.halt()
+    try:
+
+        def stop() -> None:
+            nonlocal t
+            for _ in range(5):
+                t += 1
+                _step(rt, t)
+            assert not agent.state.store_ok
+            rt.shutdown()
+
+        _run_bounded(stop)
+    finally:
+        pg.start_again()
+    assert list(f.limit_requested[:4]) == [700.0] * 4
+    import json
+
+    cleared = json.loads(agent.originals_path.read_text())["cleared"]
+    assert sorted(cleared) == sorted(agent.infos)
+    f.limit_requested[:4] = 650.0  # nvidia-smi -pl 650, by hand, between the runs
+    # The stopped process is gone (a pid no process can have): its name is free.
+    from sqlalchemy import update
+
+    from wattkeeper.agent import agent_identity
+    from wattkeeper.store.models import Node
+
+    dead = agent_identity().split()
+    dead[2] = str(2**22 + 1)
+    with rt.store.engine.begin() as conn:
+        conn.execute(update(Node).values(agent_id=" ".join(dead)))
+    assert set(rt.store.original_power_limits(agent.node).values()) == {700.0}  # stale
+    cfg = load_config(None, environ={})
+    again = build_on_facility(
+        cfg, open_store(cfg, rt.store.engine.url.render_as_string(hide_password=False)), f, rt.clock
+    )
+    # The node's agent as `wattkeeper agent` makes it: with its originals file.
+    from wattkeeper.agent import Agent
+
+    first = again.agents[0]
+    again.agents[0] = Agent(
+        first.node, first.backend, first.store, originals_path=agent.originals_path
+    )
+    for _ in range(12):
+        t += 1
+        _step(again, t, controller=True)
+    assert all(lim < 650.0 for lim in f.limit_requested[:4])  # capped again
+    assert (
+        not agent.originals_path.exists()
+        or not json.loads(agent.originals_path.read_text())["cleared"]
+    )
+    again.shutdown()
+    assert list(f.limit_requested[:4]) == [650.0] * 4
+
+
 def test_run_on_a_real_node_starts_on_the_safe_cap_while_postgres_is_down(
     pg, monkeypatch, tmp_path
 ):

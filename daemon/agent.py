@@ -217,6 +217,10 @@ def _tick_from_json(d: dict[str, Any]) -> NodeTick:
     )
 
 
+CLOCK_RETRY_S = 60.0
+"""How long after a GPU refused a clock lock the same lock is asked for again."""
+
+
 def clock_at_or_below(info: GpuInfo, mhz: int | None) -> int | None:
     """The highest clock the GPU supports at or below ``mhz`` (its lowest, when ``mhz``
     is below them all): a lock NVML accepts, never above what was asked. None: no lock
@@ -319,6 +323,9 @@ class Agent:
         """How many GPUs the clean stop restored."""
         self._locks: dict[str, int] = {}
         """The SM clock lock (its top, MHz) this run set on each GPU."""
+        self._clock_refused: dict[str, tuple[int | None, float]] = {}
+        """A lock (or reset) a GPU refused, and when to ask again: a GPU without the
+        capability would otherwise be asked twice a tick, forever."""
         self._pending_audit: list[tuple[str, str, dict, float]] = []
         originals, left_locked, cleared = self._read_originals()
         self._cleared: set[str] = cleared
@@ -959,6 +966,9 @@ class Agent:
                 want = clock_at_or_below(info, target.sm_clock_max_mhz)
             if want == self._locks.get(uuid):
                 continue
+            refused = self._clock_refused.get(uuid)
+            if refused is not None and refused[0] == want and mono < refused[1]:
+                continue  # the GPU refused this very lock lately: ask again in a while
             before = samples[uuid].power_limit_requested_w if uuid in samples else None
             first_touch = self._before_first_change(uuid, before)
             if want is not None and uuid not in self._locked_on_disk:
@@ -978,7 +988,9 @@ class Agent:
                     what = "reset" if want is None else f"lock at {want} MHz"
                     log.error("cannot %s the SM clock of %s: %s", what, uuid, exc)
                     self._audit("sm_clock.failed", uuid, {"max_mhz": want, "error": str(exc)}, now)
+                self._clock_refused[uuid] = (want, mono + CLOCK_RETRY_S)
                 continue
+            self._clock_refused.pop(uuid, None)
             self._first(f"clock:{uuid}", None)
             if first_touch:
                 self._after_first_change(uuid, before)

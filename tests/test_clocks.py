@@ -233,10 +233,15 @@ def test_a_lock_the_gpu_refuses_is_said_once_and_the_cap_still_holds(
     assert sum("cannot lock at 1395 MHz" in r.message for r in caplog.records) == 1
     failed = [a for a in store.audit_log(50) if a.action == "sm_clock.failed"]
     assert len(failed) == 1 and "CAP_SYS_ADMIN" in failed[0].detail["error"]
+    # Asked once, not at every tick: the next try comes a minute later.
+    assert _fake.nvmlDeviceSetGpuLockedClocks.call_count == 1
     state.gpus[0].heal("nvmlDeviceSetGpuLockedClocks")  # given the capability: it goes on
-    agent.tick(1005.0)
+    agent.tick(1030.0)
+    assert state.gpus[0].locked_clocks_mhz is None
+    store.write_targets([TargetSpec(uuid, 450.0, sm_clock_max_mhz=1400)], 1055.0, 60.0)
+    agent.tick(1062.0)
     assert state.gpus[0].locked_clocks_mhz == (345, 1395)
-    agent.shutdown(1006.0)
+    agent.shutdown(1063.0)
     assert state.gpus[0].locked_clocks_mhz is None and state.gpus[0].limit_mw == 700_000
 
 

@@ -1159,13 +1159,17 @@ class Agent:
         """
         self.record_stop(self.restore_gpus(now), SHUTDOWN_STORE_S)
 
-    def record_stop(self, record: Callable[[], None] | None, within_s: float) -> None:
+    def record_stop(self, record: Callable[[], list[str]] | None, within_s: float) -> None:
         """Tell the store what ``restore_gpus`` did, waiting at most ``within_s``: the
-        GPUs are restored, and a store that does not answer must not hold the exit."""
+        GPUs are restored, and a store that does not answer must not hold the exit.
+        The GPUs whose originals the store cleared leave the originals file here, on
+        the caller's thread, once the store said so."""
         if record is None:
             return
         try:
-            call_within(record, within_s, f"shutdown-{self.node}")
+            done = call_within(record, within_s, f"shutdown-{self.node}")
+            self._cleared.difference_update(done)
+            self._write_originals()
         except (StoreError, Hung) as exc:
             log.error(
                 "restored %d GPU(s) of %s but could not record it: %s",
@@ -1174,7 +1178,7 @@ class Agent:
                 exc,
             )
 
-    def restore_gpus(self, now: float) -> Callable[[], None] | None:
+    def restore_gpus(self, now: float) -> Callable[[], list[str]] | None:
         """The first half of ``shutdown``, with no store call: the GPUs restored and the
         unwritten ticks on disk. Returns the second half, the store records, so a
         process with several agents restores all of their GPUs before it waits on a
@@ -1217,7 +1221,8 @@ class Agent:
         for uuid in restored:  # nothing left to put back
             self._persisted_originals.pop(uuid, None)
         # Until the store hears of it, the next run must not take its stale originals.
-        self._cleared.update(u for u in restored if u in self.gpu_ids)
+        # (Every one of them: a run that never registered cannot tell which the store has.)
+        self._cleared.update(restored)
         self._write_originals()
         self._restored = len(restored)
         last = list(self._sample_gpus().values()) if restored and self.gpu_ids else []
@@ -1230,12 +1235,9 @@ class Agent:
         ]
         unwritten = pending[-REPLAY_TICKS:]
 
-        def record() -> None:
-            self.store.clear_original_power_limits(
-                [self.gpu_ids[u] for u in restored if u in self.gpu_ids]
-            )
-            self._cleared.difference_update(restored)
-            self._write_originals()
+        def record() -> list[str]:
+            done = [u for u in restored if u in self.gpu_ids]
+            self.store.clear_original_power_limits([self.gpu_ids[u] for u in done])
             self._flush_audit()
             # What is spooled, and a last sample so the controller budgets these GPUs at
             # their restored limits rather than at the targets they no longer follow.
@@ -1245,5 +1247,6 @@ class Agent:
                 self._spool_write(pending[: -len(unwritten) or None], append=False)
             if self.gpu_ids:
                 self.store.release_node(self.node, self.agent_id)
+            return done
 
         return record

@@ -291,14 +291,21 @@ def test_a_clean_stop_restores_every_gpu_while_the_database_is_stopped_or_hung(p
         mend()
 
 
-def test_a_stop_the_store_did_not_hear_of_leaves_no_stale_original_behind(pg, tmp_path):
+@pytest.mark.parametrize("restart_in_outage", [False, True])
+def test_a_stop_the_store_did_not_hear_of_leaves_no_stale_original_behind(
+    pg, tmp_path, restart_in_outage
+):
     """The GPUs are restored at a stop while the database is down, so the store keeps
     their original limits. An administrator then sets another limit by hand. The next
     run must not take the store's stale originals for the truth: its own clean stop puts
-    back what the administrator set, not what the GPUs had before the first run."""
+    back what the administrator set, not what the GPUs had before the first run. Also
+    when a run in between started and stopped while the database was still down (it
+    never registered, so it cannot tell which originals the store holds)."""
+    from wattkeeper.agent import Agent
+    from wattkeeper.collectors.sim_gpu import SimGpuBackend
     from wattkeeper.runtime import build_on_facility
 
-    rt, t = _capped(pg, "stale_originals", 3000.0, 110_000.0)
+    rt, t = _capped(pg, f"stale_originals_{int(restart_in_outage)}", 3000.0, 110_000.0)
     rt.agents[0].originals_path = tmp_path / "originals.json"
     agent = rt.agents[0]
     f = rt.facility
@@ -317,14 +324,35 @@ def test_a_stop_the_store_did_not_hear_of_leaves_no_stale_original_behind(pg, tm
             rt.shutdown()
 
         _run_bounded(stop)
+        assert list(f.limit_requested[:4]) == [700.0] * 4
+        f.limit_requested[:4] = 650.0  # nvidia-smi -pl 650, by hand, between the runs
+        if restart_in_outage:
+            between = Agent(
+                agent.node,
+                SimGpuBackend(f, 0, rt.clock.now),
+                rt.store,
+                originals_path=agent.originals_path,
+                store_timeout_s=3.0,
+            )
+
+            def run_between() -> None:
+                nonlocal t
+                for _ in range(3):
+                    t += 1
+                    rt.clock.set(t)
+                    f.advance_to(t)
+                    between.tick(t)
+                assert all(lim < 650.0 for lim in f.limit_requested[:4])  # the safe cap
+                between.shutdown(t)
+
+            _run_bounded(run_between)
+            assert list(f.limit_requested[:4]) == [650.0] * 4
     finally:
         pg.start_again()
-    assert list(f.limit_requested[:4]) == [700.0] * 4
     import json
 
     cleared = json.loads(agent.originals_path.read_text())["cleared"]
     assert sorted(cleared) == sorted(agent.infos)
-    f.limit_requested[:4] = 650.0  # nvidia-smi -pl 650, by hand, between the runs
     # The stopped process is gone (a pid no process can have): its name is free.
     from sqlalchemy import update
 
@@ -341,8 +369,6 @@ def test_a_stop_the_store_did_not_hear_of_leaves_no_stale_original_behind(pg, tm
         cfg, open_store(cfg, rt.store.engine.url.render_as_string(hide_password=False)), f, rt.clock
     )
     # The node's agent as `wattkeeper agent` makes it: with its originals file.
-    from wattkeeper.agent import Agent
-
     first = again.agents[0]
     again.agents[0] = Agent(
         first.node, first.backend, first.store, originals_path=agent.originals_path

@@ -30,6 +30,7 @@ from wattkeeper.cli.common import (
 
 if TYPE_CHECKING:
     from wattkeeper.config import Config
+    from wattkeeper.policies.schedule import Schedule
     from wattkeeper.store.repository import Snapshot
 
 
@@ -163,7 +164,8 @@ def explain_budget(
         as_of, _ = _status_moment(store)
         snap = store.snapshot(as_of, window_s=max(60.0, 3 * cfg.controller.stale_after_s))
         stored = store.budgets()
-        schedules = [s for s in store.schedules() if s.scope == domain]
+        every_schedule = store.schedules()
+        schedules = [s for s in every_schedule if s.scope == domain]
         under = _domain_nodes(cfg, domain)
         nodes = [n.name for n in snap.nodes if under is None or n.name in under]
         reasons = {
@@ -178,7 +180,7 @@ def explain_budget(
         g.power_w or 0.0 for g in snap.gpus if g.node in nodes
     )
     held = sorted(u for u, why in reasons.items() if f"budget {domain} " in why)
-    what_if = _what_if(cfg, snap, domain, in_force, set(held), stored)
+    what_if = _what_if(cfg, snap, domain, set(held), stored, every_schedule)
     data = {
         "format_version": 1,
         "domain": domain,
@@ -210,6 +212,9 @@ def explain_budget(
     )
     typer.echo(f"holds {len(held)} GPU target(s) below what they would get otherwise")
     for change in what_if or []:
+        if abs(change["gpu_limits_w"]) < 0.5:
+            typer.echo(f"{change['budget_change_w']:+.0f} W: no GPU limit would change")
+            continue
         typer.echo(
             f"{change['budget_change_w']:+.0f} W: GPU limits {change['gpu_limits_w']:+.0f} W"
             + (
@@ -230,9 +235,9 @@ def _what_if(
     cfg: Config,
     snap: Snapshot,
     domain: str,
-    in_force: float | None,
     held: set[str],
     stored: dict[str, float],
+    schedules: list[Schedule],
 ) -> list[dict] | None:
     """What 100 W more or less on this budget would change: the snapshot planned again
     with the budget moved, each GPU the budget does not hold kept at its target (the
@@ -241,8 +246,25 @@ def _what_if(
     not a promise: the watts at the margin give fewer tokens than the average does."""
     from wattkeeper.controller import planning_inputs
     from wattkeeper.policies.plan import FACILITY, plan
+    from wattkeeper.policies.schedule import effective_budget
     from wattkeeper.runtime import config_domains, plan_settings
 
+    def in_force_of(name: str, standing: float | None) -> float | None:
+        mine = [s for s in schedules if s.scope == name]
+        return effective_budget(standing, mine, time.time(), 0.0)[0]
+
+    # Every budget as it is in force now, schedules' windows included, as the
+    # controller plans.
+    facility_w = in_force_of(FACILITY, snap.budget_w)
+    domains = [
+        replace(d, limit_w=in_force_of(d.name, stored.get(d.name, d.limit_w)))
+        for d in config_domains(cfg)
+    ]
+    in_force = (
+        facility_w
+        if domain == FACILITY
+        else next((d.limit_w for d in domains if d.name == domain), None)
+    )
     if in_force is None:
         return None
     nodes, gpus = planning_inputs(snap, cfg.controller.forget_after_s)
@@ -250,7 +272,6 @@ def _what_if(
         replace(g, ceiling_w=None if g.uuid in held or g.target_w is None else g.target_w)
         for g in gpus
     ]
-    domains = [replace(d, limit_w=stored.get(d.name, d.limit_w)) for d in config_domains(cfg)]
     settings = plan_settings(cfg)
 
     def limits(delta: float) -> dict[str, float]:
@@ -260,7 +281,7 @@ def _what_if(
             moved = [
                 replace(d, limit_w=in_force + delta) if d.name == domain else d for d in domains
             ]
-            result = plan(nodes, gpus, snap.budget_w, settings, moved)
+            result = plan(nodes, gpus, facility_w, settings, moved)
         return {t.uuid: t.power_limit_w for t in result.targets}
 
     per_joule: dict[str, float] = {}

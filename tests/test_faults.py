@@ -198,6 +198,22 @@ def _capped(pg, name: str, budget_w: float, start: float) -> tuple[Runtime, floa
     return rt, t
 
 
+def _stop_in_the_fault(rt: Runtime, t: float) -> float:
+    """Tick until the agent sees the store's fault (a hung round trip counts after 3 s),
+    then stop it cleanly; returns the clock."""
+
+    def stop() -> None:
+        nonlocal t
+        for _ in range(5):
+            t += 1
+            _step(rt, t)
+        assert not rt.agents[0].state.store_ok
+        rt.shutdown()
+
+    _run_bounded(stop)
+    return t
+
+
 def test_a_stopped_database_keeps_each_cap_for_its_lease_then_the_safe_cap_on_every_gpu(pg):
     """The database stops while the controller's caps hold (so nothing renews them): the
     GPUs keep their caps for the rest of the lease, then all of them go to the safe cap
@@ -269,23 +285,12 @@ def test_a_clean_stop_restores_every_gpu_while_the_database_is_stopped_or_hung(p
     agent is stopped: every GPU gets back the limit it had before wattkeeper (700 W)
     all the same; only the record of it is lost."""
     rt, t = _capped(pg, f"stop_{fault}", 3000.0, 100_000.0)
-    agent = rt.agents[0]
     assert all(lim < 700.0 for lim in rt.facility.limit_requested[:4])
     _threaded(rt)
     fail, mend = (pg.halt, pg.start_again) if fault == "stopped" else (pg.freeze, pg.thaw)
     fail()
     try:
-
-        def stop() -> None:
-            nonlocal t
-            # Until the agent sees the fault: a hung round trip counts after 3 s.
-            for _ in range(5):
-                t += 1
-                _step(rt, t)
-            assert not agent.state.store_ok
-            rt.shutdown()
-
-        _run_bounded(stop)
+        t = _stop_in_the_fault(rt, t)
         assert list(rt.facility.limit_requested[:4]) == [700.0] * 4
     finally:
         mend()
@@ -314,16 +319,7 @@ def test_a_stop_the_store_did_not_hear_of_leaves_no_stale_original_behind(
     _threaded(rt)
     pg.halt()
     try:
-
-        def stop() -> None:
-            nonlocal t
-            for _ in range(5):
-                t += 1
-                _step(rt, t)
-            assert not agent.state.store_ok
-            rt.shutdown()
-
-        _run_bounded(stop)
+        t = _stop_in_the_fault(rt, t)
         assert list(f.limit_requested[:4]) == [700.0] * 4
         f.limit_requested[:4] = 650.0  # nvidia-smi -pl 650, by hand, between the runs
         if restart_in_outage:

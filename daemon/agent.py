@@ -138,7 +138,6 @@ class _StoreResult:
     """The monotonic time the targets were read: their leases run from then, not from
     when the agent took the result (a slow write after the read must not stretch them)."""
     originals_written: bool = False
-    cleared_written: bool = False
     standby_written: bool = False
     audited: int = 0
     targets: dict[str, CachedTarget] | None = None
@@ -501,7 +500,6 @@ class Agent:
                         [gpu_ids[u] for u in work.cleared if u in gpu_ids]
                     )
                     persisted = {u: w for u, w in persisted.items() if u not in work.cleared}
-                out.cleared_written = True
                 out.registered = (gpu_ids, persisted)
             for uuid, before in work.originals.items():
                 # A limit a crashed earlier run persisted is the true original: what this
@@ -585,7 +583,7 @@ class Agent:
         if res.registered is not None:
             self.gpu_ids = res.registered[0]
             self._persisted_originals = {**self._persisted_originals, **res.registered[1]}
-        if res.cleared_written and work.cleared:
+        if res.registered is not None and work.cleared:  # cleared as it registered
             self._cleared.difference_update(work.cleared)
             self._write_originals()
         unwritten = work.ticks[res.ticks_written :]

@@ -284,11 +284,14 @@ def _what_if(
             result = plan(nodes, gpus, facility_w, settings, moved)
         return {t.uuid: t.power_limit_w for t in result.targets}
 
-    per_joule: dict[str, float] = {}
-    for n in snap.nodes:
-        drawn = sum(g.power_w or 0.0 for g in snap.gpus if g.node == n.name)
-        if n.generation_tokens_per_s is not None and drawn > 0:
-            per_joule[n.name] = n.generation_tokens_per_s / drawn
+    drawn: dict[str, float] = {}
+    for g in snap.gpus:
+        drawn[g.node] = drawn.get(g.node, 0.0) + (g.power_w or 0.0)
+    per_joule = {
+        n.name: n.generation_tokens_per_s / drawn[n.name]
+        for n in snap.nodes
+        if n.generation_tokens_per_s is not None and drawn.get(n.name, 0.0) > 0
+    }
     node_of = {g.uuid: g.node for g in gpus}
     base = limits(0.0)
     out = []

@@ -8,6 +8,7 @@ connect timeout so a database that is down is an error within seconds, not a han
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -21,7 +22,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError as AlembicError
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, Table, TextClause, create_engine, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
@@ -103,17 +104,23 @@ def insert_rows(conn: Connection, model: Any, rows: list[dict[str, Any]]) -> Non
     if conn.dialect.name != "postgresql":
         conn.execute(insert_new(conn.dialect, model), rows)
         return
-    table = model.__table__
-    names = list(rows[0])
+    names = tuple(rows[0])
+    statement = _unnest_insert(model.__table__, names)
+    conn.execute(statement, {n: [r[n] for r in rows] for n in names})
+
+
+@functools.cache
+def _unnest_insert(table: Table, names: tuple[str, ...]) -> TextClause:
+    """The statement for one table and column set, built once: it is the hot path of
+    every agent's write."""
     casts = [
         f"CAST(:{n} AS {_PG_ARRAY.get(str(table.c[n].type).split('(')[0], 'text[]')})"
         for n in names
     ]
-    statement = text(
+    return text(
         f"INSERT INTO {table.name} ({', '.join(names)}) "
         f"SELECT * FROM unnest({', '.join(casts)}) ON CONFLICT DO NOTHING"
     )
-    conn.execute(statement, {n: [r[n] for r in rows] for n in names})
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

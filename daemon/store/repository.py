@@ -663,8 +663,7 @@ class Store:
                     f"node {node_name!r} was taken over by another agent ({holder[0]}):"
                     " this one stops writing under its name"
                 )
-            if gpu_rows:
-                insert_rows(conn, GpuSampleRow, gpu_rows)
+            insert_rows(conn, GpuSampleRow, gpu_rows)
             host_rows = [
                 {
                     "node_id": node_id,
@@ -676,13 +675,11 @@ class Store:
                 for t in ticks
                 if t.host is not None
             ]
-            if host_rows:
-                insert_rows(conn, HostSampleRow, host_rows)
+            insert_rows(conn, HostSampleRow, host_rows)
             token_rows = [
                 {"node_id": node_id, "ts": t.ts, **row.__dict__} for t in ticks for row in t.tokens
             ]
-            if token_rows:
-                insert_rows(conn, TokenSampleRow, token_rows)
+            insert_rows(conn, TokenSampleRow, token_rows)
 
     def retain(self, now: float, raw_s: float, rollup_s: float) -> Retained:
         """Roll raw samples older than ``raw_s`` up into minutes, drop minutes older than

@@ -27,12 +27,26 @@ class DrainActuator(Protocol):
     def set_drained(self, drained: bool) -> None: ...
 
 
+class DrainNowActuator(DrainActuator, Protocol):
+    """One that can also end a drain at once (``can_drain_now``): the requests still in
+    flight on the node go back to the router (their clients retry them elsewhere)
+    instead of finishing there while the node draws power."""
+
+    can_drain_now: bool
+
+    def drain_now(self) -> None: ...
+
+
 class CommandDrain:
     """Runs a command template to drain and one to resume: Slurm's
     ``scontrol update NodeName={node} State=DRAIN Reason=wattkeeper`` and
     ``scontrol update NodeName={node} State=RESUME``, Kubernetes' ``kubectl cordon
     {node}`` and ``kubectl uncordon {node}``, or a site script. ``{node}`` is replaced
-    by the node's name; the command runs without a shell."""
+    by the node's name; the command runs without a shell.
+
+    ``drain_now`` (optional) ends a drain at once, after the drain command ran:
+    ``kubectl drain {node} --ignore-daemonsets --force --grace-period=0``, or a site
+    script that restarts the node's inference servers (their clients retry elsewhere)."""
 
     def __init__(
         self,
@@ -42,17 +56,26 @@ class CommandDrain:
         *,
         powers_down: bool = False,
         timeout_s: float = 30.0,
+        drain_now: Sequence[str] | str | None = None,
     ) -> None:
         self.node = node
         self.drain = _argv(drain)
         self.resume = _argv(resume)
+        self.now = None if drain_now is None else _argv(drain_now)
+        self.can_drain_now = self.now is not None
         self.powers_down = powers_down
         self.timeout_s = timeout_s
 
     def set_drained(self, drained: bool) -> None:
-        argv = [
-            part.replace("{node}", self.node) for part in (self.drain if drained else self.resume)
-        ]
+        self._run(self.drain if drained else self.resume)
+
+    def drain_now(self) -> None:
+        if self.now is None:
+            raise DrainError("no drain-now command configured (agent.drain_now_command)")
+        self._run(self.now)
+
+    def _run(self, template: list[str]) -> None:
+        argv = [part.replace("{node}", self.node) for part in template]
         try:
             done = subprocess.run(
                 argv, capture_output=True, text=True, timeout=self.timeout_s, check=False

@@ -141,7 +141,8 @@ class _StoreResult:
     standby_written: bool = False
     audited: int = 0
     targets: dict[str, CachedTarget] | None = None
-    drained: bool | None = None
+    drained: tuple[bool, bool] | None = None
+    """Whether the node is drained, and whether at once."""
     error: StoreError | None = None
 
 
@@ -295,11 +296,12 @@ class Agent:
         self._outbox_originals: dict[str, float | None] = {}
         self._outbox_standby: bool | None = None
         self._targets_read = False
-        self._drained_mark: bool | None = None
+        self._drained_mark: tuple[bool, bool] | None = None
         self._epoch_seen = 0
         self.drain = drain
         self._drained_applied: bool | None = None
-        self._drain_job: tuple[bool, Future[None]] | None = None
+        self._drain_job: tuple[str, Future[None]] | None = None
+        self._drain_now_applied = False
         self._drain_pool: ThreadPoolExecutor | None = None
         self._drain_retry_at = float("-inf")
         self._errors: dict[str, str] = {}
@@ -515,7 +517,7 @@ class Agent:
                 out.audited += 1
             # Orders before samples: a write that fails (a backlog the store refuses) must
             # not keep the node from its targets.
-            targets, drained = store.orders_for_node(self.node, self.agent_id)
+            orders = store.orders_for_node(self.node, self.agent_id)
             out.targets = {
                 uuid: CachedTarget(
                     t.power_limit_w,
@@ -525,9 +527,9 @@ class Agent:
                     t.issued_at,
                     t.sm_clock_max_mhz,
                 )
-                for uuid, t in targets.items()
+                for uuid, t in orders.targets.items()
             }
-            out.drained = drained
+            out.drained = (orders.drained, orders.drain_now)
             if self._monotonic is not None:
                 out.read_at = self._monotonic()
             if work.ticks:
@@ -693,16 +695,18 @@ class Agent:
             self.state.spool_dropped_ticks += over
         self.state.spooled_ticks = len(self._spool)
 
-    def _apply_drain(self, drained: bool, now: float) -> None:
+    def _apply_drain(self, mark: tuple[bool, bool], now: float) -> None:
         """Act on the store's drain mark when it changes, and at start when it is set (a
         node drained while its agent was down is drained when it comes back; one in
         service is not "resumed", which would undo a drain made outside wattkeeper).
+        A drain marked "now" runs the actuator's ``drain_now`` once, after the drain.
 
         A command runs in a worker thread, so a hung ``scontrol`` never holds up the
         next sample or the caps; its outcome is taken at a later tick, and a failure is
         retried after ``DRAIN_RETRY_S``, said once per distinct error."""
         if self.drain is None:
             return
+        drained, at_once = mark
         job = self._drain_job
         if job is not None:
             want, future = job
@@ -710,35 +714,61 @@ class Agent:
                 return
             self._drain_job = None
             self._drain_done(want, future.exception(), now)
-        if drained == self._drained_applied or self._mono(now) < self._drain_retry_at:
+        if self._mono(now) < self._drain_retry_at:
             return
-        if self._drained_applied is None and not drained:
-            self._drained_applied = False
+        if drained != self._drained_applied:
+            if self._drained_applied is None and not drained:
+                self._drained_applied = False
+                return
+            actuator = self.drain
+            self._drain_run(
+                "drain" if drained else "resume", lambda: actuator.set_drained(drained), now
+            )
+            if drained != self._drained_applied:
+                return  # in a worker thread, or failed
+        if not (drained and at_once) or self._drain_now_applied:
             return
+        if not getattr(self.drain, "can_drain_now", False):
+            self._drain_now_applied = True
+            log.warning(
+                "%s: asked to end its drain now, but its drain actuator cannot "
+                "(agent.drain_now_command): its requests in flight finish where they are",
+                self.node,
+            )
+            self._audit("node.drain.now.unsupported", self.node, {}, now)
+            return
+        self._drain_run("drain now", self.drain.drain_now, now)  # type: ignore[attr-defined]
+
+    def _drain_run(self, want: str, act: Callable[[], None], now: float) -> None:
         if getattr(self.drain, "inline", False):
             error: DrainError | None = None
             try:
-                self.drain.set_drained(drained)
+                act()
             except DrainError as exc:
                 error = exc
-            self._drain_done(drained, error, now)
+            self._drain_done(want, error, now)
             return
         if self._drain_pool is None:
             self._drain_pool = ThreadPoolExecutor(1, thread_name_prefix=f"drain-{self.node}")
-        self._drain_job = (drained, self._drain_pool.submit(self.drain.set_drained, drained))
+        self._drain_job = (want, self._drain_pool.submit(act))
 
-    def _drain_done(self, drained: bool, error: BaseException | None, now: float) -> None:
-        what = "drain" if drained else "resume"
+    def _drain_done(self, want: str, error: BaseException | None, now: float) -> None:
         if error is not None:
             self._drain_retry_at = self._mono(now) + DRAIN_RETRY_S
-            if self._first("drain", f"{what}: {error}"):
-                log.error("%s: %s", what, error)
-                self._audit(
-                    "node.drain.failed", self.node, {"drained": drained, "error": str(error)}, now
-                )
+            if self._first("drain", f"{want}: {error}"):
+                log.error("%s: %s", want, error)
+                detail = {"drained": want != "resume", "action": want, "error": str(error)}
+                self._audit("node.drain.failed", self.node, detail, now)
             return
         self._first("drain", None)
+        if want == "drain now":
+            self._drain_now_applied = True
+            log.warning("%s: drain ended now, its requests in flight sent back", self.node)
+            self._audit("node.drain.now.applied", self.node, {}, now)
+            return
+        drained = want == "drain"
         self._drained_applied = drained
+        self._drain_now_applied = False
         standby = self._asleep
         if standby:
             log.info("%s drained and powering down: its GPUs going silent is expected", self.node)

@@ -128,6 +128,12 @@ class AgentConfig(_Section):
     """Run when it is back in service, e.g. "scontrol update NodeName={node} State=RESUME"."""
     drain_powers_down: bool = False
     """Whether the drain command also powers the node down (standby, suspend)."""
+    drain_now_command: str | None = None
+    """Run after the drain command when a drain may not wait for the node's requests to
+    finish (a budget below what the serving nodes draw at their floors, or `node drain
+    --now`), e.g. "kubectl drain {node} --ignore-daemonsets --force --grace-period=0" or a
+    script that restarts the node's inference servers. Unset: such a drain waits for
+    them, the node over its share meanwhile."""
     store_timeout_s: Annotated[DurationS, Field(ge=0.5, le=600)] = 5.0
     """A store call unanswered this long counts as the store being down: the node runs on
     its cached targets (and their leases) and keeps its samples in the spool."""
@@ -150,6 +156,8 @@ class AgentConfig(_Section):
             raise ValueError(
                 "agent.drain_command and agent.resume_command are set together or not at all"
             )
+        if self.drain_now_command is not None and self.drain_command is None:
+            raise ValueError("agent.drain_now_command needs agent.drain_command")
         return self
 
 

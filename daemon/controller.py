@@ -284,11 +284,17 @@ class Controller:
             self.state.periods.observe(time.perf_counter() - started)
 
     def _plan(
-        self, now: float, snap: Snapshot, domains: list[Domain], periodic: bool
+        self,
+        now: float,
+        snap: Snapshot,
+        domains: list[Domain],
+        periodic: bool,
+        breached: Sequence[tuple[str, float, float]] = (),
     ) -> Plan | None:
         """Plan on ``snap`` (budgets in force already applied) and write targets. Only the
         periodic tick moves latency ceilings and drains: the emergency re-plan between
-        periods reuses them, so their pace stays the period's."""
+        periods reuses them, so their pace stays the period's. ``breached``: the budgets
+        measured over (name, watts, limit), from the emergency path."""
         self.state.last_tick_ts = now
         limited = any(d.limit_w is not None for d in domains)
         if snap.budget_w is None and self.ceilings is None and not limited:
@@ -315,6 +321,8 @@ class Controller:
         )
         if periodic and self.routes is not None:
             self._route(snap, gpus, result, now)
+        if breached and self.drains is not None:
+            self._hurry_drains(snap, nodes, result, breached, now)
         if not result.feasible:
             self._say("infeasible", result.explanation, now)
         else:
@@ -375,7 +383,7 @@ class Controller:
                 f"{name} at {measured:.0f} W over its {limit:.0f} W budget: re-planning now",
                 now,
             )
-        return self._plan(now, snap, all_domains, periodic=False)
+        return self._plan(now, snap, all_domains, periodic=False, breached=over)
 
     def _with_schedules(self, snap: Snapshot, now: float) -> Snapshot:
         """The snapshot with the budget in force: the standing one, or a scheduled window's
@@ -468,6 +476,42 @@ class Controller:
                 changed[d.name] = d.drain
                 self.state.last_drain_ts = now
         return [replace(n, drained=changed.get(n.name, n.drained)) for n in nodes]
+
+    def _hurry_drains(
+        self,
+        snap: Snapshot,
+        nodes: list[PlanNode],
+        result: Plan,
+        breached: Sequence[tuple[str, float, float]],
+        now: float,
+    ) -> None:
+        """End the controller's drains under a breached budget now, when capping cannot
+        bring it back: its GPUs at their floors plus the non-GPU power, the draining
+        nodes' included, exceed it. Letting their requests finish would keep it over
+        for a minute or more; budget comes before those requests' SLO. Drains under a
+        budget the caps can meet keep their pace."""
+        stuck = {name for name, _, _ in breached} & set(result.infeasible_budgets)
+        if not stuck:
+            return
+        under: set[str] = set()
+        for name in stuck:
+            under |= {n.name for n in nodes} if name == FACILITY else set(self._members[name])
+        views = {v.name: v for v in snap.nodes}
+        limits = {name: limit for name, _, limit in breached}
+        for n in nodes:
+            v = views[n.name]
+            # Drained by this tick (not yet in the snapshot) or earlier by the controller.
+            mine = n.drained and (not v.drained or v.drained_by == CONTROLLER)
+            if n.name not in under or not mine or v.drain_now:
+                continue
+            reason = (
+                "over "
+                + ", ".join(f"{b} ({limits[b]:.0f} W)" for b in sorted(stuck))
+                + " with every serving GPU at its floor: its requests in flight go back to"
+                " the router"
+            )
+            if self.store.drain_now(n.name, CONTROLLER, now, only_own=True, reason=reason):
+                log.warning("ending the drain of %s now: %s", n.name, reason)
 
     def _with_ceilings(
         self, snap: Snapshot, gpus: list[PlanGpu], now: float, periodic: bool

@@ -482,6 +482,7 @@ def build_local(cfg: Config, store: Store, with_controller: bool = True) -> Runt
             cfg.agent.drain_command,
             cfg.agent.resume_command,
             powers_down=cfg.agent.drain_powers_down,
+            drain_now=cfg.agent.drain_now_command,
         )
     agent = make_agent(cfg, store, cfg.agent.node, backend, host, endpoints, drain)
     controller = make_controller(cfg, store) if with_controller else None

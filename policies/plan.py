@@ -82,6 +82,8 @@ class Plan:
     feasible: bool
     stale_gpus: int
     explanation: str
+    infeasible_budgets: tuple[str, ...] = ()
+    """The budgets its GPUs' floors and non-GPU power exceed (``FACILITY`` or a domain)."""
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,16 @@ def plan(
         explanation += f"{len(fresh_gpus)} GPUs at their ceilings"
     if stale:
         explanation += f"; {len(stale)} GPU(s) without fresh samples held at their cap"
-    return Plan(tuple(targets), budget_w, usable, non_gpu, not infeasible, len(stale), explanation)
+    return Plan(
+        tuple(targets),
+        budget_w,
+        usable,
+        non_gpu,
+        not infeasible,
+        len(stale),
+        explanation,
+        tuple(dict.fromkeys(b.name for b in infeasible)),
+    )
 
 
 def _tree(

@@ -637,6 +637,17 @@ class SimFacility:
             self._reboot(node)
         self._demand_cache = None
 
+    def drain_now(self, node: int) -> None:
+        """End a drain at once: the node's requests in flight go back to the router (to
+        be served elsewhere, from the start) and the node powers down to standby."""
+        node = int(node)
+        if not self.drained[node] or not self.node_alive[node] or self.node_standby[node]:
+            return
+        self._requeue(self.replica_node == node)
+        self.node_standby[node] = True
+        self._wake_until[node] = -math.inf
+        self._demand_cache = None
+
     def set_max_inflight(self, replica: int, limit: float) -> None:
         """The router's in-flight limit for one replica (the batch lever). Lowering it
         below the current in-flight count lets the excess finish; it is not preempted."""
@@ -1360,10 +1371,7 @@ class SimFacility:
             self.replica_node, weights=self._n_pre + self._n_dec, minlength=self.n_nodes
         )
         for node in np.flatnonzero(draining & (load < DRAIN_DONE_REQUESTS)):
-            self._requeue(self.replica_node == node)
-            self.node_standby[node] = True
-            self._wake_until[node] = -math.inf
-            self._demand_cache = None
+            self.drain_now(node)
 
 
 def _physics_inputs(n_dec: NDArray, share: NDArray) -> tuple[NDArray, NDArray]:

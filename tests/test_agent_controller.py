@@ -246,7 +246,7 @@ def test_a_node_removed_from_the_store_registers_again_and_follows_its_targets(r
     assert not agent.state.store_ok and agent.gpu_ids == {}
     step(rt, 12)
     assert agent.node in rt.store.node_claims() and agent.state.store_ok
-    targets, _ = rt.store.orders_for_node(agent.node)
+    targets = rt.store.orders_for_node(agent.node).targets
     assert len(targets) == 4 and all(lim < 700 for lim in limits(rt))
 
 

@@ -108,18 +108,26 @@ def test_samples_stored_twice_before_they_were_unique_are_kept_once(db_url):
     """Duplicates a replay left before 0010 are removed by it (the first row written
     stays), so its unique indexes can be built on a store that has them. Token rows
     cannot be told from a second engine's before they had a series: all are kept."""
-    from wattkeeper.collectors.gpu import GpuInfo, PowerLimitConstraints
-    from wattkeeper.store.repository import Store
-
     engine = make_engine(db_url)
     upgrade(engine, "0009")
-    limits = PowerLimitConstraints(200.0, 700.0, 700.0)
-    infos = [GpuInfo(f"GPU-{i}", i, "H100", f"0:{i}", 1, limits, 1) for i in (1, 2)]
-    ids = Store(engine).register_node("n1", "sim", infos, 1.0)
-    g1, g2 = ids["GPU-1"], ids["GPU-2"]
+    with engine.begin() as c:  # in SQL: today's models have columns 0009 lacks
+        c.exec_driver_sql(
+            "INSERT INTO nodes (name, registered_at, last_seen_at, drained, standby, backend)"
+            " VALUES ('n1', 1, 1, false, false, 'sim')"
+        )
+        node = c.exec_driver_sql("SELECT id FROM nodes").scalar_one()
+        for i in (1, 2):
+            c.exec_driver_sql(
+                'INSERT INTO gpus (uuid, node_id, "index", name, pci_bus_id, memory_total_bytes,'
+                " power_min_w, power_max_w, power_default_w)"
+                f" VALUES ('GPU-{i}', {node}, {i}, 'H100', '0:{i}', 1, 200, 700, 700)"
+            )
+        g1, g2 = (
+            c.exec_driver_sql(f"SELECT id FROM gpus WHERE uuid = 'GPU-{i}'").scalar_one()
+            for i in (1, 2)
+        )
     rows = [(g1, 10.0, 100.0), (g1, 10.0, 999.0), (g1, 11.0, 101.0), (g2, 10.0, 200.0)]
     with engine.begin() as c:
-        node = c.exec_driver_sql("SELECT id FROM nodes").scalar_one()
         for gpu, ts, watts in rows:
             c.exec_driver_sql(
                 "INSERT INTO gpu_samples (gpu_id, ts, power_w, throttle_reasons)"

@@ -192,6 +192,10 @@ def test_the_controller_plans_but_cannot_set_a_budget(fleet):
         ctl.set_budget(5000.0, "controller", NOW)
     assert ctl.write_targets([TargetSpec("GPU-b", 450.0)], NOW, 30.0) == 1
     assert ctl.set_drained("node-b", True, "controller", NOW)
+    assert ctl.drain_now("node-b", "controller", NOW, only_own=True)
+    assert stores["b"].orders_for_node("node-b").drain_now  # its agent reads it
+    with pytest.raises(Exception, match="permission denied"), stores["b"].engine.begin() as c:
+        c.execute(text("UPDATE nodes SET drain_now = false"))  # not an agent's to change
     # What it learned is its own: an agent's login cannot read or change it.
     ctl.remember("learned", {"coupling": 0.3}, NOW)
     assert ctl.recall("learned") == ({"coupling": 0.3}, NOW)

@@ -56,6 +56,7 @@ CALLS = {
     "register_node": lambda s: s.register_node("n0", "sim", [INFO], NOW),
     "node_id": lambda s: s.node_id("n0"),
     "set_drained": lambda s: s.set_drained("n0", True, "test", NOW),
+    "drain_now": lambda s: s.drain_now("n0", "test", NOW),
     "node_drained": lambda s: s.node_drained("n0"),
     "set_standby": lambda s: s.set_standby("n0", True),
     "original_power_limits": lambda s: s.original_power_limits("n0"),

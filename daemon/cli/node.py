@@ -19,12 +19,20 @@ node_app = typer.Typer(help="Take a node out of service or put it back.", no_arg
 def node_drain(
     name: Annotated[str, typer.Argument(help="The node, as `status` lists it.")],
     reason: ReasonOpt = None,
+    now: Annotated[
+        bool,
+        typer.Option(
+            "--now",
+            help="Do not wait for its requests in flight to finish: its agent also runs "
+            "agent.drain_now_command, which sends them back to the router.",
+        ),
+    ] = False,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Drain a node: its agent runs its drain command, its GPUs are held at their floor,
     and the controller never puts it back; only `node resume` does."""
-    _set_drained(name, True, reason, db, config)
+    _set_drained(name, True, reason, db, config, at_once=now)
 
 
 @node_app.command("resume")
@@ -74,16 +82,24 @@ def node_remove(
 
 
 def _set_drained(
-    name: str, drained: bool, reason: str | None, db: str | None, config: Path | None
+    name: str,
+    drained: bool,
+    reason: str | None,
+    db: str | None,
+    config: Path | None,
+    at_once: bool = False,
 ) -> None:
     from wattkeeper.store.db import StoreError
 
     store = _store(_config(config), db)
+    actor, now = _actor(), time.time()
     try:
-        changed = store.set_drained(name, drained, _actor(), time.time(), reason=reason)
+        changed = store.set_drained(name, drained, actor, now, reason=reason)
+        if at_once:
+            changed = store.drain_now(name, actor, now, reason=reason) or changed
     except KeyError:
         fail(f"no node named {name!r} in the store (wattkeeper status lists them)")
     except StoreError as exc:
         fail(str(exc))
-    state = "drained" if drained else "in service"
+    state = ("drained now" if at_once else "drained") if drained else "in service"
     typer.echo(f"{name}: {state}" + ("" if changed else " (already)"))

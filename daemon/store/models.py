@@ -16,6 +16,7 @@ from sqlalchemy import (
     MetaData,
     String,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -43,6 +44,9 @@ class Node(Base):
     drained_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
     """Who drained it: 'controller', or a person ('cli:root'), whose drain the controller
     never undoes."""
+    drain_now: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """The drain may not wait for the node's requests to finish (a budget below what the
+    serving nodes draw at their floors): its agent runs its drain-now actuator once."""
     standby: Mapped[bool] = mapped_column(Boolean, default=False)
     """Its agent ran a drain that powers the node down: from then on a silent node is
     budgeted at standby power, not at the caps it last had."""

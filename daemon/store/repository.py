@@ -10,7 +10,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     ARRAY,
@@ -154,6 +154,15 @@ class LeasedTarget:
     """The highest SM clock the GPU may run at (None: no clock lock)."""
 
 
+class NodeOrders(NamedTuple):
+    """What an agent reads every tick (``Store.orders_for_node``)."""
+
+    targets: dict[str, LeasedTarget]
+    drained: bool
+    drain_now: bool
+    """Drained, and the requests in flight may not finish there (``Store.drain_now``)."""
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     """Desired state of one GPU, as the controller writes it."""
@@ -212,6 +221,8 @@ class NodeView:
     endpoints_total: int
     drained_by: str | None = None
     standby: bool = False
+    drain_now: bool = False
+    """The drain was asked to end at once (``Store.drain_now``)."""
     token_ts: float | None = None
     """When the node's servers were last read (None: no token source)."""
     requests_waiting: float | None = None
@@ -413,11 +424,44 @@ class Store:
                 return False
             node.drained = drained
             node.drained_by = actor if drained else None
+            node.drain_now = False
             s.add(
                 AuditEntry(
                     ts=now,
                     actor=actor,
                     action="node.drain" if drained else "node.undrain",
+                    subject=name,
+                    detail=_why({}, reason),
+                )
+            )
+            return True
+
+    def drain_now(
+        self,
+        name: str,
+        actor: str,
+        now: float,
+        only_own: bool = False,
+        reason: str | None = None,
+    ) -> bool:
+        """End a drain at once: the node's agent runs its drain-now actuator, which sends
+        the requests still in flight back to the router, instead of letting them finish
+        while the node draws power. Only a drained node can be hurried, and ``only_own``
+        (the controller) hurries only its own drains: a person's drain goes at the
+        person's pace. Returns whether anything changed; ``KeyError`` for an unknown
+        node."""
+        with self.session() as s, s.begin():
+            node = s.scalar(select(Node).where(Node.name == name).with_for_update())
+            if node is None:
+                raise KeyError(name)
+            if not node.drained or node.drain_now or (only_own and node.drained_by != actor):
+                return False
+            node.drain_now = True
+            s.add(
+                AuditEntry(
+                    ts=now,
+                    actor=actor,
+                    action="node.drain.now",
                     subject=name,
                     detail=_why({}, reason),
                 )
@@ -892,12 +936,10 @@ class Store:
                 conn.execute(insert(AuditEntry), audit)
         return len(audit)
 
-    def orders_for_node(
-        self, node_name: str, agent_id: str | None = None
-    ) -> tuple[dict[str, LeasedTarget], bool]:
+    def orders_for_node(self, node_name: str, agent_id: str | None = None) -> NodeOrders:
         """What an agent reads every tick: its GPUs' targets and whether its node is
-        drained, in one statement (at a thousand nodes these reads are a thousand
-        queries a second). Refused when the node is gone (``NodeGoneError``) or, with
+        drained (and whether at once), in one statement (at a thousand nodes these reads
+        are a thousand queries a second). Refused when the node is gone (``NodeGoneError``) or, with
         ``agent_id``, held by another agent (``NodeClaimedError``): another agent's
         targets and drain mark are not this one's to apply."""
         with self.engine.connect() as conn:
@@ -905,6 +947,7 @@ class Store:
                 select(
                     Node.agent_id,
                     Node.drained,
+                    Node.drain_now,
                     Gpu.uuid,
                     Target.power_limit_w,
                     Target.lease_expires_at,
@@ -928,10 +971,11 @@ class Store:
             )
         targets = {
             uuid: LeasedTarget(limit, lease, reason, epoch, issued, clock)
-            for _, _, uuid, limit, lease, reason, epoch, issued, clock in rows
+            for _, _, _, uuid, limit, lease, reason, epoch, issued, clock in rows
             if uuid is not None and lease is not None
         }
-        return targets, bool(rows[0][1])
+        drained = bool(rows[0][1])
+        return NodeOrders(targets, drained, drained and bool(rows[0][2]))
 
     def targets_for_node(self, node_name: str) -> dict[str, Target]:
         with self.session() as s:
@@ -1171,6 +1215,7 @@ class Store:
                 name,
                 drained,
                 drained_by,
+                drain_now,
                 standby,
                 last_seen_at,
                 host_ts,
@@ -1185,6 +1230,7 @@ class Store:
                         drained=drained,
                         drained_by=drained_by if drained else None,
                         standby=bool(standby) and drained,
+                        drain_now=bool(drain_now) and drained,
                         last_seen_at=last_seen_at,
                         host_ts=host_ts,
                         non_gpu_power_w=non_gpu_w,
@@ -1354,6 +1400,7 @@ def _node_snapshot_statement(dialect: str, since: float, now: float) -> Select:
             _NODES.c.name,
             _NODES.c.drained,
             _NODES.c.drained_by,
+            _NODES.c.drain_now,
             _NODES.c.standby,
             _NODES.c.last_seen_at,
             host.c.ts,

@@ -57,6 +57,9 @@ class SloSettings:
     batch_full_ratio: float = 0.92
     """A batch this share of the largest one seen while requests queued is near the
     servers' in-flight limit: a lower cap would not grow it further, only queue."""
+    queue_growing_ratio: float = 1.2
+    """While queueing, mean TTFT this many times that of the last step up says the
+    queue still grows: step up again at once."""
     floor_memory_s: float = 600.0
     """How long the ceiling at which a node last queued stays a floor for steps down."""
 
@@ -95,6 +98,8 @@ class CeilingState:
     floor_ts: float = float("-inf")
     batch_limit: float | None = None
     """Requests running when the node last queued: its servers' in-flight limit, learned."""
+    queue_ttft_s: float | None = None
+    """Mean TTFT at the last step up for a queue (None: not queueing)."""
     slack: bool = False
     """This period the mean latency was under the target share, with no queue and no
     batch near the in-flight limit: the node can give up speed."""
@@ -172,8 +177,19 @@ class Ceilings:
         said = f"mean latency at {steer:.0%} of the SLO, p90 at {tail:.0%}"
         if now - state.floor_ts > s.floor_memory_s:
             state.floor = 0.0
-        if self._queueing(state, n.ttft_mean_s):
-            if now - state.floor_ts >= s.settle_s:
+        queueing = self._queueing(state, n.ttft_mean_s)
+        if not queueing:
+            state.queue_ttft_s = None
+        if queueing:
+            assert n.ttft_mean_s is not None
+            # A queue still growing after a step (mean TTFT up by a fifth since) says
+            # that step was too small: step again without waiting for the batch.
+            growing = (
+                state.queue_ttft_s is not None
+                and n.ttft_mean_s > s.queue_growing_ratio * state.queue_ttft_s
+            )
+            if now - state.floor_ts >= s.settle_s or growing:
+                state.queue_ttft_s = n.ttft_mean_s
                 # Out of capacity at this cap: back up, and do not come this low again.
                 # Until the backlog has drained TTFT stays high: hold, do not ratchet up.
                 state.floor = max(state.floor, in_force_ratio + s.min_down_step)

@@ -99,6 +99,20 @@ def test_queueing_raises_once_then_holds_and_learns_the_floor_and_the_batch_limi
     assert later.floor == 0.0
 
 
+def test_a_queue_still_growing_after_a_step_gets_another_at_once() -> None:
+    """A surge bigger than one step: mean TTFT keeps climbing after the raise, so the
+    ceiling rises again at every period while it climbs (not after the 20 s settle)
+    and holds once the queue stops growing."""
+    c = Ceilings(SLO)
+    c.update(reading(ttft_mean=0.040), 0.4, now=0.0)
+    assert c.update(reading(ttft_mean=0.600), 0.38, now=30.0).ratio == pytest.approx(0.48)
+    assert c.update(reading(ttft_mean=0.900), 0.48, now=35.0).ratio == pytest.approx(0.58)
+    assert c.update(reading(ttft_mean=1.000), 0.58, now=40.0).ratio == pytest.approx(0.58)
+    assert c.update(reading(ttft_mean=1.300), 0.58, now=45.0).ratio == pytest.approx(0.68)
+    # Draining (TTFT falling but still queued): held until the settle time has passed.
+    assert c.update(reading(ttft_mean=0.800), 0.68, now=50.0).ratio == pytest.approx(0.68)
+
+
 def test_a_full_kv_cache_counts_as_a_missed_slo() -> None:
     c = Ceilings(SLO)
     assert c.update(reading(tpot_mean=0.020, kv=0.99), 0.5, now=0.0).ratio == pytest.approx(0.6)

@@ -51,9 +51,11 @@ class SloSettings:
     queue_ttft_ratio: float = 3.0
     """Mean TTFT this many times the node's unqueued TTFT says requests are queueing:
     the node no longer keeps up at its cap, long before TTFT reaches the SLO."""
-    queue_ttft_min_share: float = 0.1
-    """...but never below this share of the TTFT SLO, so noise on a fast prefill is not
-    taken for a queue."""
+    queue_ttft_min_share: float = 0.5
+    """...and at least this share of the TTFT SLO. A short queue (a surge of a minute)
+    that keeps TTFT within half the SLO costs no goodput, and a raise against it would
+    only cost watts; one that grows past it gets a raise at every period while it grows
+    (``queue_growing_ratio``), so it is met before it reaches the SLO."""
     batch_full_ratio: float = 0.92
     """A batch this share of the largest one seen while requests queued is near the
     servers' in-flight limit: a lower cap would not grow it further, only queue."""

@@ -79,7 +79,10 @@ def test_a_step_down_starts_from_the_limit_in_force() -> None:
 def test_queueing_raises_once_then_holds_and_learns_the_floor_and_the_batch_limit() -> None:
     c = Ceilings(SLO)
     c.update(reading(ttft_mean=0.040), 0.4, now=0.0)  # unqueued TTFT learned: 40 ms
-    queued = reading(tpot_mean=0.038, ttft_mean=0.600, running=2000.0)
+    # A short queue, TTFT within half the SLO: no goodput at stake, no raise.
+    short = reading(tpot_mean=0.038, ttft_mean=0.600, running=2000.0)
+    assert c.update(short, 0.38, now=25.0).ratio <= 0.38
+    queued = reading(tpot_mean=0.038, ttft_mean=1.100, running=2000.0)
     state = c.update(queued, 0.38, now=30.0)
     assert state.ratio == pytest.approx(0.38 + 0.1)
     assert state.floor == pytest.approx(0.39) and state.batch_limit == 2000.0
@@ -105,12 +108,12 @@ def test_a_queue_still_growing_after_a_step_gets_another_at_once() -> None:
     and holds once the queue stops growing."""
     c = Ceilings(SLO)
     c.update(reading(ttft_mean=0.040), 0.4, now=0.0)
-    assert c.update(reading(ttft_mean=0.600), 0.38, now=30.0).ratio == pytest.approx(0.48)
-    assert c.update(reading(ttft_mean=0.900), 0.48, now=35.0).ratio == pytest.approx(0.58)
-    assert c.update(reading(ttft_mean=1.000), 0.58, now=40.0).ratio == pytest.approx(0.58)
-    assert c.update(reading(ttft_mean=1.300), 0.58, now=45.0).ratio == pytest.approx(0.68)
+    assert c.update(reading(ttft_mean=1.100), 0.38, now=30.0).ratio == pytest.approx(0.48)
+    assert c.update(reading(ttft_mean=1.400), 0.48, now=35.0).ratio == pytest.approx(0.58)
+    assert c.update(reading(ttft_mean=1.500), 0.58, now=40.0).ratio == pytest.approx(0.58)
+    assert c.update(reading(ttft_mean=1.800), 0.58, now=45.0).ratio == pytest.approx(0.68)
     # Draining (TTFT falling but still queued): held until the settle time has passed.
-    assert c.update(reading(ttft_mean=0.800), 0.68, now=50.0).ratio == pytest.approx(0.68)
+    assert c.update(reading(ttft_mean=1.200), 0.68, now=50.0).ratio == pytest.approx(0.68)
 
 
 def test_a_full_kv_cache_counts_as_a_missed_slo() -> None:

@@ -119,7 +119,7 @@ def _writer(
                         store.write_ticks(node, ids, waiting[node])
                         rows += GPUS_PER_NODE * len(waiting[node])
                         waiting[node] = []
-                    orders, _drained = store.orders_for_node(node)
+                    orders = store.orders_for_node(node).targets
                     targets[node] = {
                         u: t.power_limit_w for u, t in orders.items() if t.power_limit_w is not None
                     }

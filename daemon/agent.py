@@ -726,6 +726,10 @@ class Agent:
             )
             if drained != self._drained_applied:
                 return  # in a worker thread, or failed
+        if drained and not at_once:
+            # The store clears the mark only with the drain: unmarked, this is a new
+            # drain (or one a person took over), to be hurried afresh if marked later.
+            self._drain_now_applied = False
         if not (drained and at_once) or self._drain_now_applied:
             return
         if not getattr(self.drain, "can_drain_now", False):

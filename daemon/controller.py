@@ -322,7 +322,7 @@ class Controller:
         if periodic and self.routes is not None:
             self._route(snap, gpus, result, now)
         if breached and self.drains is not None:
-            self._hurry_drains(snap, nodes, result, breached, now)
+            self._hurry_drains(snap, nodes, gpus, result, breached, now)
         if not result.feasible:
             self._say("infeasible", result.explanation, now)
         else:
@@ -481,6 +481,7 @@ class Controller:
         self,
         snap: Snapshot,
         nodes: list[PlanNode],
+        gpus: list[PlanGpu],
         result: Plan,
         breached: Sequence[tuple[str, float, float]],
         now: float,
@@ -496,13 +497,12 @@ class Controller:
         under: set[str] = set()
         for name in stuck:
             under |= {n.name for n in nodes} if name == FACILITY else set(self._members[name])
-        views = {v.name: v for v in snap.nodes}
+        # A node whose GPUs no longer report has powered down: nothing left to end.
+        drawing = {g.node for g in gpus if g.power_w and self.settings.is_fresh(g.sample_age_s)}
         limits = {name: limit for name, _, limit in breached}
-        for n in nodes:
-            v = views[n.name]
-            # Drained by this tick (not yet in the snapshot) or earlier by the controller.
-            mine = n.drained and (not v.drained or v.drained_by == CONTROLLER)
-            if n.name not in under or not mine or v.drain_now:
+        for v in snap.nodes:
+            mine = v.drained and v.drained_by == CONTROLLER
+            if v.name not in under or not mine or v.drain_now or v.name not in drawing:
                 continue
             reason = (
                 "over "
@@ -510,8 +510,8 @@ class Controller:
                 + " with every serving GPU at its floor: its requests in flight go back to"
                 " the router"
             )
-            if self.store.drain_now(n.name, CONTROLLER, now, only_own=True, reason=reason):
-                log.warning("ending the drain of %s now: %s", n.name, reason)
+            if self.store.drain_now(v.name, CONTROLLER, now, only_own=True, reason=reason):
+                log.warning("ending the drain of %s now: %s", v.name, reason)
 
     def _with_ceilings(
         self, snap: Snapshot, gpus: list[PlanGpu], now: float, periodic: bool

@@ -201,7 +201,7 @@ def test_a_drain_made_now_is_marked_for_its_agent_and_cleared_with_the_drain(
     assert not store.drain_now("gpu-4", "controller", 1000.0)  # in service: nothing to hurry
     runner = CliRunner()
     r = runner.invoke(app, ["node", "drain", "gpu-3", "--now", "--db", sqlite_url])
-    assert r.exit_code == 0 and "gpu-3: drained now" in r.stdout
+    assert r.exit_code == 0 and "gpu-3: drained, marked to end now" in r.stdout
     assert store.orders_for_node("gpu-3") == ({}, True, True)
     assert store.snapshot(1000.0).nodes[0].drain_now
     assert [e.action for e in store.audit_log(2)] == ["node.drain.now", "node.drain"]
@@ -265,12 +265,19 @@ def test_the_agent_runs_the_drain_now_command_once_after_the_drain(
     store.set_drained(agent.node, True, "controller", t[0])
     store.drain_now(agent.node, "controller", t[0])
     assert ticks_until(2) == ["DRAIN NodeName=sim-node-0", "NOW NodeName=sim-node-0"]
+    # Resumed and drained again between two of its reads: the agent sees a drain not
+    # (yet) marked now, and hurries it afresh when it is.
     store.set_drained(agent.node, False, "controller", t[0])
-    assert ticks_until(3)[2:] == ["RESUME NodeName=sim-node-0"]
+    store.set_drained(agent.node, True, "controller", t[0])
+    assert len(ticks_until(2)) == 2
+    store.drain_now(agent.node, "controller", t[0])
+    assert ticks_until(3)[2:] == ["NOW NodeName=sim-node-0"]
+    store.set_drained(agent.node, False, "controller", t[0])
+    assert ticks_until(4)[3:] == ["RESUME NodeName=sim-node-0"]
     store.set_drained(agent.node, True, "controller", t[0])  # a drain at its own pace
-    assert ticks_until(4)[3:] == ["DRAIN NodeName=sim-node-0"]
+    assert ticks_until(5)[4:] == ["DRAIN NodeName=sim-node-0"]
     actions = [e.action for e in store.audit_log(100)]
-    assert actions.count("node.drain.now.applied") == 1
+    assert actions.count("node.drain.now.applied") == 2
 
     agent.drain = CommandDrain(agent.node, "true", "true")  # no drain-now command
     store.drain_now(agent.node, "controller", t[0])
@@ -279,6 +286,39 @@ def test_the_agent_runs_the_drain_now_command_once_after_the_drain(
         agent.tick(t[0])
     actions = [e.action for e in store.audit_log(100)]
     assert actions.count("node.drain.now.unsupported") == 1
-    assert actions.count("node.drain.now.applied") == 1
+    assert actions.count("node.drain.now.applied") == 2
     agent.shutdown(t[0] + 1)
     rt.store.engine.dispose()
+
+
+def test_the_controller_ends_its_own_drains_now_and_never_a_persons(tmp_path: Path) -> None:
+    """Tight-budget's four busy nodes, one drained by a person first (at its own pace):
+    the budget is still out of reach with every serving GPU at its floor, so the
+    controller drains more and ends its own drains at once; the person's drain is
+    never hurried, and once the facility complies no drain is hurried again."""
+    from wattkeeper.simulator.compare import START_TS, Wattkeeper
+    from wattkeeper.simulator.facility import SimFacility
+
+    sc = load_scenario("tight-budget")
+    f = SimFacility(sc, start_ts=START_TS)
+    policy = Wattkeeper(f, store_dir=tmp_path)
+    store = policy.rt.store
+    try:
+        f.advance_to(START_TS)
+        policy.step(f, START_TS)
+        person = "sim-node-3"
+        store.set_drained(person, True, "cli:root", START_TS)
+        for k in range(1, 40):
+            f.advance_to(START_TS + k)
+            policy.step(f, START_TS + k)
+        nodes = {v.name: v for v in store.snapshot(START_TS + 40).nodes}
+        hurried = [e for e in store.audit_log(500) if e.action == "node.drain.now"]
+        assert hurried and person not in {e.subject for e in hurried}
+        assert not nodes[person].drain_now and nodes[person].drained_by == "cli:root"
+        for e in hurried:
+            assert nodes[e.subject].drained_by == "controller" and nodes[e.subject].drain_now
+        assert len({e.subject for e in hurried}) == len(hurried)  # each once
+        power = f.stats.second_power_w
+        assert max(power[10:40]) <= 12000.0  # complying since, the person's node included
+    finally:
+        policy.close()

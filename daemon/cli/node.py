@@ -101,5 +101,5 @@ def _set_drained(
         fail(f"no node named {name!r} in the store (wattkeeper status lists them)")
     except StoreError as exc:
         fail(str(exc))
-    state = ("drained now" if at_once else "drained") if drained else "in service"
+    state = ("drained, marked to end now" if at_once else "drained") if drained else "in service"
     typer.echo(f"{name}: {state}" + ("" if changed else " (already)"))

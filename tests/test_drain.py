@@ -204,6 +204,13 @@ def test_a_drain_made_now_is_marked_for_its_agent_and_cleared_with_the_drain(
     assert r.exit_code == 0 and "gpu-3: drained, marked to end now" in r.stdout
     assert store.orders_for_node("gpu-3") == ({}, True, True)
     assert store.snapshot(1000.0).nodes[0].drain_now
+    import json
+
+    shown = runner.invoke(app, ["explain", "node", "gpu-3", "--db", sqlite_url, "-o", "json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["drain_now"] is True
+    shown = runner.invoke(app, ["explain", "node", "gpu-3", "--db", sqlite_url])
+    assert "(drain now)" in shown.stdout
     assert [e.action for e in store.audit_log(2)] == ["node.drain.now", "node.drain"]
     store.set_drained("gpu-4", True, "cli:root", 1000.0)
     assert not store.drain_now("gpu-4", "controller", 1000.0, only_own=True)  # a person's

@@ -379,6 +379,7 @@ def _explain(
         "node": node,
         "drained": view.drained,
         "drained_by": view.drained_by,
+        "drain_now": view.drain_now,
         "budget_w": snap.budget_w,
         "generation_tokens_per_s": view.generation_tokens_per_s,
         "latency": latency,
@@ -418,6 +419,8 @@ def _explain(
     from wattkeeper.units import format_power
 
     state = f"drained by {view.drained_by}" if view.drained else "in service"
+    if view.drain_now:
+        state += ", its requests in flight sent back (drain now)"
     typer.echo(f"node {node}: {state}; budget {format_power(snap.budget_w)}")
     shown = ", ".join(
         f"{k.removesuffix('_s')} {v * 1e3:.1f} ms" if k.endswith("_s") else f"{k} {v:.0f}"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from wattkeeper.policies.clocks import ClockInput, ClockLocks
-from wattkeeper.policies.drain import DrainNode, DrainSettings, decide
+from wattkeeper.policies.drain import DrainNode, DrainSettings, decide_tree
 from wattkeeper.policies.plan import (
     Domain,
     Plan,
@@ -306,8 +306,8 @@ class Controller:
         nodes, gpus = planning_inputs(snap, self.forget_after_s)
         if self.ceilings is not None:
             gpus = self._with_ceilings(snap, gpus, now, periodic)
-        if snap.budget_w is not None and self.drains is not None and periodic:
-            nodes = self._drain(snap, nodes, gpus, snap.budget_w, now)
+        if self.drains is not None and periodic and (snap.budget_w is not None or limited):
+            nodes = self._drain(snap, nodes, gpus, snap.budget_w, domains, now)
         scale = snap.budget_w if snap.budget_w is not None else sum(g.max_w for g in gpus)
         self._learn_coupling(nodes, gpus, scale)
         settings = self.settings
@@ -435,11 +435,13 @@ class Controller:
         snap: Snapshot,
         nodes: list[PlanNode],
         gpus: list[PlanGpu],
-        budget_w: float,
+        budget_w: float | None,
+        domains: list[Domain],
         now: float,
     ) -> list[PlanNode]:
-        """Drain nodes the budget cannot serve, or return one to service; the plan of this
-        period already holds a newly drained node's GPUs at their floor."""
+        """Drain nodes a budget (the facility's or a domain's) cannot serve, or return one
+        to service; the plan of this period already holds a newly drained node's GPUs at
+        their floor."""
         assert self.drains is not None
         views = {n.name: n for n in snap.nodes}
         by_node: dict[str, list[PlanGpu]] = {}
@@ -467,9 +469,15 @@ class Controller:
                     power_w=gpu_w + (fresh_host or host),
                 )
             )
-        usable = budget_w * (1 - self.settings.margin_ratio)
+        keep = 1 - self.settings.margin_ratio
+        budgets: list[tuple[str, float, set[str] | None]] = []
+        if budget_w is not None:
+            budgets.append((FACILITY, budget_w * keep, None))
+        for dom in domains:
+            if dom.limit_w is not None:
+                budgets.append((dom.name, dom.limit_w * keep, self._members[dom.name]))
         changed = {}
-        for d in decide(candidates, usable, now, self.state.last_drain_ts, self.drains):
+        for d in decide_tree(candidates, budgets, now, self.state.last_drain_ts, self.drains):
             if self.store.set_drained(d.name, d.drain, CONTROLLER, now, only_own=True):
                 log.warning("%s %s: %s", "draining" if d.drain else "returning", d.name, d.reason)
                 self.store.audit(CONTROLLER, "drain.reason", d.name, {"reason": d.reason}, now)

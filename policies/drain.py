@@ -9,9 +9,10 @@ store and each node's agent acts.
 
 - Drain at once when the serving nodes cannot all get a useful share: budget before
   SLO, and a node that cannot be served well is better off drained.
-- Drain the node that makes the fewest tokens per watt first.
-- Undrain one node at a time, only with room to spare and not sooner than
-  ``hold_s`` after the last change, so nodes do not flap.
+- Drain the node that makes the fewest tokens per watt first, among the nodes under
+  the budget (facility, room, PDU, rack) that cannot serve them.
+- Undrain one node at a time, only with room to spare under every budget over it and
+  not sooner than ``hold_s`` after the last change, so nodes do not flap.
 - Never undrain a node a person drained; never drain the last serving node.
 """
 
@@ -70,43 +71,69 @@ def decide(
     last_change_ts: float,
     s: DrainSettings,
 ) -> list[DrainDecision]:
-    """Which nodes to drain or return to service this period (usually none)."""
+    """Which nodes to drain or return to service this period (usually none), under one
+    budget over every node."""
+    return decide_tree(nodes, [("facility", usable_w, None)], now, last_change_ts, s)
+
+
+def decide_tree(
+    nodes: list[DrainNode],
+    budgets: list[tuple[str, float, set[str] | None]],
+    now: float,
+    last_change_ts: float,
+    s: DrainSettings,
+) -> list[DrainDecision]:
+    """The same under a budget tree: ``budgets`` are (name, usable watts, the nodes under
+    it; None: all). A node drains when any budget over it cannot serve its serving nodes
+    usefully, and returns only when every budget over it has room for it, so a rack too
+    tight for its nodes is not undone by a facility with watts to spare."""
     serving = {n.name for n in nodes if not n.drained}
     if not serving:
         return []
     out: list[DrainDecision] = []
-    if need_w(nodes, serving, s) > usable_w:
-        # Least tokens per watt first. A node whose tokens are not known (no token
-        # source, a failing scrape) may be serving well: it goes last, not first.
-        def efficiency(n: DrainNode) -> tuple[int, float, str]:
-            if n.tokens_per_s is None or not n.power_w:
-                return (1, 0.0, n.name)
-            return (0, n.tokens_per_s / n.power_w, n.name)
 
-        order = sorted((n for n in nodes if n.name in serving), key=efficiency)
-        for n in order:
-            if len(serving) <= 1 or need_w(nodes, serving, s) <= usable_w:
+    # Least tokens per watt first. A node whose tokens are not known (no token source, a
+    # failing scrape) may be serving well: it goes last, not first.
+    def efficiency(n: DrainNode) -> tuple[int, float, str]:
+        if n.tokens_per_s is None or not n.power_w:
+            return (1, 0.0, n.name)
+        return (0, n.tokens_per_s / n.power_w, n.name)
+
+    for name, usable_w, members in budgets:
+        under = [n for n in nodes if members is None or n.name in members]
+        if need_w(under, serving, s) <= usable_w:
+            continue
+        what = "budget" if name == "facility" else f"budget {name!r}"
+        for n in sorted((n for n in under if n.name in serving), key=efficiency):
+            if len(serving) <= 1 or need_w(under, serving, s) <= usable_w:
                 break
             serving.discard(n.name)
             out.append(
                 DrainDecision(
                     n.name,
                     True,
-                    f"budget {usable_w:.0f} W (after margin) cannot give every serving node "
+                    f"{what} {usable_w:.0f} W (after margin) cannot give every serving node "
                     f"{s.serve_share:.0%} of its GPUs' range: fewest tokens per watt drained",
                 )
             )
-        return out
-    if now - last_change_ts < s.hold_s:
+    if out or now - last_change_ts < s.hold_s:
         return out
     for n in sorted(nodes, key=lambda n: n.name):
-        if n.drained and not n.by_person:
-            need = need_w(nodes, serving | {n.name}, s)
-            if need * s.undrain_headroom <= usable_w:
-                out.append(
-                    DrainDecision(
-                        n.name, False, f"budget {usable_w:.0f} W serves it: needs {need:.0f} W"
-                    )
-                )
-                break  # one at a time; one too big to return does not block a smaller one
+        if not n.drained or n.by_person:
+            continue
+        needs = []
+        for _name, usable_w, members in budgets:
+            if members is not None and n.name not in members:
+                continue
+            under = [m for m in nodes if members is None or m.name in members]
+            needs.append((need_w(under, serving | {n.name}, s), usable_w))
+        if not needs:
+            out.append(DrainDecision(n.name, False, "no budget holds it any more"))
+            break
+        if all(need * s.undrain_headroom <= usable for need, usable in needs):
+            need, usable = max(needs, key=lambda x: x[0] / x[1])
+            out.append(
+                DrainDecision(n.name, False, f"budget {usable:.0f} W serves it: needs {need:.0f} W")
+            )
+            break  # one at a time; one too big to return does not block a smaller one
     return out

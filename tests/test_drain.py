@@ -329,3 +329,63 @@ def test_the_controller_ends_its_own_drains_now_and_never_a_persons(tmp_path: Pa
         assert max(power[10:40]) <= 12000.0  # complying since, the person's node included
     finally:
         policy.close()
+
+
+def test_a_rack_too_tight_for_its_nodes_drains_one_of_its_own() -> None:
+    """Under a budget tree a node drains for the budget that cannot serve it (the least
+    efficient of the rack's nodes, not of the facility's), and returns only when every
+    budget over it has room: the facility's spare watts do not undo the rack's drain."""
+    from wattkeeper.policies.drain import decide_tree
+
+    fleet = [node("a", tps=900.0), node("b", tps=1000.0), node("c", tps=100.0)]
+    rack = ("rack-1", 5000.0, {"a", "b"})
+    out = decide_tree(fleet, [("facility", 100_000.0, None), rack], 0.0, -1e9, S)
+    assert [(d.name, d.drain) for d in out] == [("a", True)]
+    assert "budget 'rack-1' 5000 W" in out[0].reason
+    drained = [node("a", tps=900.0, drained=True), *fleet[1:]]
+    later = 1000.0
+    assert decide_tree(drained, [("facility", 100_000.0, None), rack], later, 0.0, S) == []
+    wider = ("rack-1", 10_000.0, {"a", "b"})  # both serve at 8.4 kW, with 10% to spare
+    back = decide_tree(drained, [("facility", 100_000.0, None), wider], later, 0.0, S)
+    assert [(d.name, d.drain) for d in back] == [("a", False)]
+    # Without a facility budget, a node under no limited domain is held by nothing.
+    loose = [node("c", drained=True), *fleet[:2]]
+    free = decide_tree(loose, [wider], later, 0.0, S)
+    assert [(d.name, d.drain) for d in free] == [("c", False)]
+
+
+def test_the_controller_drains_for_a_rack_budget_on_the_simulated_facility(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A rack budget below its node's floors plus host power: capping cannot meet it, so
+    the controller drains that node (ending the drain now, since the rack is over) and the
+    rack complies; the other node keeps serving."""
+    from wattkeeper.clock import SimClock
+    from wattkeeper.config import load_config
+    from wattkeeper.runtime import build_simulated, open_store
+    from wattkeeper.simulator.facility import FacilitySpec
+    from wattkeeper.store.db import make_engine, upgrade
+
+    config = tmp_path / "wattkeeper.toml"
+    config.write_text(
+        '[controller]\ndrain_nodes = true\ndrained_node_w = "150W"\n\n'
+        '[[budget.domains]]\nname = "rack-a"\nlimit = "2kW"\nnodes = ["sim-node-0"]\n'
+    )
+    cfg = load_config(config, environ={})
+    upgrade(make_engine(sqlite_url))
+    store = open_store(cfg, sqlite_url)
+    start = 50_000.0
+    rt = build_simulated(cfg, store, FacilitySpec(2, 8), SimClock(start))
+    f = rt.facility
+    rack_w = []
+    for k in range(1, 61):
+        rt.advance(start + k)
+        rack_w.append(float(f.power_avg_1s()[:8].sum() + f.host_power[0]))
+    nodes = {v.name: v for v in store.snapshot(start + 60).nodes}
+    assert nodes["sim-node-0"].drained and nodes["sim-node-0"].drained_by == "controller"
+    assert not nodes["sim-node-1"].drained
+    assert max(rack_w[:3]) > 2000.0  # it had to act
+    assert max(rack_w[15:]) <= 2000.0
+    reasons = [e.detail.get("reason", "") for e in store.audit_log(200)]
+    assert any("budget 'rack-a'" in r for r in reasons)
+    rt.store.engine.dispose()

@@ -13,7 +13,8 @@ One core: BLAS/OpenMP threads are set to 1 and the process pins itself to one CP
 database server runs on the other cores as it would on its own host. Numbers, not
 pass/fail; the goal (under 1 s at 100k GPUs) is printed beside them.
 
-Run: ``.venv/bin/python bench/bench_tick.py [--nodes 12500] [--history-s 300] [--ticks 4]``
+Run: ``.venv/bin/python bench/bench_tick.py [--nodes 12500] [--history-s 300] [--ticks 4]
+[--profile]``
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def add_latency(engine: Any) -> None:
         )
 
 
-def run(backend: str, n_nodes: int, history_s: int, ticks: int, pin: bool) -> dict[str, Any]:
+def run(
+    backend: str, n_nodes: int, history_s: int, ticks: int, pin: bool, profile: bool = False
+) -> dict[str, Any]:
     bs = _bench_store()
     now = bs.T0 + 10_000.0
     with bs.database(backend, "tick") as url:
@@ -141,9 +144,20 @@ def run(backend: str, n_nodes: int, history_s: int, ticks: int, pin: bool) -> di
             # One second apart: every tick sees the history as fresh (stale after 10 s),
             # as a controller does whose agents keep writing.
             t = now + 1.0 * k
+            profiler = None
+            if profile and k == ticks - 1:
+                import cProfile
+
+                profiler = cProfile.Profile()
+                profiler.enable()
             start = time.perf_counter()
             plan = controller.tick(t)
             total = time.perf_counter() - start
+            if profiler is not None:
+                import pstats
+
+                profiler.disable()
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
             snap = timed.spent.get("snapshot", 0.0)
             write = timed.spent.get("write", 0.0)
             out.append(
@@ -186,11 +200,16 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=4)
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true", help="print cProfile's top functions for the last tick"
+    )
     args = parser.parse_args()
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
     results = []
     for b in args.backends:
-        results.append(run(b, args.nodes, args.history_s, args.ticks, not args.no_pin))
+        results.append(
+            run(b, args.nodes, args.history_s, args.ticks, not args.no_pin, args.profile)
+        )
         if cpus:
             os.sched_setaffinity(0, cpus)
     meta = {"python": platform.python_version(), "cpus": os.cpu_count()}

@@ -18,6 +18,11 @@ Per GPU, at each control period:
   A cap set
   by a budget's share locks nothing: shares move every period with the other GPUs'
   draw, and a lock found under one would hold the GPU below the next, larger one;
+- the clock the ceiling's cap held the GPU at during the last peak (two binding
+  periods in a row, with or without slack) is remembered for ``peak_periods``: a lock
+  set after a burst, when the cap binds at the lull's higher clock or not at all, is
+  that clock, and a lock set higher is lowered to it, provided today's cap is no
+  higher than the one it was found under;
 - where the planned cap rose above the one the lock was found under (the latency
   ceiling stepped up, or the budget gave the GPU more), release the lock: its servers,
   or its share, want more than the lock gives, and the cap alone decides until it binds
@@ -77,6 +82,9 @@ class ClockSettings:
     """A lock moves down only to a clock this share below it: a cap that binds holds
     the clock where it must in any case, and a lock that chased every few megahertz of
     it would be a new target, an actuation and an audit row every period."""
+    peak_periods: int = 60
+    """How many periods the clock a binding cap held a GPU at is remembered (the last
+    peak's), so that a lock set after a burst is that clock, not the lull's."""
 
 
 @dataclass
@@ -94,13 +102,22 @@ class ClockLocks:
     """The clock a binding cap held a GPU at last period, below its lock (or with none):
     a lock moves only on two periods in a row, to the higher of their clocks, so one
     reading at the bottom of a burst's noise does not set it."""
+    peaks: dict[str, tuple[int, float, int]] = field(default_factory=dict)
+    """Per GPU, the lowest clock its latency ceiling held it at lately, binding two
+    periods in a row (the higher of the two), slack or not, a burst's peak included:
+    (MHz, the cap, the period)."""
+    binding_at: dict[str, int] = field(default_factory=dict)
+    """The clock a binding ceiling held the GPU at last period, for ``peaks``."""
+    period: int = 0
 
     def update(self, gpus: list[ClockInput]) -> dict[str, str]:
         """Move the locks one period; returns, per GPU whose lock changed, why."""
         why: dict[str, str] = {}
         seen = set()
+        self.period += 1
         for g in gpus:
             seen.add(g.uuid)
+            self._remember_peak(g)
             held = self.locks.get(g.uuid)
             if not g.has_ceiling:
                 if held is not None:
@@ -123,6 +140,8 @@ class ClockLocks:
                 # At its top the cap cannot rise, so nothing could release a lock set
                 # there (and a GPU whose range is a point is not managed at all).
                 self.seen_at.pop(g.uuid, None)
+                if g.target_w < g.max_w - rise:
+                    self._lock_at_peak(g, held, why)
                 continue
             assert g.sm_clock_mhz is not None
             mhz = math.floor(g.sm_clock_mhz)
@@ -136,6 +155,9 @@ class ClockLocks:
                 self.seen_at[g.uuid] = mhz
                 continue
             mhz = max(mhz, last)
+            peak = self._peak(g)
+            if peak is not None:
+                mhz = min(mhz, peak)
             if held is None or mhz < held.mhz:
                 self.locks[g.uuid] = Lock(mhz, g.target_w)
                 why[g.uuid] = (
@@ -146,11 +168,68 @@ class ClockLocks:
             del self.locks[gone]
         for gone in set(self.seen_at) - seen:
             del self.seen_at[gone]
+        for table in (self.peaks, self.binding_at):
+            for gone in set(table) - seen:
+                del table[gone]
         return why
 
     def clear(self) -> None:
         self.locks.clear()
         self.seen_at.clear()
+        self.peaks.clear()
+        self.binding_at.clear()
+
+    def _remember_peak(self, g: ClockInput) -> None:
+        binding = (
+            g.fresh
+            and g.has_ceiling
+            and g.ceiling_binds
+            and g.power_capped
+            and not g.other_slowdown
+            and g.sm_clock_mhz is not None
+            and g.sm_clock_mhz > 0
+            and g.limit_w is not None
+            and abs(g.limit_w - g.target_w) <= self.settings.in_force_w
+        )
+        if not binding:
+            self.binding_at.pop(g.uuid, None)
+            return
+        assert g.sm_clock_mhz is not None
+        now = math.floor(g.sm_clock_mhz)
+        last = self.binding_at.get(g.uuid)
+        self.binding_at[g.uuid] = now
+        if last is None:
+            return
+        mhz = max(now, last)
+        old = self.peaks.get(g.uuid)
+        if old is None or self.period - old[2] > self.settings.peak_periods or mhz <= old[0]:
+            self.peaks[g.uuid] = (mhz, g.target_w, self.period)
+
+    def _peak(self, g: ClockInput) -> int | None:
+        """The last peak's clock, where it was found under a cap no lower than this
+        period's: this cap at that load would hold the GPU at that clock or below, so a
+        lock there costs nothing at the peak and saves the lulls' boost."""
+        peak = self.peaks.get(g.uuid)
+        if peak is None or self.period - peak[2] > self.settings.peak_periods:
+            return None
+        mhz, cap_w, _ = peak
+        return mhz if cap_w >= g.target_w - self.settings.in_force_w else None
+
+    def _lock_at_peak(self, g: ClockInput, held: Lock | None, why: dict[str, str]) -> None:
+        """In a lull (the cap not binding), with slack: lock at, or lower a lock to, the
+        clock this cap held at the last peak."""
+        if not (g.fresh and g.ceiling_binds and g.slack and not g.pressed):
+            return
+        peak = self._peak(g)
+        if peak is None:
+            return
+        if held is not None and peak >= held.mhz * (1 - self.settings.lower_ratio):
+            return
+        self.locks[g.uuid] = Lock(peak, g.target_w)
+        why[g.uuid] = (
+            f"its {g.target_w:.0f} W cap held it at {peak} MHz at the last peak: clock "
+            "locked there so the lulls do not boost"
+        )
 
     def _binding(self, g: ClockInput) -> bool:
         return (

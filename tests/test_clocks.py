@@ -64,6 +64,43 @@ def lock(locks: ClockLocks, **reading) -> None:
     locks.update([gpu(**reading)])
 
 
+def test_after_a_burst_the_lock_is_the_clock_its_cap_held_at_the_peak_not_the_lulls():
+    """A burst with the latency ceiling pressed (no lock may be set): its cap binds at
+    1300 MHz. As it ends, the same cap binds at the lull's higher clock, or not at all:
+    the lock goes to the peak's 1300 MHz, where the cap would hold it at the next peak,
+    and is lowered to it from a lock set higher; a peak under a lower cap, or one
+    forgotten, does not count."""
+    locks = ClockLocks()
+    locks.update([gpu(clock=1300.0, pressed=True, slack=False)])
+    locks.update([gpu(clock=1310.0, pressed=True, slack=False)])  # peak: 1310 MHz
+    assert locks.current() == {}
+    assert "last peak" in locks.update([gpu(clock=1700.0, capped=False)])["GPU-0"]
+    assert locks.current() == {"GPU-0": 1310}
+    # A lock set high in a lull is lowered to the peak's clock.
+    other = ClockLocks()
+    other.update([gpu(clock=1700.0)])
+    other.update([gpu(clock=1700.0)])
+    assert other.current() == {"GPU-0": 1700}
+    other.update([gpu(clock=1300.0, pressed=True, slack=False)])  # releases it
+    other.update([gpu(clock=1300.0, pressed=True, slack=False)])
+    other.update([gpu(clock=1650.0, capped=False)])
+    assert other.current() == {"GPU-0": 1300}
+    # Found under a lower cap than today's: it says nothing about this cap's peak.
+    low = ClockLocks()
+    low.update([gpu(target=350.0, clock=1200.0, pressed=True, slack=False)])
+    low.update([gpu(target=350.0, clock=1200.0, pressed=True, slack=False)])
+    low.update([gpu(target=450.0, clock=1700.0, capped=False)])
+    assert low.current() == {}
+    # Forgotten after peak_periods.
+    old = ClockLocks()
+    old.update([gpu(clock=1300.0, pressed=True, slack=False)])
+    old.update([gpu(clock=1300.0, pressed=True, slack=False)])
+    for _ in range(old.settings.peak_periods):
+        old.update([gpu(clock=1700.0, capped=False, slack=False)])
+    old.update([gpu(clock=1700.0, capped=False)])
+    assert old.current() == {}
+
+
 def test_a_cap_raised_past_the_one_the_lock_was_found_under_releases_it():
     locks = ClockLocks()
     lock(locks, target=400.0, clock=1400.0)

@@ -298,6 +298,10 @@ class Controller:
         self.state.last_tick_ts = now
         limited = any(d.limit_w is not None for d in domains)
         if snap.budget_w is None and self.ceilings is None and not limited:
+            if self.drains is not None and periodic:
+                # No budget holds the controller's drains any more: return them.
+                nodes, gpus = planning_inputs(snap, self.forget_after_s)
+                self._drain(snap, nodes, gpus, None, [], now)
             if not self.state.no_budget_warned:
                 log.warning("no facility budget set: nothing to enforce (wattkeeper budget set)")
                 self.state.no_budget_warned = True
@@ -306,7 +310,7 @@ class Controller:
         nodes, gpus = planning_inputs(snap, self.forget_after_s)
         if self.ceilings is not None:
             gpus = self._with_ceilings(snap, gpus, now, periodic)
-        if self.drains is not None and periodic and (snap.budget_w is not None or limited):
+        if self.drains is not None and periodic:
             nodes = self._drain(snap, nodes, gpus, snap.budget_w, domains, now)
         scale = snap.budget_w if snap.budget_w is not None else sum(g.max_w for g in gpus)
         self._learn_coupling(nodes, gpus, scale)

@@ -18,8 +18,8 @@ Per GPU, at each control period:
   A cap set
   by a budget's share locks nothing: shares move every period with the other GPUs'
   draw, and a lock found under one would hold the GPU below the next, larger one;
-- the clock the ceiling's cap held the GPU at during the last peak (two binding
-  periods in a row, with or without slack) is remembered for ``peak_periods``: a lock
+- the lowest clock the ceiling's cap held the GPU at in the last ``peak_periods`` (two
+  binding periods in a row, with or without slack: a burst's peak) is remembered: a lock
   set after a burst, when the cap binds at the lull's higher clock or not at all, is
   that clock, and a lock set higher is lowered to it, provided today's cap is no
   higher than the one it was found under;

@@ -88,8 +88,6 @@ def decide_tree(
     usefully, and returns only when every budget over it has room for it, so a rack too
     tight for its nodes is not undone by a facility with watts to spare."""
     serving = {n.name for n in nodes if not n.drained}
-    if not serving:
-        return []
     out: list[DrainDecision] = []
 
     # Least tokens per watt first. A node whose tokens are not known (no token source, a
@@ -99,7 +97,10 @@ def decide_tree(
             return (1, 0.0, n.name)
         return (0, n.tokens_per_s / n.power_w, n.name)
 
-    for name, usable_w, members in budgets:
+    # Innermost budgets first: a rack's own drain may already bring the room and the
+    # facility within theirs, where their pick (the least efficient node anywhere under
+    # them) would be a second drain.
+    for name, usable_w, members in sorted(budgets, key=lambda b: (b[2] is None, len(b[2] or ()))):
         under = [n for n in nodes if members is None or n.name in members]
         if need_w(under, serving, s) <= usable_w:
             continue

@@ -85,6 +85,26 @@ def test_after_a_burst_the_lock_is_the_clock_its_cap_held_at_the_peak_not_the_lu
     other.update([gpu(clock=1300.0, pressed=True, slack=False)])
     other.update([gpu(clock=1650.0, capped=False)])
     assert other.current() == {"GPU-0": 1300}
+    # A lock held through a peak that bound lower (latency in its band, no slack): the
+    # next lull lowers it to the peak's clock; a later lock found with slack never
+    # goes above it; and a new leader's clear() forgets it.
+    held = ClockLocks()
+    held.update([gpu(clock=1700.0)])
+    held.update([gpu(clock=1700.0)])
+    held.update([gpu(clock=1350.0, slack=False)])
+    held.update([gpu(clock=1360.0, slack=False)])
+    assert held.current() == {"GPU-0": 1700}
+    held.update([gpu(clock=1650.0, capped=False)])
+    assert held.current() == {"GPU-0": 1360}
+    fresh = ClockLocks()
+    fresh.update([gpu(clock=1300.0, pressed=True, slack=False)])
+    fresh.update([gpu(clock=1300.0, pressed=True, slack=False)])
+    fresh.update([gpu(clock=1500.0)])
+    fresh.update([gpu(clock=1500.0)])
+    assert fresh.current() == {"GPU-0": 1300}
+    fresh.clear()
+    fresh.update([gpu(clock=1700.0, capped=False)])
+    assert fresh.current() == {}
     # Found under a lower cap than today's: it says nothing about this cap's peak.
     low = ClockLocks()
     low.update([gpu(target=350.0, clock=1200.0, pressed=True, slack=False)])

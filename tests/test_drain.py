@@ -348,10 +348,17 @@ def test_a_rack_too_tight_for_its_nodes_drains_one_of_its_own() -> None:
     wider = ("rack-1", 10_000.0, {"a", "b"})  # both serve at 8.4 kW, with 10% to spare
     back = decide_tree(drained, [("facility", 100_000.0, None), wider], later, 0.0, S)
     assert [(d.name, d.drain) for d in back] == [("a", False)]
+    # The rack's own drain first: it alone brings the facility within its budget too,
+    # so the facility's pick (c, the least efficient anywhere) is not drained as well.
+    both = decide_tree(fleet, [("facility", 12_000.0, None), rack], 0.0, -1e9, S)
+    assert [(d.name, d.drain) for d in both] == [("a", True)]
     # Without a facility budget, a node under no limited domain is held by nothing.
     loose = [node("c", drained=True), *fleet[:2]]
     free = decide_tree(loose, [wider], later, 0.0, S)
     assert [(d.name, d.drain) for d in free] == [("c", False)]
+    none = decide_tree(loose, [], later, 0.0, S)  # every budget removed
+    assert [(d.name, d.drain) for d in none] == [("c", False)]
+    assert decide_tree(loose, [], 100.0, 0.0, S) == []  # after the hold only
 
 
 def test_the_controller_drains_for_a_rack_budget_on_the_simulated_facility(

@@ -89,6 +89,14 @@ def decide_tree(
     tight for its nodes is not undone by a facility with watts to spare."""
     serving = {n.name for n in nodes if not n.drained}
     out: list[DrainDecision] = []
+    by_name = {n.name: n for n in nodes}
+
+    def under(members: set[str] | None) -> list[DrainNode]:
+        # From the members, not a scan of every node per budget: a facility has
+        # thousands of racks.
+        if members is None:
+            return nodes
+        return [by_name[m] for m in sorted(members) if m in by_name]
 
     # Least tokens per watt first. A node whose tokens are not known (no token source, a
     # failing scrape) may be serving well: it goes last, not first.
@@ -101,12 +109,12 @@ def decide_tree(
     # facility within theirs, where their pick (the least efficient node anywhere under
     # them) would be a second drain.
     for name, usable_w, members in sorted(budgets, key=lambda b: (b[2] is None, len(b[2] or ()))):
-        under = [n for n in nodes if members is None or n.name in members]
-        if need_w(under, serving, s) <= usable_w:
+        held = under(members)
+        if need_w(held, serving, s) <= usable_w:
             continue
         what = "budget" if name == "facility" else f"budget {name!r}"
-        for n in sorted((n for n in under if n.name in serving), key=efficiency):
-            if len(serving) <= 1 or need_w(under, serving, s) <= usable_w:
+        for n in sorted((n for n in held if n.name in serving), key=efficiency):
+            if len(serving) <= 1 or need_w(held, serving, s) <= usable_w:
                 break
             serving.discard(n.name)
             out.append(
@@ -126,8 +134,7 @@ def decide_tree(
         for _name, usable_w, members in budgets:
             if members is not None and n.name not in members:
                 continue
-            under = [m for m in nodes if members is None or m.name in members]
-            needs.append((need_w(under, serving | {n.name}, s), usable_w))
+            needs.append((need_w(under(members), serving | {n.name}, s), usable_w))
         if not needs:
             out.append(DrainDecision(n.name, False, "no budget holds it any more"))
             break

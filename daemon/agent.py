@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from wattkeeper.bounded import Hung, call_within, spawn
-from wattkeeper.collectors.drain import DrainActuator, DrainError
+from wattkeeper.collectors.drain import DrainActuator, DrainError, DrainNowActuator
 from wattkeeper.collectors.gpu import (
     GpuBackend,
     GpuError,
@@ -741,7 +741,7 @@ class Agent:
             )
             self._audit("node.drain.now.unsupported", self.node, {}, now)
             return
-        self._drain_run("drain now", self.drain.drain_now, now)  # type: ignore[attr-defined]
+        self._drain_run("drain now", cast(DrainNowActuator, self.drain).drain_now, now)
 
     def _drain_run(self, want: str, act: Callable[[], None], now: float) -> None:
         if getattr(self.drain, "inline", False):

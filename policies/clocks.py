@@ -83,8 +83,8 @@ class ClockSettings:
     the clock where it must in any case, and a lock that chased every few megahertz of
     it would be a new target, an actuation and an audit row every period."""
     peak_periods: int = 60
-    """How many periods the clock a binding cap held a GPU at is remembered (the last
-    peak's), so that a lock set after a burst is that clock, not the lull's."""
+    """How many periods back the lowest clock a binding cap held a GPU at counts (a
+    burst's peak), so that a lock set after a burst is that clock, not the lull's."""
 
 
 @dataclass
@@ -164,11 +164,7 @@ class ClockLocks:
                     f"its {g.target_w:.0f} W cap holds it at {mhz} MHz at peak load: "
                     "clock locked there so the lulls do not boost"
                 )
-        for gone in set(self.locks) - seen:
-            del self.locks[gone]
-        for gone in set(self.seen_at) - seen:
-            del self.seen_at[gone]
-        for table in (self.peaks, self.binding_at):
+        for table in (self.locks, self.seen_at, self.peaks, self.binding_at):
             for gone in set(table) - seen:
                 del table[gone]
         return why
@@ -180,18 +176,7 @@ class ClockLocks:
         self.binding_at.clear()
 
     def _remember_peak(self, g: ClockInput) -> None:
-        binding = (
-            g.fresh
-            and g.has_ceiling
-            and g.ceiling_binds
-            and g.power_capped
-            and not g.other_slowdown
-            and g.sm_clock_mhz is not None
-            and g.sm_clock_mhz > 0
-            and g.limit_w is not None
-            and abs(g.limit_w - g.target_w) <= self.settings.in_force_w
-        )
-        if not binding:
+        if not (g.has_ceiling and self._cap_binds(g)):
             self.binding_at.pop(g.uuid, None)
             return
         assert g.sm_clock_mhz is not None
@@ -232,12 +217,15 @@ class ClockLocks:
         )
 
     def _binding(self, g: ClockInput) -> bool:
+        """The latency ceiling's cap binds, with slack: a lock may be set or lowered."""
+        return g.slack and not g.pressed and self._cap_binds(g)
+
+    def _cap_binds(self, g: ClockInput) -> bool:
+        """The latency ceiling's cap, in force, holds the GPU's clock now."""
         return (
             g.fresh
             and g.ceiling_binds
             and g.power_capped
-            and g.slack
-            and not g.pressed
             and not g.other_slowdown
             and g.sm_clock_mhz is not None
             and g.sm_clock_mhz > 0

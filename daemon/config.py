@@ -187,6 +187,11 @@ class ControllerConfig(_Section):
     drain_nodes: bool = False
     """Let the controller drain nodes a budget cannot serve (docs/policy.md); each
     node's agent needs agent.drain_command for a drain to take work off it."""
+    consolidate: bool = False
+    """At low load, try serving each pool on one node fewer (its router weight at 0 for a
+    minute and a half) and drain the node when the rest carry the load with room, its
+    drain actuator powering it down; return it before the load outgrows the rest
+    (docs/policy.md). Needs drain_nodes, the [slo] and a router the controller steers."""
     name: str = Field(default_factory=socket.gethostname, min_length=1)
     """This controller's name in the leader lease (status shows the leader)."""
     leader_lease_s: Annotated[DurationS, Field(gt=0)] = 10.0
@@ -398,6 +403,21 @@ class Config(_Section):
                 f"retention.raw_s ({self.retention.raw_s:g} s) must be at least "
                 f"{need:g} s: the controller reads the newest samples of that window"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _consolidation_has_its_levers(self) -> Config:
+        """Consolidation moves load with routing weights (which need the SLO) and powers
+        nodes down with drains: without either it would only ever try and fail."""
+        if not self.controller.consolidate:
+            return self
+        missing = []
+        if not self.controller.drain_nodes:
+            missing.append("controller.drain_nodes = true")
+        if not self.slo.enabled:
+            missing.append("slo.ttft_s and slo.tpot_s")
+        if missing:
+            raise ValueError("controller.consolidate needs " + " and ".join(missing))
         return self
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from wattkeeper.policies.clocks import ClockInput, ClockLocks
+from wattkeeper.policies.consolidate import Consolidation, PoolNode
 from wattkeeper.policies.drain import DrainNode, DrainSettings, decide_tree
 from wattkeeper.policies.plan import (
     Domain,
@@ -60,6 +61,8 @@ class ControllerState:
     """Learned rise of non-GPU power per watt of GPU power (None until observed)."""
     emergencies: int = 0
     last_drain_ts: float = float("-inf")
+    drains_moved: bool = False
+    """The budget's drain rule drained or returned a node this period."""
     active_schedule: int | None = None
     bad_schedules: set[int] = field(default_factory=set)
     was_drained: set[str] = field(default_factory=set)
@@ -144,6 +147,7 @@ class Controller:
         routers: Sequence[RouteActuator] = (),
         leadership: Leadership | None = None,
         clocks: ClockLocks | None = None,
+        consolidation: Consolidation | None = None,
     ) -> None:
         self.store = store
         self.forget_after_s = forget_after_s
@@ -167,6 +171,11 @@ class Controller:
         self.clocks = clocks
         """Clock locks that follow the binding caps; None: power limits only (they need
         the latency ceilings)."""
+        self.consolidation = consolidation
+        """Serving a low load on fewer nodes; None: never (it needs the drains and the
+        routes)."""
+        if consolidation is not None and (drains is None or routes is None):
+            raise ValueError("consolidation needs drains and routes")
         self.leadership = leadership
         """With it, the controller plans only while it holds the leader lease (several
         may run on one store); without it, it always plans (one process on a store)."""
@@ -214,6 +223,9 @@ class Controller:
             "ceilings": self.ceilings.to_memory() if self.ceilings is not None else {},
             "routes": self.routes.to_memory() if self.routes is not None else {},
             "coupling": self.state.coupling,
+            "consolidated": (
+                self.consolidation.to_memory() if self.consolidation is not None else {}
+            ),
         }
         try:
             self.store.remember(MEMORY_KEY, data, now, epoch=epoch)
@@ -247,6 +259,9 @@ class Controller:
         if self.routes is not None and isinstance(data.get("routes"), dict):
             self.routes.nodes.clear()
             routes = self.routes.restore(data["routes"])
+        if self.consolidation is not None and isinstance(data.get("consolidated"), dict):
+            self.consolidation.drained.clear()
+            self.consolidation.restore(data["consolidated"])
         coupling = data.get("coupling")
         if isinstance(coupling, (int, float)) and 0.0 <= coupling <= COUPLING_MAX:
             self.state.coupling = float(coupling)
@@ -324,7 +339,10 @@ class Controller:
             specs, now, self.lease_s, epoch=self.state.epoch
         )
         if periodic and self.routes is not None:
-            self._route(snap, gpus, result, now)
+            route_nodes = self._route_nodes(snap, gpus, result)
+            if self.consolidation is not None:
+                self._consolidate(snap, gpus, route_nodes, now)
+            self._route(route_nodes, now)
         if breached and self.drains is not None:
             self._hurry_drains(snap, nodes, gpus, result, breached, now)
         if not result.feasible:
@@ -448,6 +466,7 @@ class Controller:
         their floor."""
         assert self.drains is not None
         views = {n.name: n for n in snap.nodes}
+        consolidated = self.consolidation.drained if self.consolidation is not None else {}
         by_node: dict[str, list[PlanGpu]] = {}
         for g in gpus:
             by_node.setdefault(g.node, []).append(g)
@@ -465,7 +484,8 @@ class Controller:
                     name=n.name,
                     drained=n.drained,
                     # A drain of unknown origin (before drains were attributed) is a person's.
-                    by_person=n.drained and v.drained_by != CONTROLLER,
+                    # Consolidation returns its own drains, when the load needs them.
+                    by_person=n.drained and (v.drained_by != CONTROLLER or n.name in consolidated),
                     gpu_floor_w=sum(g.min_w for g in members),
                     gpu_max_w=sum(g.max_w for g in members),
                     host_w=host,
@@ -487,6 +507,7 @@ class Controller:
                 self.store.audit(CONTROLLER, "drain.reason", d.name, {"reason": d.reason}, now)
                 changed[d.name] = d.drain
                 self.state.last_drain_ts = now
+        self.state.drains_moved = bool(changed)
         return [replace(n, drained=changed.get(n.name, n.drained)) for n in nodes]
 
     def _hurry_drains(
@@ -562,7 +583,7 @@ class Controller:
                 age_s=None if v.token_ts is None else snap.ts - v.token_ts,
             )
             in_force = _in_force_ratio(members)
-            if periodic:
+            if periodic and name != self._on_trial():
                 state = self.ceilings.update(latency, in_force, now)
             else:
                 state = self.ceilings.current(name, in_force, now)
@@ -585,6 +606,12 @@ class Controller:
                 for g in members
             )
         return out
+
+    def _on_trial(self) -> str | None:
+        """The node a consolidation trial holds off: its ceiling stays where it was, so
+        ending the trial gives its requests back to a node still set to serve them (an
+        idle node's ceiling would walk down to its floor)."""
+        return None if self.consolidation is None else self.consolidation.held_off()
 
     def _with_clocks(
         self, snap: Snapshot, gpus: list[PlanGpu], result: Plan, periodic: bool
@@ -634,9 +661,8 @@ class Controller:
             specs.append(TargetSpec(t.uuid, t.power_limit_w, sm_clock_max_mhz=lock, reason=reason))
         return specs
 
-    def _route(self, snap: Snapshot, gpus: list[PlanGpu], result: Plan, now: float) -> None:
-        """New weights and in-flight limits from this period's latency and plan, stored
-        and handed to every router actuator (which never stop the controller)."""
+    def _route_nodes(self, snap: Snapshot, gpus: list[PlanGpu], result: Plan) -> list[RouteNode]:
+        """What the routes (and consolidation) know of each node this period."""
         assert self.routes is not None and self.ceilings is not None
         slo = self.ceilings.slo
         planned = {t.uuid: t.power_limit_w for t in result.targets}
@@ -681,6 +707,19 @@ class Controller:
                     pool=",".join(v.models),
                 )
             )
+        return nodes
+
+    def _route(self, nodes: list[RouteNode], now: float) -> None:
+        """New weights and in-flight limits from this period's latency and plan, stored
+        and handed to every router actuator (which never stop the controller)."""
+        assert self.routes is not None
+        if self.consolidation is not None and self.consolidation.trial is not None:
+            trial = self.consolidation.trial
+            said = (
+                f"consolidation trial since {trial.started_ts:.0f}: its new requests go to"
+                " the rest of its pool"
+            )
+            nodes = [replace(n, held_off=said) if n.name == trial.node else n for n in nodes]
         self.store.write_routes(self.routes.update(nodes), now, epoch=self.state.epoch)
         if not self.routers:
             return
@@ -690,6 +729,74 @@ class Controller:
                 router.apply(rows, now)
             except Exception as exc:  # a router's fault must not stop control
                 log.warning("router %s failed: %s", type(router).__name__, exc)
+
+    def _consolidate(
+        self, snap: Snapshot, gpus: list[PlanGpu], route_nodes: list[RouteNode], now: float
+    ) -> None:
+        """Try a pool on one node fewer, drain the node when the rest carry the load, and
+        return it when they no longer would (``policies/consolidate.py``)."""
+        assert self.consolidation is not None
+        cons = self.consolidation
+        assert self.drains is not None
+        routed = {n.name: n for n in route_nodes}
+        max_w: dict[str, float] = {}
+        min_w: dict[str, float] = {}
+        for g in gpus:
+            max_w[g.node] = max_w.get(g.node, 0.0) + g.max_w
+            min_w[g.node] = min_w.get(g.node, 0.0) + g.min_w
+        power: dict[str, float] = {}
+        standby: dict[str, float] = {}
+        for v in snap.nodes:
+            r = routed.get(v.name)
+            host = v.non_gpu_power_w
+            if r is not None and r.gpu_power_w is not None and host is not None:
+                power[v.name] = r.gpu_power_w + host
+            # A drain that does not power the node down leaves its host drawing.
+            standby[v.name] = (
+                self.drains.drained_node_w
+                if self.drains.drained_node_w is not None
+                else self.state.serving_host_w.get(v.name, self.settings.default_node_overhead_w)
+            )
+        pool_nodes = []
+        for v in snap.nodes:
+            r = routed.get(v.name)
+            mine = cons.drained.get(v.name)
+            # A powered-down node's servers say nothing: its pool is the one it left.
+            pool = mine[0] if mine is not None else (r.pool if r is not None else "")
+            if r is None and mine is None:
+                continue
+            pool_nodes.append(
+                PoolNode(
+                    name=v.name,
+                    pool=pool,
+                    serving=r is not None and r.serving,
+                    drained=v.drained,
+                    held=v.drained and (v.drained_by != CONTROLLER or mine is None),
+                    tokens_per_s=r.tokens_per_s if r is not None else None,
+                    gpu_power_w=r.gpu_power_w if r is not None else None,
+                    gpu_floor_w=min_w.get(v.name, 0.0),
+                    gpu_max_w=max_w.get(v.name, 0.0),
+                    power_w=power.get(v.name),
+                    steer=r.steer if r is not None else None,
+                    power_can_rise=r.power_can_rise if r is not None else False,
+                )
+            )
+        busy = self.state.drains_moved
+        self.state.drains_moved = False
+        for d in cons.update(pool_nodes, now, self.state.last_drain_ts, standby, busy=busy):
+            if d.kind in ("trial", "end"):
+                log.info("%s: %s", d.node, d.reason)
+                self.store.audit(
+                    CONTROLLER, f"consolidate.{d.kind}", d.node, {"reason": d.reason}, now
+                )
+                continue
+            drain = d.kind == "drain"
+            if self.store.set_drained(d.node, drain, CONTROLLER, now, only_own=True):
+                log.warning("%s %s: %s", "draining" if drain else "returning", d.node, d.reason)
+                self.store.audit(CONTROLLER, "drain.reason", d.node, {"reason": d.reason}, now)
+                self.state.last_drain_ts = now
+            elif drain:
+                cons.drained.pop(d.node, None)  # someone else holds it: not ours to return
 
     def _learn_coupling(self, nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float) -> None:
         """Read how much non-GPU power (fans, PSU losses) follows GPU power, from how the

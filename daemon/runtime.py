@@ -24,6 +24,7 @@ from wattkeeper.config import Config
 from wattkeeper.controller import Controller, Leadership, RouteActuator
 from wattkeeper.paths import node_state_file
 from wattkeeper.policies.clocks import ClockLocks
+from wattkeeper.policies.consolidate import Consolidation
 from wattkeeper.policies.drain import DrainSettings
 from wattkeeper.policies.plan import Domain, PlanSettings
 from wattkeeper.policies.route import Routes, RouteSettings
@@ -417,6 +418,16 @@ def make_controller(
     drains = None
     if cfg.controller.drain_nodes:
         drains = DrainSettings(drained_node_w=cfg.controller.drained_node_w)
+    consolidation = None
+    if cfg.controller.consolidate:
+        if routers or (configured_routers and (cfg.router.haproxy or cfg.router.file)):
+            consolidation = Consolidation()
+        else:
+            log.warning(
+                "controller.consolidate is on but no router takes the controller's weights"
+                " (router.haproxy or router.file): a node cannot be tried out of service,"
+                " so nothing is consolidated"
+            )
     return Controller(
         store,
         plan_settings(cfg),
@@ -428,6 +439,7 @@ def make_controller(
         domains=config_domains(cfg),
         routes=None if ceilings is None else Routes(route_settings(cfg)),
         clocks=ClockLocks() if ceilings is not None and cfg.controller.clock_locks else None,
+        consolidation=consolidation,
         routers=[*routers, *(config_routers(cfg) if configured_routers else [])],
         leadership=Leadership(
             cfg.controller.name,

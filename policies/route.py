@@ -75,6 +75,9 @@ class RouteNode:
     pool: str = ""
     """The models it serves: weights compare nodes of one pool only (a pool serving a
     larger model makes fewer tokens per joule, which says nothing about its nodes)."""
+    held_off: str | None = None
+    """Why it gets no new requests while it serves (a consolidation trial); None: it
+    gets its weight."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,8 @@ class Routes:
             del self.nodes[gone]  # the caller no longer routes it at all
         for n in nodes:
             st = self.nodes.setdefault(n.name, _NodeRoute())
-            if n.serving and n.tokens_per_s is not None and n.gpu_power_w:
+            # A node held off runs down its batch: its tokens per joule say nothing.
+            if n.serving and not n.held_off and n.tokens_per_s is not None and n.gpu_power_w:
                 eff = n.tokens_per_s / n.gpu_power_w
                 st.efficiency = (
                     eff
@@ -148,7 +152,7 @@ class Routes:
         best: dict[str, float] = {}
         for n in nodes:
             eff = self.nodes[n.name].efficiency
-            if n.serving and eff is not None and eff > 0:
+            if n.serving and not n.held_off and eff is not None and eff > 0:
                 best[n.pool] = max(best.get(n.pool, 0.0), eff)
         return [self._target(n, self.nodes[n.name], best.get(n.pool)) for n in nodes]
 
@@ -160,6 +164,9 @@ class Routes:
             return RouteTarget(
                 n.name, 0, None, "not serving (drained, silent or down): no new requests"
             )
+        if n.held_off:
+            st.inflight = None
+            return RouteTarget(n.name, 0, None, n.held_off)
         if not s.weights:
             share, said = 1.0, "weights off"
         elif best is None or st.efficiency is None:

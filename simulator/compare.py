@@ -286,6 +286,7 @@ class Wattkeeper:
                 "WATTKEEPER_SLO__TTFT_S": str(slo.ttft_s),
                 "WATTKEEPER_SLO__TPOT_S": str(slo.tpot_s),
                 "WATTKEEPER_CONTROLLER__DRAIN_NODES": "true",
+                "WATTKEEPER_CONTROLLER__CONSOLIDATE": "true",
                 "WATTKEEPER_CONTROLLER__DRAINED_NODE_W": str(f.scenario.standby_w),
                 **{
                     f"WATTKEEPER_{key.replace('.', '__').upper()}": value for key, value in settings

@@ -795,6 +795,9 @@ class Controller:
                 log.warning("%s %s: %s", "draining" if drain else "returning", d.node, d.reason)
                 self.store.audit(CONTROLLER, "drain.reason", d.node, {"reason": d.reason}, now)
                 self.state.last_drain_ts = now
+                # Kept at the end of this period, not within 30 s: a controller that
+                # restarts must know this drain is consolidation's to return.
+                self._remembered_at = float("-inf")
             elif drain:
                 cons.drained.pop(d.node, None)  # someone else holds it: not ours to return
 

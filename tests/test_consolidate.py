@@ -7,7 +7,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from wattkeeper.cli import app
 from wattkeeper.config import ConfigError, load_config
 from wattkeeper.policies.consolidate import ConsolidateSettings, Consolidation, PoolNode
 
@@ -231,10 +233,17 @@ def test_the_controller_consolidates_a_light_load_and_brings_the_node_back(
     f = rt.facility
     states: dict[int, list[str]] = {0: [], 1: []}
     held: list[tuple[str, int]] = []
+    explained = ""
     for k in range(1, 1101):
         rt.advance(start + k)
         for node in (0, 1):
             states[node].append(f.node_state(node))
+            if not explained and states[node][-1] == "standby" and k % 60 == 0:
+                r = CliRunner().invoke(
+                    app, ["explain", "node", f"sim-node-{node}", "--db", sqlite_url]
+                )
+                assert r.exit_code == 0, r.output
+                explained = r.stdout
         if k % 5 == 0:
             held += [(r.node, r.weight) for r in store.routes() if "trial" in r.reason]
     actions = [e.action for e in reversed(store.audit_log(100_000))]
@@ -245,6 +254,9 @@ def test_the_controller_consolidates_a_light_load_and_brings_the_node_back(
     assert standby, "no node was powered down"
     assert min(standby) < 700
     assert states[0][-1] == "serving" and states[1][-1] == "serving"
+    # A person asking why the node is off hears it from the controller's memory.
+    assert "drained by controller" in explained
+    assert "consolidated at" in explained and "returns above" in explained, explained
     reasons = [e.detail.get("reason", "") for e in store.audit_log(100_000)]
     assert any(r.startswith("consolidation ends") for r in reasons)
     assert any(r.startswith("low load") for r in reasons)

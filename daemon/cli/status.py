@@ -369,6 +369,7 @@ def _explain(
             },
             "tokens_per_joule": ((kept.get("routes") or {}).get(node) or {}).get("efficiency"),
             "non_gpu_w_per_gpu_w": kept.get("coupling"),
+            "consolidated": (kept.get("consolidated") or {}).get(node),
         }
     latency = {
         key: getattr(view, key)
@@ -449,6 +450,15 @@ def _explain(
         if learned["non_gpu_w_per_gpu_w"] is not None:
             parts.append(
                 f"non-GPU power rises {learned['non_gpu_w_per_gpu_w']:.2f} W per GPU W (facility)"
+            )
+        held = learned["consolidated"]
+        if isinstance(held, list) and len(held) == 3 and view.drained:
+            from wattkeeper.policies.consolidate import ConsolidateSettings
+
+            back = ConsolidateSettings().return_ratio * float(held[1])
+            parts.append(
+                f"consolidated at {held[1]:.0f} tokens/s in its pool; returns above"
+                f" {back:.0f} tokens/s"
             )
         age = now - learned["kept_at"]
         typer.echo(

@@ -63,8 +63,9 @@ class ConsolidateSettings:
     retry_ratio: float = 0.9
     """After a failed trial, the next waits for the demand to fall below this share of
     the failed one's (or for ``lookback_s``)."""
-    hold_s: float = 300.0
-    """Least time between a drain or return and the next trial."""
+    hold_s: float = 120.0
+    """Least time between a drain or return and the next trial: the rest's ceilings
+    settle at their new load before they are judged calm again."""
     power_allowance: float = 0.05
     """A trial fails if the pool's power per token, with the node at standby, rose by
     more than this share. Not less: the rest's ceilings rose at once with their load and
@@ -184,8 +185,8 @@ class Consolidation:
         for n in nodes:
             if n.name in self.drained and not n.drained:
                 del self.drained[n.name]
-            if n.serving or n.name not in known:
-                self.waking.pop(n.name, None)
+            if n.serving and (n.tokens_per_s or 0.0) > 0.0:
+                self.waking.pop(n.name, None)  # making tokens again, not only answering
         for name in [
             m for m, ts in self.waking.items() if m not in known or now - ts > s.lookback_s
         ]:

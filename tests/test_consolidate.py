@@ -211,7 +211,7 @@ def test_the_controller_consolidates_a_light_load_and_brings_the_node_back(
     returns it when the load surges, all through the store; no request misses its SLO
     while the other carries it."""
     from wattkeeper.clock import SimClock
-    from wattkeeper.runtime import build_simulated, open_store
+    from wattkeeper.runtime import build_simulated, make_controller, open_store
     from wattkeeper.simulator.scenario import parse_scenario
     from wattkeeper.store.db import make_engine, upgrade
 
@@ -227,9 +227,9 @@ def test_the_controller_consolidates_a_light_load_and_brings_the_node_back(
     start = 80_000.0
     rt = build_simulated(cfg, store, scenario, SimClock(start))
     assert rt.controller is not None and rt.controller.consolidation is not None
-    rt.controller.consolidation.settings = ConsolidateSettings(
-        trial_s=60.0, lookback_s=200.0, hold_s=60.0
-    )
+    settings = ConsolidateSettings(trial_s=60.0, lookback_s=200.0, hold_s=60.0)
+    rt.controller.consolidation.settings = settings
+    restarted_at, asleep = 0, -1
     f = rt.facility
     states: dict[int, list[str]] = {0: [], 1: []}
     held: list[tuple[str, int]] = []
@@ -244,6 +244,14 @@ def test_the_controller_consolidates_a_light_load_and_brings_the_node_back(
                 )
                 assert r.exit_code == 0, r.output
                 explained = r.stdout
+                restarted_at, asleep = k, node
+                # The controller restarts: the new one must know this drain is
+                # consolidation's (a drain with no budget over it would be returned).
+                rt.controller = make_controller(
+                    cfg, store, routers=rt.controller.routers, configured_routers=False
+                )
+                assert rt.controller.consolidation is not None
+                rt.controller.consolidation.settings = settings
         if k % 5 == 0:
             held += [(r.node, r.weight) for r in store.routes() if "trial" in r.reason]
     actions = [e.action for e in reversed(store.audit_log(100_000))]
@@ -257,6 +265,9 @@ def test_the_controller_consolidates_a_light_load_and_brings_the_node_back(
     # A person asking why the node is off hears it from the controller's memory.
     assert "drained by controller" in explained
     assert "consolidated at" in explained and "returns above" in explained, explained
+    # The restarted controller kept it asleep until the surge, then returned it.
+    assert restarted_at < 640
+    assert all(st == "standby" for st in states[asleep][restarted_at : restarted_at + 60])
     reasons = [e.detail.get("reason", "") for e in store.audit_log(100_000)]
     assert any(r.startswith("consolidation ends") for r in reasons)
     assert any(r.startswith("low load") for r in reasons)

@@ -245,6 +245,10 @@ class Controller:
             # Locks are not kept: this epoch's targets start from its own plan, never from
             # locks this process held when it last led, hours ago perhaps.
             self.clocks.clear()
+        if self.consolidation is not None:
+            # A trial this process ran when it last led is long over: its node's weight
+            # is whatever the leader since gave it.
+            self.consolidation.trial = None
         if kept is None:
             return
         data, when = kept

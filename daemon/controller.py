@@ -183,6 +183,7 @@ class Controller:
         self._recalled: tuple[int | None] | None = None
         """The epoch whose start read the memory back (a 1-tuple; None: not yet)."""
         self._remembered_at = float("-inf")
+        self._last_route_nodes: list[RouteNode] | None = None
 
     @property
     def leading(self) -> bool:
@@ -205,6 +206,7 @@ class Controller:
         return True
 
     def resign(self, now: float) -> None:
+        self._end_trial(now)
         if self.leadership is not None and self.state.epoch is not None:
             self._remember(now, self.state.epoch)  # the newest, for whoever leads next
             self.store.resign(self.leadership.holder, now)
@@ -246,9 +248,9 @@ class Controller:
             # locks this process held when it last led, hours ago perhaps.
             self.clocks.clear()
         if self.consolidation is not None:
-            # A trial this process ran when it last led is long over: its node's weight
-            # is whatever the leader since gave it.
-            self.consolidation.trial = None
+            # What this process saw when it last led (a trial, demand, strain) is long
+            # over; what it drained comes back from the memory below.
+            self.consolidation = Consolidation(self.consolidation.settings)
         if kept is None:
             return
         data, when = kept
@@ -345,7 +347,7 @@ class Controller:
         if periodic and self.routes is not None:
             route_nodes = self._route_nodes(snap, gpus, result)
             if self.consolidation is not None:
-                self._consolidate(snap, gpus, route_nodes, now)
+                route_nodes = self._consolidate(snap, gpus, result, route_nodes, now)
             self._route(route_nodes, now)
         if breached and self.drains is not None:
             self._hurry_drains(snap, nodes, gpus, result, breached, now)
@@ -611,6 +613,23 @@ class Controller:
             )
         return out
 
+    def _end_trial(self, now: float) -> None:
+        """A controller that stops during a consolidation trial gives the node its weight
+        back: the routers keep the last weights they were given, and a serving node left
+        at 0 would be out of service until a controller runs again. Best effort."""
+        cons = self.consolidation
+        if cons is None or cons.trial is None or self.routes is None:
+            return
+        node = cons.trial.node
+        cons.trial = None
+        if self._last_route_nodes is None:
+            return
+        try:
+            self._route(self._last_route_nodes, now)
+            log.info("%s: consolidation trial ended with this controller", node)
+        except Exception as exc:  # stopping must not fail on a router or the store
+            log.warning("could not give %s its router weight back: %s", node, exc)
+
     def _on_trial(self) -> str | None:
         """The node a consolidation trial holds off: its ceiling stays where it was, so
         ending the trial gives its requests back to a node still set to serve them (an
@@ -717,6 +736,7 @@ class Controller:
         """New weights and in-flight limits from this period's latency and plan, stored
         and handed to every router actuator (which never stop the controller)."""
         assert self.routes is not None
+        self._last_route_nodes = nodes
         if self.consolidation is not None and self.consolidation.trial is not None:
             trial = self.consolidation.trial
             said = (
@@ -735,19 +755,30 @@ class Controller:
                 log.warning("router %s failed: %s", type(router).__name__, exc)
 
     def _consolidate(
-        self, snap: Snapshot, gpus: list[PlanGpu], route_nodes: list[RouteNode], now: float
-    ) -> None:
+        self,
+        snap: Snapshot,
+        gpus: list[PlanGpu],
+        result: Plan,
+        route_nodes: list[RouteNode],
+        now: float,
+    ) -> list[RouteNode]:
         """Try a pool on one node fewer, drain the node when the rest carry the load, and
-        return it when they no longer would (``policies/consolidate.py``)."""
+        return it when they no longer would (``policies/consolidate.py``). Returns the
+        route nodes as this period's decisions leave them."""
         assert self.consolidation is not None
         cons = self.consolidation
         assert self.drains is not None
         routed = {n.name: n for n in route_nodes}
         max_w: dict[str, float] = {}
         min_w: dict[str, float] = {}
+        held: set[str] = set()
+        planned = {t.uuid: t.power_limit_w for t in result.targets}
         for g in gpus:
             max_w[g.node] = max_w.get(g.node, 0.0) + g.max_w
             min_w[g.node] = min_w.get(g.node, 0.0) + g.min_w
+            target = planned.get(g.uuid)
+            if target is not None and g.ceiling_w is not None and target < g.ceiling_w - 1.0:
+                held.add(g.node)  # a budget holds it below its latency ceiling
         power: dict[str, float] = {}
         standby: dict[str, float] = {}
         for v in snap.nodes:
@@ -783,11 +814,15 @@ class Controller:
                     power_w=power.get(v.name),
                     steer=r.steer if r is not None else None,
                     power_can_rise=r.power_can_rise if r is not None else False,
+                    budget_held=v.name in held,
                 )
             )
         busy = self.state.drains_moved
         self.state.drains_moved = False
-        for d in cons.update(pool_nodes, now, self.state.last_drain_ts, standby, busy=busy):
+        decided = cons.update(pool_nodes, now, self.state.last_drain_ts, standby, busy=busy)
+        drained = {d.node for d in decided if d.kind == "drain"}
+        ended = {d.node for d in decided if d.kind == "end"}
+        for d in decided:
             if d.kind in ("trial", "end"):
                 log.info("%s: %s", d.node, d.reason)
                 self.store.audit(
@@ -804,6 +839,16 @@ class Controller:
                 self._remembered_at = float("-inf")
             elif drain:
                 cons.drained.pop(d.node, None)  # someone else holds it: not ours to return
+        # A node drained now gets no new requests from this period on, and a trial's run
+        # down batch says nothing of a node's tokens per joule.
+        return [
+            replace(n, serving=False)
+            if n.name in drained
+            else replace(n, tokens_per_s=None)
+            if n.name in ended
+            else n
+            for n in route_nodes
+        ]
 
     def _learn_coupling(self, nodes: list[PlanNode], gpus: list[PlanGpu], budget_w: float) -> None:
         """Read how much non-GPU power (fans, PSU losses) follows GPU power, from how the

@@ -12,14 +12,18 @@ the GPU (a prior that is off would drop requests): it is tried, cheaply and reve
   costs nothing: its weight comes back at the next period.
 - **Judgement.** The trial passes when the rest of the pool carried the whole demand
   with its latency within the SLO and its GPUs' power at most ``room_ratio`` of their
-  maximum (room for the load to grow while a node wakes). It fails at once when any of
-  them misses the SLO or runs out of power. A pass drains the node (its actuator powers
+  maximum (room for the load to grow while a node wakes), once the node's own tokens
+  fell to a twentieth of the demand (its load really moved). It fails at once when any
+  of them stays near its SLO with no power to add, when the demand grows past the
+  return threshold, or when the load never moves off the node (a router that does not
+  take the weight). A pass drains the node (its actuator powers
   it down); a failure waits until the demand falls below ``retry_ratio`` of the failed
   trial's, or ``lookback_s`` has passed.
 - **Return.** A consolidated node returns when its pool's demand passes ``return_ratio``
-  of the demand it was drained at, or at once when a serving node of its pool misses the
-  SLO with no power to add: waking takes minutes, so the return comes before the need.
-  The last drained returns first.
+  of the demand it was drained at, at once when a serving node of its pool stays near
+  its SLO with no power to add (and no budget holding it), and at once when the pool
+  has fewer serving nodes than it kept at the drain (one failed): waking takes minutes,
+  so the return comes before the need. The last drained returns first, one at a time.
 
 Only the controller's own consolidation drains are returned here; the budget's drains
 (``drain.py``) and a person's are never touched. Pure: the controller feeds it what the
@@ -70,6 +74,11 @@ class ConsolidateSettings:
     """A trial fails if the pool's power per token, with the node at standby, rose by
     more than this share. Not less: the rest's ceilings rose at once with their load and
     walk down over minutes, while the node's floors and host are saved for good."""
+    moved_ratio: float = 0.05
+    """A trial is judged once its node makes at most this share of the pool's tokens."""
+    max_trial_ratio: float = 3.0
+    """A trial whose node still makes more after this many ``trial_s`` fails: the router
+    does not take its weight, or its requests are very long."""
     strained_periods: int = 2
     """Periods in a row a node must be near its SLO with no power to add before it
     counts as strained (one mean latency over a short window is noisy)."""
@@ -95,6 +104,9 @@ class PoolNode:
     steer: float | None
     """The worst mean latency (TTFT or TPOT) as a share of its SLO."""
     power_can_rise: bool
+    budget_held: bool = False
+    """A budget holds its GPUs below their latency ceiling: a node returned for it would
+    only take watts from the others."""
 
 
 @dataclass(frozen=True)
@@ -120,8 +132,8 @@ class Consolidation:
     """The consolidation state the controller keeps across periods."""
 
     settings: ConsolidateSettings = field(default_factory=ConsolidateSettings)
-    drained: dict[str, tuple[str, float, float]] = field(default_factory=dict)
-    """node -> (pool, demand it was drained at, when)."""
+    drained: dict[str, tuple[str, float, float, int]] = field(default_factory=dict)
+    """node -> (pool, demand it was drained at, when, serving nodes it left)."""
     trial: Trial | None = None
     failed: dict[str, tuple[float, float]] = field(default_factory=dict)
     """pool -> (demand at the failed trial, when)."""
@@ -130,24 +142,27 @@ class Consolidation:
     history: dict[str, deque[tuple[float, float]]] = field(default_factory=dict)
     strained: dict[str, int] = field(default_factory=dict)
     """node -> periods in a row near its SLO with no power to add."""
-    waking: dict[str, float] = field(default_factory=dict)
-    """node -> when it was returned, until it serves again: one return at a time."""
+    waking: dict[str, tuple[str, float]] = field(default_factory=dict)
+    """node -> (its pool, when it was returned), until it makes tokens again: one
+    return at a time per pool (a waking node's servers are silent, so its pool is the
+    one it left)."""
     last_ts: float | None = None
     last_change_ts: float = -math.inf
     standby_w: dict[str, float] = field(default_factory=dict)
 
     def to_memory(self) -> dict[str, list]:
-        return {node: [pool, demand, when] for node, (pool, demand, when) in self.drained.items()}
+        return {node: list(kept) for node, kept in self.drained.items()}
 
     def restore(self, memory: dict[str, list]) -> int:
         taken = 0
         for node, kept in memory.items():
             try:
                 pool, demand, when = str(kept[0]), float(kept[1]), float(kept[2])
+                serving = int(kept[3]) if len(kept) > 3 else 1
             except (TypeError, ValueError, IndexError, KeyError):
                 continue
             if math.isfinite(demand) and demand >= 0:
-                self.drained[node] = (pool, demand, when)
+                self.drained[node] = (pool, demand, when, serving)
                 taken += 1
         return taken
 
@@ -188,20 +203,26 @@ class Consolidation:
             if n.serving and (n.tokens_per_s or 0.0) > 0.0:
                 self.waking.pop(n.name, None)  # making tokens again, not only answering
         for name in [
-            m for m, ts in self.waking.items() if m not in known or now - ts > s.lookback_s
+            m for m, (_, ts) in self.waking.items() if m not in known or now - ts > s.lookback_s
         ]:
             del self.waking[name]
         self._observe(by_pool, now)
         out: list[Decision] = []
-        if self.trial is not None:
-            out += self._judge(by_pool.get(self.trial.pool, []), now)
+        if self.trial is not None and busy:
+            # The budget moved a node: what the trial saw is no longer the pool.
+            return [self._fail(self.trial, now, "the budget's drain rule moved a node")]
         if busy:
             return out
         returned = self._returns(by_pool)
         if returned is not None:
             self.last_change_ts = now
-            self.waking[returned.node] = now
+            pool = self.drained.pop(returned.node)[0]
+            self.waking[returned.node] = (pool, now)
+            if self.trial is not None and self.trial.pool == pool:
+                out.append(self._fail(self.trial, now, "a node of its pool returns"))
             return [*out, returned]
+        if self.trial is not None:
+            out += self._judge(by_pool.get(self.trial.pool, []), now)
         if self.trial is None and not out:
             started = self._start(by_pool, now, max(last_drain_ts, self.last_change_ts))
             if started is not None:
@@ -254,12 +275,25 @@ class Consolidation:
         strained = [n for n in rest if self._strained(n)]
         if strained:
             return [self._fail(trial, now, f"{strained[0].name} near its SLO without the node")]
+        demand = self.demand.get(trial.pool, trial.demand)
+        if demand > s.return_ratio * trial.demand:
+            return [self._fail(trial, now, f"the demand grew to {demand:.0f} tokens/s")]
         if now - trial.started_ts < s.trial_s:
             return []
+        if (me.tokens_per_s or 0.0) > s.moved_ratio * demand:
+            if now - trial.started_ts >= s.max_trial_ratio * s.trial_s:
+                return [
+                    self._fail(
+                        trial,
+                        now,
+                        f"its load never moved ({me.tokens_per_s:.0f} tokens/s still):"
+                        " does the router take the controller's weights?",
+                    )
+                ]
+            return []  # its last requests are still running
         drawn = sum((n.gpu_power_w or 0.0) - n.gpu_floor_w for n in rest)
         most = max(sum(n.gpu_max_w - n.gpu_floor_w for n in rest), 1e-9)
         rest_w = sum(n.power_w or 0.0 for n in rest)
-        demand = self.demand.get(trial.pool, trial.demand)
         if any(
             n.steer is None or n.steer > s.high_ratio or n.gpu_power_w is None or n.power_w is None
             for n in rest
@@ -285,7 +319,7 @@ class Consolidation:
                 )
             ]
         self.trial = None
-        self.drained[trial.node] = (trial.pool, demand, now)
+        self.drained[trial.node] = (trial.pool, demand, now, len(rest))
         self.last_change_ts = now
         return [
             Decision(
@@ -307,21 +341,24 @@ class Consolidation:
 
     def _returns(self, by_pool: dict[str, list[PoolNode]]) -> Decision | None:
         s = self.settings
+        waking = {pool for pool, _ in self.waking.values()}
         for pool, members in sorted(by_pool.items()):
             mine = [n for n in members if n.drained and not n.held and n.name in self.drained]
-            if not mine or any(n.name in self.waking for n in members):
+            if not mine or pool in waking:
                 continue  # the last one returned is still waking: wait for it
             last = max(mine, key=lambda n: (self.drained[n.name][2], n.name))
-            at = self.drained[last.name][1]
+            _, at, _, kept = self.drained[last.name]
             demand = self.demand.get(pool)
-            strained = [n for n in members if n.serving and self._strained(n)]
+            serving = [n for n in members if n.serving]
+            strained = [n for n in serving if self._strained(n) and not n.budget_held]
             why = None
-            if strained:
+            if len(serving) < kept:
+                why = f"{len(serving)} nodes of its pool serve, {kept} did when it was drained"
+            elif strained:
                 why = f"{strained[0].name} near its SLO with no power to add"
             elif demand is not None and demand > s.return_ratio * at:
                 why = f"demand {demand:.0f} tokens/s, above {s.return_ratio:.2f}x {at:.0f}"
             if why is not None:
-                del self.drained[last.name]
                 return Decision("return", last.name, f"consolidation ends: {why}")
         return None
 
@@ -331,11 +368,12 @@ class Consolidation:
         s = self.settings
         if now - last_change_ts < s.hold_s:
             return None
+        waking = {pool for pool, _ in self.waking.values()}
         for pool, members in sorted(by_pool.items()):
             serving = [n for n in members if n.serving]
             demand = self.demand.get(pool)
             hist = self.history.get(pool)
-            if len(serving) < 2 or demand is None or not hist:
+            if len(serving) < 2 or demand is None or not hist or pool in waking:
                 continue
             if now - hist[0][0] < 0.5 * s.lookback_s:
                 continue  # too little seen to know the load is not a lull between bursts

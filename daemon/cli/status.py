@@ -452,7 +452,7 @@ def _explain(
                 f"non-GPU power rises {learned['non_gpu_w_per_gpu_w']:.2f} W per GPU W (facility)"
             )
         held = learned["consolidated"]
-        if isinstance(held, list) and len(held) == 3 and view.drained:
+        if isinstance(held, list) and len(held) >= 3 and view.drained_by == "controller":
             from wattkeeper.policies.consolidate import ConsolidateSettings
 
             back = ConsolidateSettings().return_ratio * float(held[1])

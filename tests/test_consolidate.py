@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -206,15 +207,12 @@ spikes = [{ at_s = 700, length_s = 500, ratio = 8.0 }]
 """
 
 
-def test_the_controller_consolidates_a_light_load_and_brings_the_node_back(
-    tmp_path: Path, sqlite_url: str
-) -> None:
-    """Two simulated nodes at a low load: the controller holds one out of the router
-    (weight 0), sees the other carry the load, drains it (powered down to standby) and
-    returns it when the load surges, all through the store; at least 99% of the requests
-    meet their SLO over the run, the surge's minutes included."""
+def consolidating(
+    tmp_path: Path, sqlite_url: str, start: float, settings: ConsolidateSettings
+) -> tuple[Any, Any, Any]:
+    """The SCENARIO's two nodes with agents, a store and a consolidating controller."""
     from wattkeeper.clock import SimClock
-    from wattkeeper.runtime import build_simulated, make_controller, open_store
+    from wattkeeper.runtime import build_simulated, open_store
     from wattkeeper.simulator.scenario import parse_scenario
     from wattkeeper.store.db import make_engine, upgrade
 
@@ -227,11 +225,25 @@ def test_the_controller_consolidates_a_light_load_and_brings_the_node_back(
     upgrade(make_engine(sqlite_url))
     store = open_store(cfg, sqlite_url)
     scenario = parse_scenario(tomllib.loads(SCENARIO), "test", "surge")
-    start = 80_000.0
     rt = build_simulated(cfg, store, scenario, SimClock(start))
     assert rt.controller is not None and rt.controller.consolidation is not None
-    settings = ConsolidateSettings(trial_s=60.0, lookback_s=200.0, hold_s=60.0)
     rt.controller.consolidation.settings = settings
+    return cfg, store, rt
+
+
+def test_the_controller_consolidates_a_light_load_and_brings_the_node_back(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Two simulated nodes at a low load: the controller holds one out of the router
+    (weight 0), sees the other carry the load, drains it (powered down to standby) and
+    returns it when the load surges, all through the store; at least 99% of the requests
+    meet their SLO over the run, the surge's minutes included."""
+    from wattkeeper.runtime import make_controller
+
+    start = 80_000.0
+    settings = ConsolidateSettings(trial_s=60.0, lookback_s=200.0, hold_s=60.0)
+    cfg, store, rt = consolidating(tmp_path, sqlite_url, start, settings)
+    assert rt.controller is not None
     restarted_at, asleep = 0, -1
     f = rt.facility
     states: dict[int, list[str]] = {0: [], 1: []}
@@ -351,25 +363,9 @@ def test_a_controller_that_stops_during_a_trial_gives_the_node_its_weight_back(
 ) -> None:
     """Routers keep the last weights they were given: a trial's weight 0 left behind by a
     stopped controller would keep a healthy node out of service."""
-    from wattkeeper.clock import SimClock
-    from wattkeeper.runtime import build_simulated, open_store
-    from wattkeeper.simulator.scenario import parse_scenario
-    from wattkeeper.store.db import make_engine, upgrade
-
-    config = tmp_path / "wattkeeper.toml"
-    config.write_text(
-        '[controller]\ndrain_nodes = true\nconsolidate = true\n\n[slo]\nttft_s = "2s"\n'
-        'tpot_s = "50ms"\n'
-    )
-    cfg = load_config(config, environ={})
-    upgrade(make_engine(sqlite_url))
-    store = open_store(cfg, sqlite_url)
     start = 90_000.0
-    rt = build_simulated(
-        cfg, store, parse_scenario(tomllib.loads(SCENARIO), "test", "s"), SimClock(start)
-    )
+    _, store, rt = consolidating(tmp_path, sqlite_url, start, ConsolidateSettings(lookback_s=200.0))
     assert rt.controller is not None and rt.controller.consolidation is not None
-    rt.controller.consolidation.settings = ConsolidateSettings(lookback_s=200.0)
     on_trial = None
     for k in range(1, 600):
         rt.advance(start + k)

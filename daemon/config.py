@@ -192,6 +192,9 @@ class ControllerConfig(_Section):
     minute and a half) and drain the node when the rest carry the load with room, its
     drain actuator powering it down; return it before the load outgrows the rest
     (docs/policy.md). Needs drain_nodes, the [slo] and a router the controller steers."""
+    consolidate_min_nodes: int = Field(default=1, ge=1)
+    """Consolidation leaves at least this many nodes serving each pool: 2 keeps one
+    serving while another wakes after a failure."""
     name: str = Field(default_factory=socket.gethostname, min_length=1)
     """This controller's name in the leader lease (status shows the leader)."""
     leader_lease_s: Annotated[DurationS, Field(gt=0)] = 10.0

@@ -24,7 +24,7 @@ from wattkeeper.config import Config
 from wattkeeper.controller import Controller, Leadership, RouteActuator
 from wattkeeper.paths import node_state_file
 from wattkeeper.policies.clocks import ClockLocks
-from wattkeeper.policies.consolidate import Consolidation
+from wattkeeper.policies.consolidate import ConsolidateSettings, Consolidation
 from wattkeeper.policies.drain import DrainSettings
 from wattkeeper.policies.plan import Domain, PlanSettings
 from wattkeeper.policies.route import Routes, RouteSettings
@@ -421,7 +421,9 @@ def make_controller(
     consolidation = None
     if cfg.controller.consolidate:
         if routers or (configured_routers and (cfg.router.haproxy or cfg.router.file)):
-            consolidation = Consolidation()
+            consolidation = Consolidation(
+                ConsolidateSettings(min_serving=cfg.controller.consolidate_min_nodes)
+            )
         else:
             log.warning(
                 "controller.consolidate is on but no router takes the controller's weights"

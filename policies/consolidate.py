@@ -79,6 +79,9 @@ class ConsolidateSettings:
     max_trial_ratio: float = 3.0
     """A trial whose node still makes more after this many ``trial_s`` fails: the router
     does not take its weight, or its requests are very long."""
+    min_serving: int = 1
+    """A pool keeps at least this many serving nodes (2: a node that fails leaves one
+    serving while another wakes)."""
     strained_periods: int = 2
     """Periods in a row a node must be near its SLO with no power to add before it
     counts as strained (one mean latency over a short window is noisy)."""
@@ -373,7 +376,8 @@ class Consolidation:
             serving = [n for n in members if n.serving]
             demand = self.demand.get(pool)
             hist = self.history.get(pool)
-            if len(serving) < 2 or demand is None or not hist or pool in waking:
+            few = len(serving) <= max(1, s.min_serving)
+            if few or demand is None or not hist or pool in waking:
                 continue
             if now - hist[0][0] < 0.5 * s.lookback_s:
                 continue  # too little seen to know the load is not a lull between bursts

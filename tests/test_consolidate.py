@@ -4,6 +4,7 @@ facility through the real agents, store, controller and router."""
 from __future__ import annotations
 
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,13 @@ def test_a_calm_pool_at_its_floors_tries_its_least_efficient_node_then_drains_it
 def test_no_trial_where_the_pool_needs_its_nodes(why: str, nodes: list[PoolNode]) -> None:
     c = Consolidation(S)
     assert settle(c, nodes, 0.0, 400.0) == [], why
+
+
+def test_a_pool_keeps_the_serving_nodes_it_is_told_to() -> None:
+    two = replace(S, min_serving=2)
+    assert settle(Consolidation(two), pool(n=2), 0.0, 400.0) == []
+    said = settle(Consolidation(two), pool(n=3), 0.0, 400.0)
+    assert [d.kind for _, d in said][:1] == ["trial"]
 
 
 def test_no_trial_after_a_burst_or_while_the_load_rises() -> None:
@@ -379,3 +387,28 @@ def test_a_controller_that_stops_during_a_trial_gives_the_node_its_weight_back(
     route = {r.node: r for r in store.routes()}[on_trial]
     assert route.weight > 0 and "trial" not in route.reason
     rt.store.engine.dispose()
+
+
+def test_the_config_sets_how_many_nodes_a_pool_keeps(tmp_path: Path) -> None:
+    from wattkeeper.runtime import make_controller, open_store
+
+    config = tmp_path / "wattkeeper.toml"
+    config.write_text(
+        "[controller]\nconsolidate = true\ndrain_nodes = true\nconsolidate_min_nodes = 2\n\n"
+        '[slo]\nttft_s = "2s"\ntpot_s = "50ms"\n\n[router]\nfile = "'
+        + str(tmp_path / "routes.json")
+        + '"\n'
+    )
+    cfg = load_config(config, environ={})
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    from wattkeeper.store.db import make_engine, upgrade
+
+    upgrade(make_engine(url))
+    controller = make_controller(cfg, open_store(cfg, url))
+    assert controller.consolidation is not None
+    assert controller.consolidation.settings.min_serving == 2
+    config.write_text(
+        config.read_text().replace("consolidate_min_nodes = 2", "consolidate_min_nodes = 0")
+    )
+    with pytest.raises(ConfigError, match="consolidate_min_nodes"):
+        load_config(config, environ={})

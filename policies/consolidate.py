@@ -151,7 +151,6 @@ class Consolidation:
     one it left)."""
     last_ts: float | None = None
     last_change_ts: float = -math.inf
-    standby_w: dict[str, float] = field(default_factory=dict)
 
     def to_memory(self) -> dict[str, list]:
         return {node: list(kept) for node, kept in self.drained.items()}
@@ -185,7 +184,6 @@ class Consolidation:
         also holds trials off; ``standby_w``: what each node draws drained; ``busy``: the
         budget drained or returned a node this period, so nothing moves here."""
         s = self.settings
-        self.standby_w = standby_w
         for n in nodes:
             near = n.serving and n.steer is not None and n.steer > s.high_ratio
             if near and not n.power_can_rise:
@@ -225,7 +223,7 @@ class Consolidation:
                 out.append(self._fail(self.trial, now, "a node of its pool returns"))
             return [*out, returned]
         if self.trial is not None:
-            out += self._judge(by_pool.get(self.trial.pool, []), now)
+            out += self._judge(by_pool.get(self.trial.pool, []), now, standby_w)
         if self.trial is None and not out:
             started = self._start(by_pool, now, max(last_drain_ts, self.last_change_ts))
             if started is not None:
@@ -238,7 +236,7 @@ class Consolidation:
         self.last_ts = now
         alpha = 1.0 - math.exp(-dt / s.smoothing_s) if dt > 0 else 1.0
         for pool, members in by_pool.items():
-            rates = [n.tokens_per_s for n in members if n.serving or n.name == self._trial_node()]
+            rates = [n.tokens_per_s for n in members if n.serving or n.name == self.held_off()]
             if not rates or any(r is None for r in rates):
                 continue  # a silent token source: the demand is not known this period
             total = float(sum(r for r in rates if r is not None))
@@ -257,16 +255,15 @@ class Consolidation:
         any of them is not known."""
         total = 0.0
         for n in members:
-            if n.serving or n.name == self._trial_node():
+            if n.serving or n.name == self.held_off():
                 if n.power_w is None:
                     return None
                 total += n.power_w
         return total
 
-    def _trial_node(self) -> str | None:
-        return None if self.trial is None else self.trial.node
-
-    def _judge(self, members: list[PoolNode], now: float) -> list[Decision]:
+    def _judge(
+        self, members: list[PoolNode], now: float, standby_w: dict[str, float]
+    ) -> list[Decision]:
         s = self.settings
         trial = self.trial
         assert trial is not None
@@ -311,7 +308,7 @@ class Consolidation:
                     f" their floors (room needs at most {s.room_ratio:.0%})",
                 )
             ]
-        after = (rest_w + self.standby_w.get(trial.node, 0.0)) / max(demand, 1e-9)
+        after = (rest_w + standby_w.get(trial.node, 0.0)) / max(demand, 1e-9)
         if after > (1 + s.power_allowance) * trial.joules_per_token:
             return [
                 self._fail(

@@ -61,8 +61,6 @@ class ControllerState:
     """Learned rise of non-GPU power per watt of GPU power (None until observed)."""
     emergencies: int = 0
     last_drain_ts: float = float("-inf")
-    drains_moved: bool = False
-    """The budget's drain rule drained or returned a node this period."""
     active_schedule: int | None = None
     bad_schedules: set[int] = field(default_factory=set)
     was_drained: set[str] = field(default_factory=set)
@@ -331,8 +329,11 @@ class Controller:
         nodes, gpus = planning_inputs(snap, self.forget_after_s)
         if self.ceilings is not None:
             gpus = self._with_ceilings(snap, gpus, now, periodic)
+        drains_moved = False
         if self.drains is not None and periodic:
+            before = nodes
             nodes = self._drain(snap, nodes, gpus, snap.budget_w, domains, now)
+            drains_moved = any(a.drained != b.drained for a, b in zip(before, nodes, strict=True))
         scale = snap.budget_w if snap.budget_w is not None else sum(g.max_w for g in gpus)
         self._learn_coupling(nodes, gpus, scale)
         settings = self.settings
@@ -347,7 +348,9 @@ class Controller:
         if periodic and self.routes is not None:
             route_nodes = self._route_nodes(snap, gpus, result)
             if self.consolidation is not None:
-                route_nodes = self._consolidate(snap, gpus, result, route_nodes, now)
+                route_nodes = self._consolidate(
+                    snap, gpus, result, route_nodes, now, busy=drains_moved
+                )
             self._route(route_nodes, now)
         if breached and self.drains is not None:
             self._hurry_drains(snap, nodes, gpus, result, breached, now)
@@ -513,7 +516,6 @@ class Controller:
                 self.store.audit(CONTROLLER, "drain.reason", d.name, {"reason": d.reason}, now)
                 changed[d.name] = d.drain
                 self.state.last_drain_ts = now
-        self.state.drains_moved = bool(changed)
         return [replace(n, drained=changed.get(n.name, n.drained)) for n in nodes]
 
     def _hurry_drains(
@@ -761,10 +763,12 @@ class Controller:
         result: Plan,
         route_nodes: list[RouteNode],
         now: float,
+        busy: bool,
     ) -> list[RouteNode]:
         """Try a pool on one node fewer, drain the node when the rest carry the load, and
-        return it when they no longer would (``policies/consolidate.py``). Returns the
-        route nodes as this period's decisions leave them."""
+        return it when they no longer would (``policies/consolidate.py``). ``busy``: the
+        budget's drain rule drained or returned a node this period. Returns the route
+        nodes as this period's decisions leave them."""
         assert self.consolidation is not None
         cons = self.consolidation
         assert self.drains is not None
@@ -817,8 +821,6 @@ class Controller:
                     budget_held=v.name in held,
                 )
             )
-        busy = self.state.drains_moved
-        self.state.drains_moved = False
         decided = cons.update(pool_nodes, now, self.state.last_drain_ts, standby, busy=busy)
         drained = {d.node for d in decided if d.kind == "drain"}
         ended = {d.node for d in decided if d.kind == "end"}
